@@ -1,0 +1,181 @@
+"""The one table of checkpoint names and layouts: `-PT` (torch), `-PT` fused-name, and `-Paddle`.
+
+Everything inside the project works on *canonical* tensors, named as the Paddle model's parameters (Paddle's `[in, out]` Linear layout, fused
+`qkv` = [Q | K | V] and `up_gate` = [gate | up] on the output axis, one tensor per routed expert).
+Each canonical tensor is assembled from one or more on-disk tensors and split back on save; the Paddle
+loader, the saver and the ONNX builder all go through this module and nowhere else knows the names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .config import ErnieConfig
+from .errors import CheckpointError
+
+PADDLE, PT, PT_FUSED = "paddle", "pt", "pt-fused"
+LAYOUTS = (PADDLE, PT, PT_FUSED)
+PREFIX = {PADDLE: "ernie.", PT: "model.", PT_FUSED: "model."}
+
+# Canonical tensors kept in float32 whatever the checkpoint dtype (ERNIE's fp32 router island).
+FP32_SUFFIXES = ("mlp.gate.weight", "mlp.e_score_correction_bias")
+
+
+@dataclass
+class TensorMap:
+    """One canonical tensor and the on-disk tensors it is made of."""
+
+    canonical: str
+    shape: tuple[int, ...]
+    parts: list[tuple[str, tuple[int, ...]]]  # (disk name, disk shape)
+    join: Callable[[list[np.ndarray]], np.ndarray]  # disk parts -> canonical
+    split: Callable[[np.ndarray], list[np.ndarray]]  # canonical -> disk parts
+
+    @property
+    def keep_fp32(self) -> bool:
+        return self.canonical.endswith(FP32_SUFFIXES)
+
+
+def _same(canonical: str, shape: tuple[int, ...], name: str) -> TensorMap:
+    """Stored exactly as used (embedding, norms, Paddle-layout Linear weights)."""
+    return TensorMap(canonical, shape, [(name, shape)], lambda p: p[0], lambda a: [a])
+
+
+def _transposed(canonical: str, shape: tuple[int, int], name: str) -> TensorMap:
+    """A Linear weight stored torch-style [out, in]; canonical is [in, out]."""
+    return TensorMap(canonical, shape, [(name, shape[::-1])], lambda p: p[0].T, lambda a: [a.T])
+
+
+def _concat_out(canonical: str, names_widths: list[tuple[str, int]], d_in: int, transposed: bool) -> TensorMap:
+    """Several Linear weights joined on the output axis ([in, out1+out2+...] canonically)."""
+    widths = [w for _, w in names_widths]
+    cuts = np.cumsum(widths)[:-1]
+    if transposed:
+        parts = [(n, (w, d_in)) for n, w in names_widths]
+        return TensorMap(canonical, (d_in, sum(widths)), parts,
+                         lambda p: np.concatenate([x.T for x in p], axis=1),
+                         lambda a: [x.T for x in np.split(a, cuts, axis=1)])
+    parts = [(n, (d_in, w)) for n, w in names_widths]
+    return TensorMap(canonical, (d_in, sum(widths)), parts,
+                     lambda p: np.concatenate(p, axis=1), lambda a: np.split(a, cuts, axis=1))
+
+
+def _mlp(cfg: ErnieConfig, layout: str, canon: str, disk: str, width: int) -> list[TensorMap]:
+    """gate/up/down of one SwiGLU MLP: canonical `up_gate_proj` [H, 2W] ([gate | up]) and `down_proj` [W, H]."""
+    h = cfg.hidden_size
+    if layout == PADDLE:
+        up_gate = _concat_out(f"{canon}.up_gate_proj.weight", [(f"{disk}.up_gate_proj.weight", 2 * width)], h, False)
+        down = _same(f"{canon}.down_proj.weight", (width, h), f"{disk}.down_proj.weight")
+    else:
+        if layout == PT_FUSED:
+            pieces = [(f"{disk}.up_gate_proj.weight", 2 * width)]
+        else:
+            pieces = [(f"{disk}.gate_proj.weight", width), (f"{disk}.up_proj.weight", width)]
+        up_gate = _concat_out(f"{canon}.up_gate_proj.weight", pieces, h, True)
+        down = _transposed(f"{canon}.down_proj.weight", (width, h), f"{disk}.down_proj.weight")
+    return [up_gate, down]
+
+
+def tensor_maps(cfg: ErnieConfig, layout: str) -> list[TensorMap]:
+    """Every canonical tensor of `cfg` with its on-disk parts in `layout`, in checkpoint order."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    p = PREFIX[layout]
+    h, v, d = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    q_w, kv_w = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    torch_style = layout != PADDLE
+    maps = [_same("embed_tokens.weight", (v, h), f"{p}embed_tokens.weight")]
+    for i in range(cfg.num_hidden_layers):
+        L, C = f"{p}layers.{i}", f"layers.{i}"
+        maps.append(_same(f"{C}.input_layernorm.weight", (h,), f"{L}.input_layernorm.weight"))
+        if layout == PT:
+            qkv = [(f"{L}.self_attn.q_proj.weight", q_w), (f"{L}.self_attn.k_proj.weight", kv_w),
+                   (f"{L}.self_attn.v_proj.weight", kv_w)]
+        else:
+            qkv = [(f"{L}.self_attn.qkv_proj.weight", q_w + 2 * kv_w)]
+        maps.append(_concat_out(f"{C}.self_attn.qkv_proj.weight", qkv, h, torch_style))
+        if torch_style:
+            maps.append(_transposed(f"{C}.self_attn.o_proj.weight", (q_w, h), f"{L}.self_attn.o_proj.weight"))
+        else:
+            maps.append(_same(f"{C}.self_attn.o_proj.weight", (q_w, h), f"{L}.self_attn.o_proj.weight"))
+        maps.append(_same(f"{C}.post_attention_layernorm.weight", (h,), f"{L}.post_attention_layernorm.weight"))
+        if cfg.is_moe_layer(i):
+            e = cfg.moe_num_experts
+            if torch_style:
+                maps.append(_transposed(f"{C}.mlp.gate.weight", (h, e), f"{L}.mlp.gate.weight"))
+            else:
+                maps.append(_same(f"{C}.mlp.gate.weight", (h, e), f"{L}.mlp.gate.weight"))
+            if cfg.moe_use_aux_free:
+                bias = f"{L}.mlp.moe_statics.e_score_correction_bias"
+                maps.append(TensorMap(f"{C}.mlp.e_score_correction_bias", (e,), [(bias, (1, e))],
+                                      lambda p: p[0].reshape(-1), lambda a: [a.reshape(1, -1)]))
+            for j in range(e):  # one canonical tensor per expert: no slicing copies in the CPU MoE
+                maps += _mlp(cfg, layout, f"{C}.mlp.experts.{j}", f"{L}.mlp.experts.{j}", cfg.moe_intermediate_size)
+            if cfg.moe_num_shared_experts > 0:
+                maps += _mlp(cfg, layout, f"{C}.mlp.shared_experts", f"{L}.mlp.shared_experts",
+                             cfg.shared_intermediate_size)
+        else:
+            maps += _mlp(cfg, layout, f"{C}.mlp", f"{L}.mlp", cfg.intermediate_size)
+    maps.append(_same("norm.weight", (h,), f"{p}norm.weight"))
+    if not cfg.tie_word_embeddings:
+        if torch_style:
+            maps.append(_transposed("lm_head.weight", (h, v), "lm_head.weight"))
+        else:  # Paddle's untied head is [H, vocab]
+            maps.append(_same("lm_head.weight", (h, v), "lm_head.weight"))
+    return maps
+
+
+def is_ignored(name: str) -> bool:
+    """On-disk tensors that inference does not use: the multi-token-prediction (MTP) head."""
+    return ".mtp_" in name or "mtp_block" in name
+
+
+def detect_layout(names: list[str], where: str) -> str:
+    """Which layout a set of on-disk tensor names is in."""
+    if any(n.startswith("ernie.") for n in names):
+        return PADDLE
+    if any(n.startswith("model.") for n in names):
+        fused = any(n.endswith("self_attn.qkv_proj.weight") for n in names)
+        return PT_FUSED if fused else PT
+    sample = ", ".join(sorted(names)[:3])
+    raise CheckpointError(f"{where}: cannot tell the checkpoint layout: no tensor starts with 'ernie.' (-Paddle) "
+                          f"or 'model.' (-PT); first names: {sample}")
+
+
+def iter_canonical(cfg: ErnieConfig, reader, layout: str | None = None) -> Iterator[tuple[TensorMap, np.ndarray]]:
+    """Yield (map, canonical float array) one tensor at a time from a `CheckpointReader`, strictly checked.
+
+    Missing, unexpected and mis-shaped tensors are all collected and reported by name in one error before any
+    tensor is read, so a bad checkpoint fails fast.
+    """
+    names = reader.names()
+    layout = layout or detect_layout(names, reader.directory)
+    maps = tensor_maps(cfg, layout)
+    expected = {n: s for m in maps for n, s in m.parts}
+    problems = []
+    missing = [n for n in expected if n not in reader]
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
+                        + (" ..." if len(missing) > 8 else ""))
+    tied_head_copy = "lm_head.weight" if cfg.tie_word_embeddings else None
+    unexpected = [n for n in names if n not in expected and not is_ignored(n) and n != tied_head_copy]
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
+                        + (" ..." if len(unexpected) > 8 else ""))
+    for n, shape in expected.items():
+        if n in reader and tuple(reader.info(n).shape) != tuple(shape):
+            problems.append(f"tensor '{n}' in {reader.file_of(n)} has shape {list(reader.info(n).shape)}, "
+                            f"expected {list(shape)} for this config ({layout} layout)")
+    if problems:
+        raise CheckpointError(f"{reader.directory}: checkpoint does not match config.json ({layout} layout): "
+                              + "; ".join(problems))
+    for m in maps:
+        arrays = [reader.get(n) for n, _ in m.parts]
+        for (n, _), a in zip(m.parts, arrays):
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise CheckpointError(f"{reader.file_of(n)}: tensor '{n}' contains NaN or Inf values")
+        out = m.join(arrays)
+        yield m, np.ascontiguousarray(out, dtype=np.float32 if out.dtype != np.float16 else np.float16)

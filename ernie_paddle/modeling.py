@@ -1,0 +1,290 @@
+"""ERNIE-4.5 text models (MoE `ernie4_5_moe` and dense `ernie4_5`) in Paddle dynamic graph.
+
+Reads top to bottom as the math of the architecture notes: RMSNorm (fp32 statistics), interleaved RoPE
+(fp32), grouped-query attention over a preallocated KV cache with explicit positions, SwiGLU MLPs, and the
+sparse MoE block (fp32 router, selection-only correction bias, shared experts added after the routed sum).
+Shapes: B batch, T new tokens, S cached + new tokens, H hidden, nh/nkv heads, d head_dim, E experts.
+"""
+
+from __future__ import annotations
+
+from . import _runtime  # noqa: F401  (thread / MKL settings must precede `import paddle`)
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from .config import ErnieConfig
+from .errors import InputError
+from .moe import EXPERT_PASSES, route
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+def _param(layer: nn.Layer, shape: list[int], dtype: str) -> paddle.Tensor:
+    return layer.create_parameter(shape, dtype=dtype, default_initializer=nn.initializer.Constant(0.0))
+
+
+class RMSNorm(nn.Layer):
+    """`w * (x / sqrt(mean(x²) + eps))`, statistics in fp32, cast back before the weight multiply."""
+
+    def __init__(self, hidden: int, eps: float, dtype: str):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(self, [hidden], dtype)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x32 = x.astype("float32")
+        y = x32 * paddle.rsqrt(x32.pow(2).mean(axis=-1, keepdim=True) + self.eps)
+        return self.weight * y.astype(x.dtype)
+
+
+def rope_cos_sin(position_ids: paddle.Tensor, head_dim: int, theta: float) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """cos/sin [B, T, 1, d/2] in fp32 for interleaved pairs: angle = pos_fp32 * theta^(-2i/d), elementwise."""
+    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    angles = position_ids.astype("float32").unsqueeze(-1) * paddle.to_tensor(inv_freq.astype(np.float32))
+    angles = angles.unsqueeze(2)  # [B, T, 1, d/2]
+    return paddle.cos(angles), paddle.sin(angles)
+
+
+def apply_rope(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, h, d] (GPT-J style, not the half-split Llama layout)."""
+    x32 = x.astype("float32")
+    even, odd = x32[..., 0::2], x32[..., 1::2]
+    out = paddle.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)  # [B, T, h, d/2, 2]
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V buffers [B, max_len, nkv, d], allocated once; `length` tokens are filled."""
+
+    keys: list[paddle.Tensor]
+    values: list[paddle.Tensor]
+    max_len: int
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, cfg: ErnieConfig, batch: int, max_len: int, dtype: str) -> "KVCache":
+        shape = [batch, max_len, cfg.num_key_value_heads, cfg.head_dim]
+        n = cfg.num_hidden_layers
+        return cls([paddle.zeros(shape, dtype) for _ in range(n)], [paddle.zeros(shape, dtype) for _ in range(n)],
+                   max_len)
+
+
+class Attention(nn.Layer):
+    """GQA: query head j reads kv head j // (nh / nkv); q, k, v from one fused [Q | K | V] projection."""
+
+    def __init__(self, cfg: ErnieConfig, dtype: str):
+        super().__init__()
+        self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = self.d ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.d, bias_attr=False)
+        self.o_proj = nn.Linear(self.nh * self.d, cfg.hidden_size, bias_attr=False)
+
+    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor,
+                cache: tuple[paddle.Tensor, paddle.Tensor] | None, start: int) -> paddle.Tensor:
+        b, t, _ = x.shape
+        nh, nkv, d = self.nh, self.nkv, self.d
+        qkv = self.qkv_proj(x).reshape([b, t, nh + 2 * nkv, d])
+        q, k, v = paddle.split(qkv, [nh, nkv, nkv], axis=2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            ck, cv = cache
+            ck[:, start:start + t] = k
+            cv[:, start:start + t] = v
+            k, v = ck[:, :start + t], cv[:, :start + t]
+        s = k.shape[1]
+        rep = nh // nkv
+        q = q.reshape([b, t, nkv, rep, d]).transpose([0, 2, 3, 1, 4]).reshape([b, nkv, rep * t, d])
+        k, v = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])  # [B, nkv, S, d]
+        scores = paddle.matmul(q, k, transpose_y=True).astype("float32") * self.scale  # [B, nkv, rep*T, S]
+        scores = scores.reshape([b, nkv, rep, t, s]) + mask.unsqueeze(1)  # mask [B, 1, T, S]
+        probs = F.softmax(scores, axis=-1).astype(v.dtype).reshape([b, nkv, rep * t, s])
+        out = paddle.matmul(probs, v).reshape([b, nkv, rep, t, d]).transpose([0, 3, 1, 2, 4])
+        return self.o_proj(out.reshape([b, t, nh * d]))
+
+
+class MLP(nn.Layer):
+    """SwiGLU: `down(silu(gate(x)) * up(x))` with the fused `up_gate_proj` output laid out [gate | up]."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.width = width
+        self.up_gate_proj = nn.Linear(hidden, 2 * width, bias_attr=False)
+        self.down_proj = nn.Linear(width, hidden, bias_attr=False)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        gate, up = paddle.split(self.up_gate_proj(x), 2, axis=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoeBlock(nn.Layer):
+    """Routed experts (top-k of E) plus the shared experts, which are one MLP added unweighted afterwards."""
+
+    def __init__(self, cfg: ErnieConfig, dtype: str):
+        super().__init__()
+        self.k, self.num_experts, self.norm_min = cfg.moe_k, cfg.moe_num_experts, cfg.moe_norm_min
+        self.gate = nn.Linear(cfg.hidden_size, cfg.moe_num_experts, bias_attr=False)  # [H, E], kept fp32
+        self.e_score_correction_bias = (_param(self, [cfg.moe_num_experts], "float32")
+                                        if cfg.moe_use_aux_free else None)
+        self.experts = nn.LayerList([MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.moe_num_experts)])
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_intermediate_size)
+                               if cfg.moe_num_shared_experts > 0 else None)
+        self.expert_pass = "sorted"
+        self.last_experts: paddle.Tensor | None = None  # [N, k] choices of the last call (for parity checks)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        shape = x.shape
+        h = x.reshape([-1, shape[-1]])  # [N, H]
+        weights, experts = route(h, self.gate.weight, self.e_score_correction_bias, self.k, self.norm_min)
+        self.last_experts = experts
+        y = EXPERT_PASSES[self.expert_pass](h, weights, experts, self.num_experts,
+                                            lambda e, xe: self.experts[e](xe))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(h)
+        return y.reshape(shape)
+
+
+class DecoderLayer(nn.Layer):
+    def __init__(self, cfg: ErnieConfig, index: int, dtype: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = SparseMoeBlock(cfg, dtype) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size,
+                                                                                   cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+@dataclass
+class ForwardOutput:
+    logits: paddle.Tensor  # [B, T, V] float32
+    router_experts: list[paddle.Tensor] = field(default_factory=list)  # per MoE layer [B*T, k]
+    hidden_states: list[paddle.Tensor] = field(default_factory=list)  # embeddings, then after each layer
+
+
+class Ernie4_5_MoeForCausalLM(nn.Layer):
+    """The causal LM (also serves the dense `ernie4_5` config: every layer is then an MLP layer).
+
+    Parameter names are the canonical names of `ernie_paddle.layout`; load with `from_pretrained`.
+    """
+
+    def __init__(self, cfg: ErnieConfig, dtype: str = "float32"):
+        super().__init__()
+        self.config, self.compute_dtype = cfg, dtype
+        paddle.set_default_dtype(dtype)
+        try:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.LayerList([DecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers)])
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+            self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size,
+                                                                          bias_attr=False)
+            for layer in self.layers:  # the router island stays fp32 in every compute dtype
+                if isinstance(layer.mlp, SparseMoeBlock):
+                    layer.mlp.gate.weight = _param(layer.mlp.gate, [cfg.hidden_size, cfg.moe_num_experts],
+                                                   "float32")
+        finally:
+            paddle.set_default_dtype("float32")
+        self.eval()
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str, *, dtype: str = "float32", strict_config: bool = False,
+                        config: ErnieConfig | None = None) -> "Ernie4_5_MoeForCausalLM":
+        """Load a `-Paddle` or `-PT` checkpoint directory (see `ernie_paddle.checkpoint.load_weights`)."""
+        from .checkpoint import load_weights
+
+        cfg = config or ErnieConfig.from_file(os.path.join(directory, "config.json"), strict=strict_config)
+        model = cls(cfg, dtype)
+        load_weights(model, directory)
+        return model
+
+    def set_expert_pass(self, name: str) -> None:
+        """'sorted' (default) or 'mask-loop' (reference / benchmark baseline)."""
+        for layer in self.layers:
+            if isinstance(layer.mlp, SparseMoeBlock):
+                layer.mlp.expert_pass = name
+
+    def allocate_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.allocate(self.config, batch, max_len, self.compute_dtype)
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def check_ids(self, input_ids: np.ndarray) -> None:
+        bad = np.argwhere((input_ids < 0) | (input_ids >= self.config.vocab_size))
+        if len(bad):
+            pos = tuple(int(i) for i in bad[0])
+            raise InputError(f"token id {int(input_ids[pos])} at position {pos[-1]} is out of range for "
+                             f"vocab_size {self.config.vocab_size}")
+
+    @paddle.no_grad()
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                output_router: bool = False, output_hidden_states: bool = False,
+                last_only: bool = False) -> ForwardOutput:
+        """input_ids [B, T]; attention_mask [B, S] over cache + new tokens (1 = real); positions [B, T].
+
+        With a cache, tokens are written at slots `cache.length ...` and `cache.length` advances.
+        Position ids default to `cache.length + arange(T)`; pass them explicitly for left padding.
+        """
+        ids = np.asarray(input_ids.numpy() if isinstance(input_ids, paddle.Tensor) else input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        self.check_ids(ids)
+        b, t = ids.shape
+        start = cache.length if cache is not None else 0
+        s = start + t
+        if cache is not None and s > cache.max_len:
+            raise InputError(f"KV cache holds {cache.max_len} tokens; {s} requested")
+        if s > self.config.max_position_embeddings:
+            raise InputError(f"sequence length {s} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if position_ids is None:
+            position_ids = np.broadcast_to(np.arange(start, s, dtype=np.int64), (b, t))
+        pos = paddle.to_tensor(np.asarray(position_ids, dtype=np.int64))
+        # bottom-right causal mask over slots, plus key padding: [B, T, S] additive fp32
+        allowed = np.arange(s)[None, :] <= np.arange(start, s)[:, None]  # [T, S]
+        allowed = np.broadcast_to(allowed, (b, t, s))
+        if attention_mask is not None:
+            am = np.asarray(attention_mask, dtype=bool)
+            if am.shape != (b, s):
+                raise InputError(f"attention_mask has shape {list(am.shape)}, expected [{b}, {s}]")
+            allowed = allowed & am[:, None, :]
+        mask = paddle.to_tensor(np.where(allowed, 0.0, _NEG).astype(np.float32)).unsqueeze(1)
+
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        x = self.embed_tokens(paddle.to_tensor(ids))
+        out = ForwardOutput(logits=None)
+        if output_hidden_states:
+            out.hidden_states.append(x)
+        for i, layer in enumerate(self.layers):
+            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
+            x = layer(x, cos, sin, mask, kv, start)
+            if output_router and isinstance(layer.mlp, SparseMoeBlock):
+                out.router_experts.append(layer.mlp.last_experts)
+            if output_hidden_states:
+                out.hidden_states.append(x)
+        if cache is not None:
+            cache.length = s
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        if self.lm_head is None:
+            logits = paddle.matmul(x, self.embed_tokens.weight, transpose_y=True)
+        else:
+            logits = self.lm_head(x)
+        out.logits = logits.astype("float32")
+        return out
+
+    def logits(self, input_ids) -> np.ndarray:
+        """One forward pass without a cache: float32 [T, V] for a 1-D id list, [B, T, V] for 2-D."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        out = self.forward(ids).logits.numpy()
+        return out[0] if ids.ndim == 1 else out

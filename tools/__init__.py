@@ -1,0 +1,1 @@
+"""Command-line programs and benchmarks (installed as `ernie_paddle.tools`); each runs with `--help`."""
