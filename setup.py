@@ -5,7 +5,13 @@ The user's layout keeps `export/` and `tools/` at the top level; they are instal
 generic top-level name lands in site-packages. Works for `pip install .` and `pip install -e .`.
 """
 
+import os
+
 from setuptools import setup
+
+# `ERNIE_PADDLE_GPU=1 pip install -e .` leaves out the CPU wheel, for machines where Paddle's GPU build
+# (from Paddle's own package index) is already installed; both provide the `paddle` module.
+PADDLE = [] if os.environ.get("ERNIE_PADDLE_GPU") == "1" else ["paddlepaddle==3.3.1"]
 
 setup(
     name="ernie-paddle",
@@ -18,9 +24,7 @@ setup(
     package_dir={"ernie_paddle": "ernie_paddle", "ernie_paddle.export": "export", "ernie_paddle.tools": "tools"},
     install_requires=[
         "numpy>=1.24",
-        # CPU build by default; GPU users install Paddle's GPU build from Paddle's own index instead (README).
-        "paddlepaddle==3.3.1",
-    ],
+    ] + PADDLE,
     extras_require={
         # The independent oracle for tests; never imported at run time.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.54", "safetensors>=0.4"],

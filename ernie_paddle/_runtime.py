@@ -26,3 +26,6 @@ if "paddle" not in __import__("sys").modules:
     if threads:
         os.environ.setdefault("OMP_NUM_THREADS", threads)
         os.environ.setdefault("MKL_NUM_THREADS", threads)
+
+# Paddle warns at import that ccache (for compiling custom C++ ops, which we never do) is missing.
+__import__("warnings").filterwarnings("ignore", message="No ccache found")

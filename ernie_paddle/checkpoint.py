@@ -125,7 +125,7 @@ def convert(src: str, out_dir: str, *, layout: str, dtype: str = "bfloat16", max
 def random_tensors(cfg: ErnieConfig, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """Random canonical tensors with realistic scales (peaked logits, varied routing), one at a time.
 
-    Linear weights ~ N(0, 1/fan_in); norms near 1; embeddings N(0, 1); correction bias ~ U(-0.05, 0.05)
+    Linear weights ~ N(0, 1/fan_in); norms near 1; embeddings N(0, 0.3²); correction bias ~ U(-0.05, 0.05)
     so that it changes some expert choices (and a port that adds it to the weights is caught).
     """
     rng = np.random.default_rng(seed)
@@ -133,8 +133,8 @@ def random_tensors(cfg: ErnieConfig, seed: int = 0) -> Iterator[tuple[str, np.nd
         name, shape = m.canonical, m.shape
         if name.endswith("layernorm.weight") or name == "norm.weight":
             a = rng.uniform(0.8, 1.2, shape).astype(np.float32)
-        elif name == "embed_tokens.weight":
-            a = rng.standard_normal(shape, dtype=np.float32)
+        elif name == "embed_tokens.weight":  # small next to layer outputs, so a tied head does not just copy
+            a = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.3)
         elif name.endswith("e_score_correction_bias"):
             a = rng.uniform(-0.05, 0.05, shape).astype(np.float32)
         elif name.endswith("mlp.gate.weight"):

@@ -1,0 +1,205 @@
+"""The `ernie-paddle` command line: generate, logits, convert, make-checkpoint.
+
+Its arguments and outputs are a public contract (users' scripts rely on them). Errors in the input are
+printed as one `error: ...` line on stderr with exit status 2, never as a Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from typing import Callable, Sequence
+
+from .errors import ConfigDefaultWarning, ErnieError
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
+    return ids
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise argparse.ArgumentTypeError(f"expected a size like 2GB or 500MB, got {text!r}")
+    return int(float(num) * units[unit])
+
+
+def progress_printer(label: str) -> Callable[[int, int, str], None]:
+    """Progress on stderr: about every 5% and at the end, with elapsed time."""
+    t0, last = time.time(), [-1]
+
+    def report(done: int, total: int, name: str) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct // 5 != last[0] or done == total:
+            last[0] = pct // 5
+            print(f"{label}: {done}/{total} tensors ({pct}%), {time.time() - t0:.1f}s  {name}", file=sys.stderr,
+                  flush=True)
+
+    return report
+
+
+def _load_model(args):
+    from .modeling import Ernie4_5_MoeForCausalLM
+
+    if args.device:
+        import paddle
+
+        paddle.set_device(args.device)
+    return Ernie4_5_MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, strict_config=args.strict_config)
+
+
+def cmd_generate(args) -> int:
+    from .generation import GenerationConfig, stream
+
+    model = _load_model(args)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           repetition_penalty=args.repetition_penalty,
+                           stop_token_ids=tuple(args.stop_ids or ()))
+    t0, new = time.time(), []
+    for tok in stream(model, args.input_ids, gen):
+        new.append(tok)
+        if not args.json:
+            print(tok, end=" ", flush=True)
+    dt = time.time() - t0
+    if args.json:
+        print(json.dumps({"token_ids": new, "prompt_tokens": len(args.input_ids), "generated_tokens": len(new),
+                          "seconds": round(dt, 4)}))
+    else:
+        print()
+        print(f"[prompt {len(args.input_ids)} tokens, generated {len(new)} tokens, "
+              f"{len(new) / max(dt, 1e-9):.2f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_logits(args) -> int:
+    import numpy as np
+
+    from .atomic import atomic_path
+
+    model = _load_model(args)
+    if not args.input_ids:
+        raise ErnieError("--input-ids is empty: give at least one token id")
+    logits = model.logits(np.asarray(args.input_ids, dtype=np.int64)).astype(np.float32)
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, logits)
+    print(f"wrote {args.out}: float32 {list(logits.shape)}", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import convert
+
+    files = convert(args.model, args.out, layout=args.layout, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                    strict_config=args.strict_config, progress=progress_printer("convert"))
+    print(f"wrote {args.out} ({args.layout} layout, {args.dtype}): {', '.join(files)}", file=sys.stderr)
+    return 0
+
+
+def cmd_make_checkpoint(args) -> int:
+    from .checkpoint import make_checkpoint
+    from .config import preset
+
+    overrides = {"num_hidden_layers": args.num_layers} if args.num_layers else {}
+    cfg = preset(args.preset, **overrides)
+    files = make_checkpoint(cfg, args.out, layout=args.layout, dtype=args.dtype, seed=args.seed,
+                            max_shard_bytes=args.max_shard_size, progress=progress_printer("make-checkpoint"))
+    print(f"wrote {args.out} (preset {args.preset}, {args.layout} layout, {args.dtype}, seed {args.seed}): "
+          f"{', '.join(files)}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ernie-paddle", description="ERNIE-4.5 in PaddlePaddle: generation, logits, "
+                                "checkpoint conversion and random checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp, dtype_default="float32"):
+        sp.add_argument("--model", required=True, help="checkpoint directory (-Paddle or -PT layout)")
+        sp.add_argument("--dtype", default=dtype_default, choices=["float32", "bfloat16", "float16"],
+                        help="compute dtype (CPU computes in float32 only)")
+        sp.add_argument("--device", default=None, help="Paddle device, e.g. cpu or gpu:0 (default: Paddle's)")
+        sp.add_argument("--strict-config", action="store_true",
+                        help="treat a missing config field that needs a default as an error")
+
+    g = sub.add_parser("generate", help="generate tokens from a prompt of token ids")
+    model_args(g)
+    g.add_argument("--input-ids", type=_ids, required=True, help="prompt token ids, e.g. 1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop-ids", type=_ids, default=None, help="extra token ids that end generation")
+    g.add_argument("--json", action="store_true", help='print one JSON object; "token_ids" holds the new tokens')
+    g.set_defaults(func=cmd_generate)
+
+    lg = sub.add_parser("logits", help="write float32 [T, vocab] logits of one forward pass (no cache)")
+    model_args(lg)
+    lg.add_argument("--input-ids", type=_ids, required=True)
+    lg.add_argument("--out", required=True, help="output .npy file")
+    lg.set_defaults(func=cmd_logits)
+
+    c = sub.add_parser("convert", help="convert a checkpoint between the -Paddle and -PT layouts")
+    c.add_argument("--model", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--layout", required=True, choices=["paddle", "pt"])
+    c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    c.add_argument("--max-shard-size", type=_size, default=_size("5GB"))
+    c.add_argument("--strict-config", action="store_true")
+    c.set_defaults(func=cmd_convert)
+
+    m = sub.add_parser("make-checkpoint", help="write a random checkpoint of a preset in the real format")
+    m.add_argument("--preset", required=True, choices=["tiny", "small", "0.3b", "21b-a3b"])
+    m.add_argument("--layout", required=True, choices=["paddle", "pt"])
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count")
+    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    m.add_argument("--max-shard-size", type=_size, default=_size("5GB"))
+    m.set_defaults(func=cmd_make_checkpoint)
+    return p
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Config-default warnings as one plain line; others as Python prints them."""
+    if issubclass(category, ConfigDefaultWarning):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", ConfigDefaultWarning)
+    try:
+        return args.func(args)
+    except ErnieError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = _python_showwarning
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Token generation for the Paddle model: greedy and sampling, streaming, and left-padded batches.
+
+The model runs a prefill over the (left-padded) prompts into a preallocated KV cache, then one token per
+step with explicit positions. Token choice (repetition penalty, temperature, top-k, top-p) happens on the
+host in numpy on float32 logits, so it is the same code whatever device computed them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass
+class GenerationConfig:
+    """What `generate` does; `validate()` names the argument at fault."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    eos_token_ids: Sequence[int] | None = None  # None: the model config's eos ids
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if not self.temperature > 0:
+            raise InputError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+
+def process_logits(logits: np.ndarray, history: list[np.ndarray], gen: GenerationConfig) -> np.ndarray:
+    """Apply repetition penalty, temperature, top-k and top-p to logits [B, V]; filtered entries become -inf."""
+    x = logits.astype(np.float32, copy=True)
+    if gen.repetition_penalty != 1.0:  # the CTRL / transformers rule: shrink seen tokens toward "less likely"
+        for b, seen in enumerate(history):
+            ids = np.unique(seen)
+            s = x[b, ids]
+            x[b, ids] = np.where(s > 0, s / gen.repetition_penalty, s * gen.repetition_penalty)
+    if not gen.do_sample:
+        return x
+    x /= np.float32(gen.temperature)
+    if gen.top_k and gen.top_k < x.shape[-1]:
+        kth = np.partition(x, -gen.top_k, axis=-1)[:, -gen.top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    if gen.top_p < 1.0:
+        order = np.argsort(-x, axis=-1, kind="stable")
+        sorted_x = np.take_along_axis(x, order, axis=-1)
+        p = np.exp(sorted_x - sorted_x[:, :1])
+        p /= p.sum(axis=-1, keepdims=True)
+        before = np.cumsum(p, axis=-1) - p  # mass strictly before each token
+        remove_sorted = before >= gen.top_p  # always keeps the most likely token
+        remove = np.zeros_like(remove_sorted)
+        np.put_along_axis(remove, order, remove_sorted, axis=-1)
+        x = np.where(remove, -np.inf, x)
+    return x
+
+
+def choose(x: np.ndarray, gen: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row of processed logits [B, V]: argmax, or a draw from softmax."""
+    if not gen.do_sample:
+        return x.argmax(axis=-1)
+    p = np.exp(x - x.max(axis=-1, keepdims=True), dtype=np.float64)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+def _check_prompts(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> list[np.ndarray]:
+    if len(prompts) == 0:
+        raise InputError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        a = np.asarray(p, dtype=np.int64).reshape(-1)
+        if a.size == 0:
+            raise InputError(f"prompt {i} is empty: generation needs at least one input token")
+        model.check_ids(a[None])
+        out.append(a)
+    longest = max(len(a) for a in out)
+    limit = model.config.max_position_embeddings
+    if longest + gen.max_new_tokens > limit:
+        raise InputError(f"prompt length {longest} + max_new_tokens {gen.max_new_tokens} exceeds "
+                         f"max_position_embeddings {limit}")
+    return out
+
+
+def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None
+                 ) -> Iterator[list[int | None]]:
+    """Yield, each step, the new token of every prompt (None once that prompt has finished)."""
+    gen = gen or GenerationConfig()
+    gen.validate()
+    rows = _check_prompts(model, prompts, gen)
+    if gen.max_new_tokens == 0:
+        return
+    b, longest = len(rows), max(len(r) for r in rows)
+    total = longest + gen.max_new_tokens
+    pad = model.config.pad_token_id
+    ids = np.full((b, longest), pad, dtype=np.int64)
+    mask = np.zeros((b, total), dtype=bool)
+    for i, r in enumerate(rows):  # left padding: every prompt ends at slot `longest - 1`
+        ids[i, longest - len(r):] = r
+        mask[i, longest - len(r):] = True
+    positions = np.maximum(np.cumsum(mask[:, :longest], axis=1) - 1, 0)
+    stops = set(gen.eos_token_ids if gen.eos_token_ids is not None else model.config.eos_token_ids)
+    stops |= set(gen.stop_token_ids)
+    rng = np.random.default_rng(gen.seed)
+    history = [r.copy() for r in rows]
+    finished = np.zeros(b, dtype=bool)
+    cache = model.allocate_cache(b, total)
+
+    out = model(ids, attention_mask=mask[:, :longest], position_ids=positions, cache=cache, last_only=True)
+    next_pos = positions[:, -1:] + 1
+    for step in range(gen.max_new_tokens):
+        logits = out.logits.numpy()[:, -1]
+        tokens = choose(process_logits(logits, history, gen), gen, rng)
+        yield [None if finished[i] else int(tokens[i]) for i in range(b)]
+        for i in range(b):
+            if not finished[i]:
+                history[i] = np.append(history[i], tokens[i])
+                finished[i] = int(tokens[i]) in stops
+        if finished.all() or step == gen.max_new_tokens - 1:
+            return
+        tokens = np.where(finished, pad, tokens)
+        mask[:, longest + step] = True
+        out = model(tokens[:, None], attention_mask=mask[:, :longest + step + 1], position_ids=next_pos,
+                    cache=cache, last_only=True)
+        next_pos = next_pos + 1
+
+
+def stream(model, prompt: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are produced (the eos token, if produced, is the last)."""
+    for step in stream_batch(model, [prompt], gen):
+        yield step[0]
+
+
+def generate(model, prompts: Sequence[Sequence[int]] | Sequence[int], gen: GenerationConfig | None = None
+             ) -> list[list[int]] | list[int]:
+    """New tokens for one prompt (a list of ids) or for a batch of prompts (a list of lists)."""
+    single = len(prompts) > 0 and np.ndim(prompts[0]) == 0
+    batch = [prompts] if single else prompts
+    out: list[list[int]] = [[] for _ in batch]
+    for step in stream_batch(model, batch, gen):
+        for i, t in enumerate(step):
+            if t is not None:
+                out[i].append(t)
+    return out[0] if single else out

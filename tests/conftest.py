@@ -1,0 +1,61 @@
+"""Shared fixtures: random checkpoints of several geometries, written by the project in the real format."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ernie_paddle.checkpoint import make_checkpoint
+from ernie_paddle.config import ErnieConfig
+
+TINY = dict(model_type="ernie4_5_moe", vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=500000.0,
+            rms_norm_eps=1e-5, tie_word_embeddings=True, moe_num_experts=8, moe_k=2, moe_intermediate_size=32,
+            moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=-1, moe_layer_interval=1,
+            moe_use_aux_free=True)
+
+
+def tiny_config(**overrides) -> ErnieConfig:
+    d = dict(TINY)
+    d.update(overrides)
+    if d["model_type"] == "ernie4_5":
+        d = {k: v for k, v in d.items() if not k.startswith("moe_")}
+    return ErnieConfig.from_dict(d, strict=True)
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory(tmp_path_factory):
+    """`ckpt_factory(name, layout=..., dtype=..., seed=..., max_shard_bytes=..., **config)` -> (dir, config)."""
+    made: dict[str, tuple[str, ErnieConfig]] = {}
+
+    def make(name: str, *, layout: str = "paddle", dtype: str = "float32", seed: int = 0,
+             max_shard_bytes: int = 1 << 40, **overrides):
+        if name not in made:
+            cfg = tiny_config(**overrides)
+            d = str(tmp_path_factory.mktemp("ckpt") / name)
+            make_checkpoint(cfg, d, layout=layout, dtype=dtype, seed=seed, max_shard_bytes=max_shard_bytes)
+            made[name] = (d, cfg)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(ckpt_factory):
+    return ckpt_factory("tiny-default", tie_word_embeddings=False, seed=11)
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `ernie-paddle` as users do (through the installed module), capturing output."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "ernie_paddle.cli", *args], capture_output=True, text=True, env=e,
+                          timeout=600)
+
+
+def prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
