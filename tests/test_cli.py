@@ -1,0 +1,130 @@
+"""The `ernie-paddle` CLI contract, and bad input giving one named error line without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from ernie_paddle.generation import GenerationConfig, generate
+from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.safetensors_io import CheckpointReader
+
+from conftest import run_cli
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("ernie-paddle")
+    assert exe, "the ernie-paddle console script is not on PATH (pip install -e .)"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "make-checkpoint" in out.stdout
+
+
+def test_generate_json_and_logits(tiny_ckpt, tmp_path):
+    d, cfg = tiny_ckpt
+    r = run_cli("generate", "--model", d, "--input-ids", "5,6,7", "--max-new-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    model = Ernie4_5_MoeForCausalLM.from_pretrained(d)
+    assert got["token_ids"] == generate(model, [5, 6, 7], GenerationConfig(max_new_tokens=6))
+    r = run_cli("generate", "--model", d, "--input-ids", "5,6,7", "--max-new-tokens", "6", "--do-sample",
+                "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3", "--json")
+    sampled = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.8, top_p=0.9, top_k=20, seed=3)
+    assert json.loads(r.stdout)["token_ids"] == generate(model, [5, 6, 7], sampled)
+    r = run_cli("generate", "--model", d, "--input-ids", "5,6,7", "--max-new-tokens", "4")
+    assert r.returncode == 0 and len(r.stdout.split()) == 4 and "generated 4 tokens" in r.stderr
+    out = tmp_path / "l.npy"
+    r = run_cli("logits", "--model", d, "--input-ids", "1,2,3,4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    logits = np.load(out)
+    assert logits.dtype == np.float32 and logits.shape == (4, cfg.vocab_size)
+    assert np.array_equal(logits, model.logits([1, 2, 3, 4]))
+
+
+def test_make_checkpoint_and_convert(tmp_path):
+    pd = tmp_path / "pd"
+    r = run_cli("make-checkpoint", "--preset", "tiny", "--layout", "paddle", "--out", str(pd), "--seed", "2",
+                "--num-layers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "make-checkpoint: " in r.stderr and "100%" in r.stderr
+    cfg = json.load(open(pd / "config.json"))
+    assert cfg["num_hidden_layers"] == 2 and cfg["architectures"] == ["Ernie4_5_MoeForCausalLM"]
+    r = run_cli("convert", "--model", str(pd), "--out", str(tmp_path / "pt"), "--layout", "pt", "--dtype", "bfloat16",
+                "--max-shard-size", "100KB")
+    assert r.returncode == 0, r.stderr
+    reader = CheckpointReader(str(tmp_path / "pt"))
+    assert "model.layers.1.mlp.experts.0.up_proj.weight" in reader.names()
+    assert os.path.exists(tmp_path / "pt" / "model.safetensors.index.json")
+    ids = [3, 4, 5]
+    a = Ernie4_5_MoeForCausalLM.from_pretrained(str(pd)).logits(ids)
+    b = Ernie4_5_MoeForCausalLM.from_pretrained(str(tmp_path / "pt")).logits(ids)
+    assert np.array_equal(a, b)  # the preset is written in bf16, so the bf16 conversion is lossless
+
+
+def broken(tiny_ckpt, tmp_path, how: str) -> str:
+    d = str(tmp_path / "ck")
+    shutil.copytree(tiny_ckpt[0], d)
+    cfg_path = os.path.join(d, "config.json")
+    cfg = json.load(open(cfg_path))
+    if how == "missing-field":
+        del cfg["num_key_value_heads"]
+    elif how == "model-type":
+        cfg["model_type"] = "qwen2_moe"
+    elif how == "shape":
+        cfg["moe_intermediate_size"] = 48
+    elif how == "truncated":
+        p = os.path.join(d, "model.safetensors")
+        with open(p, "r+b") as f:
+            f.truncate(os.path.getsize(p) // 2)
+    elif how == "missing-shard":
+        os.remove(os.path.join(d, "model.safetensors"))
+        json.dump({"weight_map": {"ernie.norm.weight": "model-00001-of-00002.safetensors"}},
+                  open(os.path.join(d, "model.safetensors.index.json"), "w"))
+    json.dump(cfg, open(cfg_path, "w"))
+    return d
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing-field", "config.json: missing required field 'num_key_value_heads'"),
+    ("model-type", "config.json: unknown model_type 'qwen2_moe'"),
+    ("shape", r"tensor 'ernie.layers.1.mlp.experts.0.up_gate_proj.weight' in .*model.safetensors has shape "
+              r"\[64, 64\], expected \[64, 96\]"),
+    ("truncated", r"model.safetensors: file is truncated: tensor '.*' ends at byte"),
+    ("missing-shard", "model-00001-of-00002.safetensors: shard listed in model.safetensors.index.json is missing"),
+])
+def test_bad_checkpoint_errors_without_traceback(tiny_ckpt, tmp_path, how, message):
+    d = broken(tiny_ckpt, tmp_path, how)
+    r = run_cli("logits", "--model", d, "--input-ids", "1,2", "--out", str(tmp_path / "x.npy"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and __import__("re").search(message, lines[0]), r.stderr
+    assert not os.path.exists(tmp_path / "x.npy")
+
+
+def test_token_id_out_of_range_and_bad_ids(tiny_ckpt):
+    d, cfg = tiny_ckpt
+    r = run_cli("generate", "--model", d, "--input-ids", f"1,{cfg.vocab_size + 5}", "--max-new-tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"error: token id {cfg.vocab_size + 5} at position 1 is out of range for vocab_size {cfg.vocab_size}" \
+        in r.stderr
+    r = run_cli("generate", "--model", d, "--input-ids", "1,x", "--max-new-tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "expected comma-separated integers" in r.stderr
+
+
+def test_config_defaults_warn_and_strict_config_refuses(tiny_ckpt, tmp_path):
+    d = str(tmp_path / "ck")
+    shutil.copytree(tiny_ckpt[0], d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    del cfg["rope_theta"]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    r = run_cli("generate", "--model", d, "--input-ids", "1,2", "--max-new-tokens", "1", "--json")
+    assert r.returncode == 0
+    assert "warning: " in r.stderr and "field 'rope_theta' is missing; using 500000.0" in r.stderr
+    r = run_cli("generate", "--model", d, "--input-ids", "1,2", "--max-new-tokens", "1", "--strict-config")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: " in r.stderr and "field 'rope_theta' is missing" in r.stderr and "strict config" in r.stderr
