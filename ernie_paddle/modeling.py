@@ -180,6 +180,11 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
 
     def __init__(self, cfg: ErnieConfig, dtype: str = "float32"):
         super().__init__()
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if dtype != "float32" and paddle.get_device().startswith("cpu"):
+            raise InputError(f"dtype {dtype} needs a GPU: Paddle's CPU kernels compute in float32 only "
+                             f"(use --dtype float32, or Paddle's GPU build)")
         self.config, self.compute_dtype = cfg, dtype
         paddle.set_default_dtype(dtype)
         try:

@@ -1,0 +1,30 @@
+"""Packaging: `export/` and `tools/` install under `ernie_paddle.`, never as generic top-level names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+
+def test_installed_package_has_no_generic_top_level_names(tmp_path):
+    code = ("import importlib.util as u, ernie_paddle.export, ernie_paddle.tools.bench_moe, sys; "
+            "print(u.find_spec('export'), u.find_spec('tools'), 'paddle' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "None", "False"]  # and importing them pulls in no Paddle
+
+
+def test_wheel_maps_folders_into_the_namespace(tmp_path):
+    root = __file__.rsplit("/tests/", 1)[0]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                        str(tmp_path), root], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("ernie_paddle-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"ernie_paddle", next(t for t in tops if t.endswith(".dist-info"))}
+    for f in ("ernie_paddle/export/__init__.py", "ernie_paddle/tools/bench_moe.py", "ernie_paddle/modeling.py"):
+        assert f in names
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "ernie-paddle = ernie_paddle.cli:main" in entry
