@@ -59,10 +59,12 @@ def load_weights(model, directory: str) -> None:
 
 def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, *,
                      layout: str = PADDLE, dtype: str = "bfloat16", max_shard_bytes: int = 5 * 1024**3,
-                     side_files_from: str | None = None, progress: Progress | None = None) -> list[str]:
+                     side_files_from: str | None = None, progress: Progress | None = None,
+                     overwrite: bool = False) -> list[str]:
     """Write canonical (name, array) pairs, in `tensor_maps` order, as a checkpoint directory.
 
-    Atomic: files are staged in a temporary directory and renamed to `out_dir` only when complete.
+    Atomic: files are staged in a temporary directory and renamed to `out_dir` only when complete; an
+    existing `out_dir` is an error unless `overwrite`.
     Router weights and the correction bias stay float32 whatever `dtype` is (as in the released weights).
     """
     if layout not in LAYOUTS:
@@ -70,7 +72,8 @@ def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]]
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     maps = {m.canonical: m for m in tensor_maps(cfg, layout)}
-    writer = ShardedWriter(out_dir, max_shard_bytes, metadata={"format": "pt" if layout != PADDLE else "paddle"})
+    writer = ShardedWriter(out_dir, max_shard_bytes, metadata={"format": "pt" if layout != PADDLE else "paddle"},
+                           overwrite=overwrite)
     try:
         done = 0
         for name, array in tensors:
@@ -110,7 +113,7 @@ def save_pretrained(model, out_dir: str, *, layout: str = PADDLE, dtype: str = "
             yield m.canonical, (p if p.dtype == paddle.float32 else p.astype("float32")).numpy()
 
     return write_checkpoint(model.config, tensors(), out_dir, layout=layout, dtype=dtype,
-                            max_shard_bytes=max_shard_bytes)
+                            max_shard_bytes=max_shard_bytes, overwrite=True)  # as transformers' save_pretrained
 
 
 def convert(src: str, out_dir: str, *, layout: str, dtype: str = "bfloat16", max_shard_bytes: int = 5 * 1024**3,

@@ -15,7 +15,7 @@ import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -202,7 +202,10 @@ def _encode(a: np.ndarray, dtype: str) -> tuple[str, bytes]:
 
 def write_file(path: str, tensors: Iterable[tuple[str, np.ndarray, str]], metadata: dict | None = None) -> None:
     """Write (name, array, dtype) triples to one safetensors file."""
-    encoded = [(name, list(a.shape), *_encode(a, dt)) for name, a, dt in tensors]
+    _write_encoded(path, [(name, list(a.shape), *_encode(a, dt)) for name, a, dt in tensors], metadata)
+
+
+def _write_encoded(path: str, encoded: list[tuple[str, list[int], str, bytes]], metadata: dict | None) -> None:
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     off = 0
     for name, shape, dt, data in encoded:
@@ -224,14 +227,17 @@ class ShardedWriter:
     run never leaves a half-written checkpoint. Memory is bounded by one shard.
     """
 
-    def __init__(self, out_dir: str, max_shard_bytes: int = 5 * 1024**3, metadata: dict | None = None):
+    def __init__(self, out_dir: str, max_shard_bytes: int = 5 * 1024**3, metadata: dict | None = None,
+                 overwrite: bool = False):
         self.out_dir = os.path.abspath(out_dir)
+        if os.path.exists(self.out_dir) and not overwrite:
+            raise CheckpointError(f"{out_dir}: output directory already exists; choose a new one")
         parent = os.path.dirname(self.out_dir) or "."
         os.makedirs(parent, exist_ok=True)
         self.tmp_dir = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(self.out_dir) + "-", dir=parent)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata
-        self._pending: list[tuple[str, np.ndarray, str]] = []
+        self._pending: list[tuple[str, list[int], str, bytes]] = []  # already encoded: memory = one shard
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
         self._total = 0
@@ -245,15 +251,15 @@ class ShardedWriter:
         nbytes = array.size * (2 if dtype in ("BF16", "F16") else 4)
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending.append((name, array, dtype))
+        self._pending.append((name, list(array.shape), *_encode(array, dtype)))
         self._pending_bytes += nbytes
         self._total += nbytes
 
     def _flush(self) -> None:
         i = len(self._shards)
         fname = f"shard-{i:05d}.safetensors"
-        write_file(os.path.join(self.tmp_dir, fname), self._pending, self.metadata)
-        self._shards.append((fname, [n for n, _, _ in self._pending]))
+        _write_encoded(os.path.join(self.tmp_dir, fname), self._pending, self.metadata)
+        self._shards.append((fname, [e[0] for e in self._pending]))
         self._pending, self._pending_bytes = [], 0
 
     def commit(self) -> list[str]:
@@ -274,6 +280,9 @@ class ShardedWriter:
             with open(os.path.join(self.tmp_dir, INDEX_FILE), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": self._total}, "weight_map": weight_map}, f, indent=2)
             files.append(INDEX_FILE)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp_dir, 0o777 & ~umask)  # mkdtemp made it private
         if os.path.exists(self.out_dir):
             shutil.rmtree(self.out_dir)
         os.rename(self.tmp_dir, self.out_dir)
@@ -288,11 +297,3 @@ class ShardedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def iter_tensor_names(directory: str) -> Iterator[str]:
-    r = CheckpointReader(directory)
-    try:
-        yield from r.names()
-    finally:
-        r.close()

@@ -63,6 +63,9 @@ def test_make_checkpoint_and_convert(tmp_path):
     a = Ernie4_5_MoeForCausalLM.from_pretrained(str(pd)).logits(ids)
     b = Ernie4_5_MoeForCausalLM.from_pretrained(str(tmp_path / "pt")).logits(ids)
     assert np.array_equal(a, b)  # the preset is written in bf16, so the bf16 conversion is lossless
+    r = run_cli("convert", "--model", str(pd), "--out", str(tmp_path / "pt"), "--layout", "pt")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"error: {tmp_path / 'pt'}: output directory already exists; choose a new one" in r.stderr
 
 
 def broken(tiny_ckpt, tmp_path, how: str) -> str:
