@@ -1,0 +1,239 @@
+"""The `ort` flavour: an ERNIE-4.5 graph of ONNX Runtime fused ops, built straight from checkpoint tensors.
+
+Per layer: (Skip)SimplifiedLayerNormalization, a packed-QKV MatMul, GroupQueryAttention (interleaved rotary,
+past/present KV), o_proj; then a SwiGLU MLP (layer 0 / dense layers) or the MoE block: an fp32 router
+(softmax, correction bias for selection only) feeding MoE (fp32/fp16) or QMoE (int8/int4), plus the shared
+experts. Linear layers become MatMulNBits at int8/int4. Tensors arrive one at a time in checkpoint order and
+their bytes go straight to external data.
+
+Left padding is handled exactly: positions are `cumsum(attention_mask) - 1` computed in the graph and given to
+GQA as `position_ids`, and padded keys are masked through GQA's `attention_bias`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+from onnx import TensorProto, numpy_helper
+
+from ernie_paddle.config import ErnieConfig
+
+from .graph import MS, GraphBuilder
+from .quantize import matmul_nbits_weights, qmoe_weights
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+BITS = {"int8": 8, "int4": 4}
+
+
+class TensorStream:
+    """Canonical tensors from an iterator, taken by name in (nearly) the order they arrive."""
+
+    def __init__(self, pairs: Iterator[tuple[str, np.ndarray]]):
+        self._it = iter(pairs)
+        self._held: dict[str, np.ndarray] = {}
+
+    def take(self, name: str) -> np.ndarray:
+        while name not in self._held:
+            try:
+                k, v = next(self._it)
+            except StopIteration:
+                raise KeyError(f"checkpoint has no tensor '{name}'") from None
+            self._held[k] = v
+        return self._held.pop(name)
+
+
+class ErnieOrtBuilder:
+    """Builds one graph; `precision` in fp32 | fp16 | int8 | int4 (int: MatMulNBits / QMoE weights)."""
+
+    def __init__(self, cfg: ErnieConfig, g: GraphBuilder, precision: str, block_size: int = 32,
+                 accuracy_level: int = 0):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.cfg, self.g, self.precision = cfg, g, precision
+        self.block_size, self.accuracy_level = block_size, accuracy_level
+        self.np_dtype = np.float16 if precision == "fp16" else np.float32
+        self.onnx_dtype = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
+        self.bits = BITS.get(precision)
+
+    # ---- small helpers ---------------------------------------------------------------------------------
+    def w(self, name: str, a: np.ndarray) -> str:
+        return self.g.weight(name, a.astype(self.np_dtype))
+
+    def linear(self, x: str, name: str, w_in_out: np.ndarray) -> str:
+        """x @ W for a Paddle-layout weight [K, N]: MatMul, or MatMulNBits when quantised."""
+        k, n = w_in_out.shape
+        if self.bits is None:
+            return self.g.op("MatMul", [x, self.w(name, w_in_out)], name=name)
+        b, scales = matmul_nbits_weights(w_in_out, self.bits, self.block_size)
+        return self.g.op("MatMulNBits", [x, self.g.weight(name + ".qweight", b), self.g.weight(name + ".scales", scales)],
+                         domain=MS, name=name, K=k, N=n, bits=self.bits, block_size=self.block_size,
+                         accuracy_level=self.accuracy_level)
+
+    def mlp(self, x: str, name: str, up_gate: np.ndarray, down: np.ndarray) -> str:
+        """SwiGLU: down(silu(gate) * up) with up_gate = [gate | up] on the output axis."""
+        h = self.linear(x, f"{name}.up_gate_proj", up_gate)
+        gate, up = self.g.op("Split", [h, self.g.const([up_gate.shape[1] // 2] * 2)], n_out=2, axis=-1)
+        act = self.g.op("Mul", [self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate])]), up])
+        return self.linear(act, f"{name}.down_proj", down)
+
+    # ---- the graph -------------------------------------------------------------------------------------
+    def build(self, tensors: TensorStream, progress: Callable[[str], None] | None = None) -> None:
+        cfg, g = self.cfg, self.g
+        nkv, d, h = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+        for i in range(cfg.num_hidden_layers):
+            for kv in ("key", "value"):
+                g.input(f"past_key_values.{i}.{kv}", self.onnx_dtype, ["batch_size", nkv, "past_sequence_length", d])
+
+        # Sequence bookkeeping shared by every layer (GQA wants int32 lengths).
+        total = g.op("Gather", [g.op("Shape", [mask]), g.const(1)], axis=0)  # scalar int64
+        seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1)], axis=0)
+        total32 = g.op("Cast", [total], to=TensorProto.INT32)
+        batch = g.op("Gather", [g.op("Shape", [ids]), g.const(0)], axis=0)
+        # every row holds `total` slots (left padding): seqlens_k = total - 1 for all rows
+        seqlens = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.const(1)]), g.op("Unsqueeze", [batch, g.const([0])])])],
+                       to=TensorProto.INT32)
+        # positions = cumsum(mask) - 1 (pads clipped to 0), last `seq` slots
+        cums = g.op("Sub", [g.op("CumSum", [mask, g.const(1)]), g.const(1)])
+        cums = g.op("Max", [cums, g.const(0)])
+        past = g.op("Sub", [total, seq])
+        positions = g.op("Slice", [cums, g.op("Unsqueeze", [past, g.const([0])]),
+                                   g.op("Unsqueeze", [total, g.const([0])]), g.const([1])])
+        # additive key mask [B, 1, 1, total]: 0 for real keys, a large negative number for padding
+        neg = -6.0e4 if self.precision == "fp16" else -1.0e9
+        keep = g.op("Cast", [mask], to=self.onnx_dtype)
+        bias = g.op("Mul", [g.op("Sub", [g.const(1.0, self.np_dtype), keep]), g.const(neg, self.np_dtype)])
+        bias = g.op("Unsqueeze", [bias, g.const([1, 2])])
+        # attention_bias must be [B, 1, S, T]: broadcast over query positions
+        bias = g.op("Expand", [bias, g.op("Concat", [g.op("Unsqueeze", [batch, g.const([0])]), g.const([1]),
+                                                     g.op("Unsqueeze", [seq, g.const([0])]),
+                                                     g.op("Unsqueeze", [total, g.const([0])])], axis=0)])
+        cos, sin = self.rope_caches()
+
+        embed = tensors.take("embed_tokens.weight")
+        x = g.op("Gather", [self.w("embed_tokens.weight", embed), ids], axis=0, name="embed_tokens")
+        if cfg.tie_word_embeddings:  # the head is needed only at the end, but the table is read only once
+            head = self.head_weight(embed)
+        del embed
+        residual, delta = x, None
+        for i in range(cfg.num_hidden_layers):
+            if progress:
+                progress(f"layer {i}")
+            L = f"layers.{i}"
+            normed, residual = self.norm(delta, residual, tensors.take(f"{L}.input_layernorm.weight"), f"{L}.input_layernorm")
+            qkv = self.linear(normed, f"{L}.self_attn.qkv_proj", tensors.take(f"{L}.self_attn.qkv_proj.weight"))
+            attn, pk, pv = g.op("GroupQueryAttention",
+                                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
+                                 total32, cos, sin, positions, bias],
+                                n_out=3, domain=MS, name=f"{L}.self_attn", num_heads=cfg.num_attention_heads,
+                                kv_num_heads=nkv, do_rotary=1, rotary_interleaved=1, scale=float(d ** -0.5))
+            g.output(pk, f"present.{i}.key", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
+            g.output(pv, f"present.{i}.value", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
+            o = self.linear(attn, f"{L}.self_attn.o_proj", tensors.take(f"{L}.self_attn.o_proj.weight"))
+            normed, residual = self.norm(o, residual, tensors.take(f"{L}.post_attention_layernorm.weight"),
+                                         f"{L}.post_attention_layernorm")
+            if cfg.is_moe_layer(i):
+                delta = self.moe(normed, L, tensors)
+            else:
+                delta = self.mlp(normed, f"{L}.mlp", tensors.take(f"{L}.mlp.up_gate_proj.weight"),
+                                 tensors.take(f"{L}.mlp.down_proj.weight"))
+        normed, _ = self.norm(delta, residual, tensors.take("norm.weight"), "norm")
+        if not cfg.tie_word_embeddings:
+            head = self.head_weight(tensors.take("lm_head.weight").T)
+        logits = head(normed)
+        if self.precision == "fp16":
+            logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
+        g.output(logits, "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
+
+    def rope_caches(self) -> tuple[str, str]:
+        """cos/sin [max_pos, d/2]: angle = pos_fp32 * inv_freq_fp32, the Paddle model's fp32 arithmetic."""
+        cfg = self.cfg
+        d = cfg.head_dim
+        inv_freq = np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+        angles = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
+        return self.w("rope.cos_cache", np.cos(angles)), self.w("rope.sin_cache", np.sin(angles))
+
+    def head_weight(self, embed_v_h: np.ndarray) -> Callable[[str], str]:
+        """The LM head from a [vocab, H] matrix (the tied embedding, or the untied head transposed)."""
+        if self.bits is None:
+            name = self.w("lm_head.weight", np.ascontiguousarray(embed_v_h.T))
+            return lambda x: self.g.op("MatMul", [x, name], name="lm_head")
+        linear_args = embed_v_h.T  # [H, V] in Paddle layout; quantised now, applied later
+        k, n = linear_args.shape
+        b, scales = matmul_nbits_weights(linear_args, self.bits, self.block_size)
+        bw, sw = self.g.weight("lm_head.qweight", b), self.g.weight("lm_head.scales", scales)
+        return lambda x: self.g.op("MatMulNBits", [x, bw, sw], domain=MS, name="lm_head", K=k, N=n, bits=self.bits,
+                                   block_size=self.block_size, accuracy_level=self.accuracy_level)
+
+    def norm(self, delta: str | None, residual: str, weight: np.ndarray, name: str) -> tuple[str, str]:
+        """RMSNorm of residual + delta; returns (normed, new residual)."""
+        eps = float(self.cfg.rms_norm_eps)
+        w = self.w(name + ".weight", weight)
+        if delta is None:
+            return self.g.op("SimplifiedLayerNormalization", [residual, w], name=name, axis=-1, epsilon=eps,
+                             stash_type=1), residual
+        out, _, _, summed = self.g.op("SkipSimplifiedLayerNormalization", [delta, residual, w], n_out=4, domain=MS,
+                                      name=name, epsilon=eps)
+        return out, summed
+
+    def moe(self, x: str, L: str, tensors: TensorStream) -> str:
+        """ERNIE's sparse MoE block: fp32 router, selection-only bias, routed experts, shared experts added after."""
+        cfg, g = self.cfg, self.g
+        e, k, h, ie = cfg.moe_num_experts, cfg.moe_k, cfg.hidden_size, cfg.moe_intermediate_size
+        shape = g.op("Shape", [x])
+        flat = g.op("Reshape", [x, g.const([-1, h])])  # [N, H]
+        x32 = g.op("Cast", [flat], to=TensorProto.FLOAT) if self.precision == "fp16" else flat
+        gate = g.weight(f"{L}.mlp.gate.weight", tensors.take(f"{L}.mlp.gate.weight").astype(np.float32))
+        probs = g.op("Softmax", [g.op("MatMul", [x32, gate], name=f"{L}.mlp.gate")], axis=-1)  # [N, E] fp32
+        if cfg.moe_use_aux_free:
+            corr = g.weight(f"{L}.mlp.e_score_correction_bias",
+                            tensors.take(f"{L}.mlp.e_score_correction_bias").astype(np.float32))
+            select = g.op("Add", [probs, corr])
+        else:
+            select = probs
+        fc1, fc2 = [], []  # fc1 rows interleaved g0,u0,g1,u1,... (swiglu_fusion=1); fc2 [H, I]
+        for j in range(e):
+            ug = tensors.take(f"{L}.mlp.experts.{j}.up_gate_proj.weight")  # [H, 2I] = [gate | up]
+            down = tensors.take(f"{L}.mlp.experts.{j}.down_proj.weight")  # [I, H]
+            w1 = np.stack([ug[:, :ie].T, ug[:, ie:].T], axis=1).reshape(2 * ie, h)
+            w2 = np.ascontiguousarray(down.T)
+            if self.bits is None:
+                fc1.append(w1.astype(self.np_dtype))
+                fc2.append(w2.astype(self.np_dtype))
+            else:
+                block = self.block_size if self.bits == 4 else None  # block-wise int8 has no exact CPU kernel
+                fc1.append(qmoe_weights(w1, self.bits, block))
+                fc2.append(qmoe_weights(w2, self.bits, block))
+        common = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+        if self.bits is None:
+            # MoE softmaxes its router input over all experts: give it log(p) on the selected experts, -inf elsewhere,
+            # so its weights are p_sel / sum(p_sel), exactly ERNIE's renormalised unbiased probabilities.
+            idx = g.op("TopK", [select, g.const([k])], n_out=2, axis=-1, largest=1, sorted=1)[1]
+            logp = g.op("GatherElements", [g.op("Log", [probs]), idx], axis=1)
+            base = g.op("ConstantOfShape", [g.op("Shape", [probs])],
+                        value=numpy_helper.from_array(np.array([-np.inf], np.float32)))
+            routing = g.op("ScatterElements", [base, idx, logp], axis=1)
+            if self.precision == "fp16":
+                routing = g.op("Cast", [routing], to=TensorProto.FLOAT16)
+            y = g.op("MoE", [flat, routing, g.weight(f"{L}.mlp.experts.fc1", np.stack(fc1)), "",
+                             g.weight(f"{L}.mlp.experts.fc2", np.stack(fc2)), ""], domain=MS, name=f"{L}.mlp.experts",
+                     normalize_routing_weights=0, **common)
+        else:
+            # QMoE selects on router_probs (p + bias) and mixes with router_weights (p), renormalised.
+            q1, s1 = (np.stack(t) for t in zip(*fc1))
+            q2, s2 = (np.stack(t) for t in zip(*fc2))
+            extra = dict(block_size=self.block_size) if self.bits == 4 else {}
+            y = g.op("QMoE", [flat, select, g.weight(f"{L}.mlp.experts.fc1.qweight", q1),
+                              g.weight(f"{L}.mlp.experts.fc1.scales", s1), "",
+                              g.weight(f"{L}.mlp.experts.fc2.qweight", q2),
+                              g.weight(f"{L}.mlp.experts.fc2.scales", s2), "", "", "", "", "", "", "", probs],
+                     domain=MS, name=f"{L}.mlp.experts", normalize_routing_weights=1, expert_weight_bits=self.bits,
+                     accuracy_level=self.accuracy_level, **common, **extra)
+        if cfg.moe_num_shared_experts > 0:
+            shared = self.mlp(flat, f"{L}.mlp.shared_experts",
+                              tensors.take(f"{L}.mlp.shared_experts.up_gate_proj.weight"),
+                              tensors.take(f"{L}.mlp.shared_experts.down_proj.weight"))
+            y = g.op("Add", [y, shared])
+        return g.op("Reshape", [y, shape])
