@@ -24,10 +24,14 @@ setup(
     package_dir={"ernie_paddle": "ernie_paddle", "ernie_paddle.export": "export", "ernie_paddle.tools": "tools"},
     install_requires=[
         "numpy>=1.24",
+        "onnxruntime>=1.22",  # the ONNX runtime (CUDA: install onnxruntime-gpu instead; same module)
+        "onnx>=1.17",  # the exporter's graph builder
+        "paddle2onnx==2.1.0",  # the portable flavour (pins onnx 1.17)
     ] + PADDLE,
     extras_require={
         # The independent oracle for tests; never imported at run time.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.54", "safetensors>=0.4"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.54", "safetensors>=0.4",
+                 "onnxruntime-genai>=0.18"],
     },
-    entry_points={"console_scripts": ["ernie-paddle=ernie_paddle.cli:main"]},
+    entry_points={"console_scripts": ["ernie-paddle=ernie_paddle.cli:main", "ernie-onnx=ernie_paddle.onnx_cli:main"]},
 )

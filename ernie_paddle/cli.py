@@ -1,4 +1,4 @@
-"""The `ernie-paddle` command line: generate, logits, convert, make-checkpoint.
+"""The `ernie-paddle` command line: generate, logits, convert, make-checkpoint, export.
 
 Its arguments and outputs are a public contract (users' scripts rely on them). Errors in the input are
 printed as one `error: ...` line on stderr with exit status 2, never as a Python traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -58,10 +59,10 @@ def _load_model(args):
     return Ernie4_5_MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, strict_config=args.strict_config)
 
 
-def cmd_generate(args) -> int:
+def run_generate(model, args) -> int:
+    """Stream the new token ids (or print one JSON object with --json); shared by ernie-paddle and ernie-onnx."""
     from .generation import GenerationConfig, stream
 
-    model = _load_model(args)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                            repetition_penalty=args.repetition_penalty,
@@ -82,12 +83,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_logits(args) -> int:
+def run_logits(model, args) -> int:
+    """Write float32 [T, vocab] logits of one forward pass; shared by ernie-paddle and ernie-onnx."""
     import numpy as np
 
     from .atomic import atomic_path
 
-    model = _load_model(args)
     if not args.input_ids:
         raise ErnieError("--input-ids is empty: give at least one token id")
     logits = model.logits(np.asarray(args.input_ids, dtype=np.int64)).astype(np.float32)
@@ -95,6 +96,35 @@ def cmd_logits(args) -> int:
         with open(tmp, "wb") as f:
             np.save(f, logits)
     print(f"wrote {args.out}: float32 {list(logits.shape)}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    return run_generate(_load_model(args), args)
+
+
+def cmd_logits(args) -> int:
+    return run_logits(_load_model(args), args)
+
+
+def cmd_export(args) -> int:
+    from .export.pipeline import export
+
+    t0 = time.time()
+    m = export(args.model, args.out, flavor=args.flavor, precision=args.precision, verify=not args.no_verify,
+               block_size=args.block_size, accuracy_level=args.accuracy_level, strict_config=args.strict_config,
+               log=lambda s: print(s, file=sys.stderr, flush=True))
+    sizes = {f: os.path.getsize(os.path.join(args.out, f)) for f in sorted(os.listdir(args.out))}
+    print(f"wrote {args.out} ({m['flavor']} flavour, {m['precision']}) in {time.time() - t0:.1f}s:", file=sys.stderr)
+    for f, n in sizes.items():
+        print(f"  {f:<28} {n / 2**20:10.2f} MiB", file=sys.stderr)
+    v = m["verification"]
+    if "skipped" in v:
+        print(f"verification skipped: {v['skipped']}", file=sys.stderr)
+    else:
+        print(f"verification: max |logit diff| {v['max_abs_logit_diff']:.2e}, top-1 agreement "
+              f"{v['top1_agreement']:.3f}, greedy identical {v['greedy_identical_prompts']}/{v['prompts']}",
+              file=sys.stderr)
     return 0
 
 
@@ -120,6 +150,25 @@ def cmd_make_checkpoint(args) -> int:
     return 0
 
 
+def generate_args(g: argparse.ArgumentParser) -> None:
+    """The generate arguments: one contract for ernie-paddle and ernie-onnx."""
+    g.add_argument("--input-ids", type=_ids, required=True, help="prompt token ids, e.g. 1,2,3")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop-ids", type=_ids, default=None, help="extra token ids that end generation")
+    g.add_argument("--json", action="store_true", help='print one JSON object; "token_ids" holds the new tokens')
+
+
+def logits_args(lg: argparse.ArgumentParser) -> None:
+    lg.add_argument("--input-ids", type=_ids, required=True)
+    lg.add_argument("--out", required=True, help="output .npy file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie-paddle", description="ERNIE-4.5 in PaddlePaddle: generation, logits, "
                                 "checkpoint conversion and random checkpoints.")
@@ -135,23 +184,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate tokens from a prompt of token ids")
     model_args(g)
-    g.add_argument("--input-ids", type=_ids, required=True, help="prompt token ids, e.g. 1,2,3")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--stop-ids", type=_ids, default=None, help="extra token ids that end generation")
-    g.add_argument("--json", action="store_true", help='print one JSON object; "token_ids" holds the new tokens')
+    generate_args(g)
     g.set_defaults(func=cmd_generate)
 
     lg = sub.add_parser("logits", help="write float32 [T, vocab] logits of one forward pass (no cache)")
     model_args(lg)
-    lg.add_argument("--input-ids", type=_ids, required=True)
-    lg.add_argument("--out", required=True, help="output .npy file")
+    logits_args(lg)
     lg.set_defaults(func=cmd_logits)
+
+    e = sub.add_parser("export", help="export a checkpoint to a verified ONNX model folder")
+    e.add_argument("--model", required=True, help="checkpoint directory (-Paddle or -PT layout)")
+    e.add_argument("--out", required=True, help="new output folder")
+    e.add_argument("--flavor", default="ort", choices=["ort", "portable"],
+                   help="ort: ONNX Runtime fused ops (default); portable: standard ONNX ops via paddle2onnx")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    e.add_argument("--block-size", type=int, default=32, help="int8/int4 quantisation block size")
+    e.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits/QMoE accuracy_level (4: int8 activations, faster)")
+    e.add_argument("--no-verify", action="store_true", help="skip the parity check against the Paddle model")
+    e.add_argument("--strict-config", action="store_true")
+    e.set_defaults(func=cmd_export)
 
     c = sub.add_parser("convert", help="convert a checkpoint between the -Paddle and -PT layouts")
     c.add_argument("--model", required=True)
@@ -185,8 +237,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_showwarning = warnings.showwarning
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     warnings.showwarning = _show_warning
     warnings.simplefilter("always", ConfigDefaultWarning)
     try:

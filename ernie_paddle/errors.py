@@ -21,3 +21,7 @@ class InputError(ErnieError, ValueError):
 
 class ConfigDefaultWarning(UserWarning):
     """A config field was missing and a default was filled in (turned into ConfigError by strict mode)."""
+
+
+class ExportError(ErnieError):
+    """An export cannot be done as asked (bad options, a limit of the toolchain, or failed verification)."""

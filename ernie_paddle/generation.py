@@ -123,7 +123,7 @@ def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig 
     out = model(ids, attention_mask=mask[:, :longest], position_ids=positions, cache=cache, last_only=True)
     next_pos = positions[:, -1:] + 1
     for step in range(gen.max_new_tokens):
-        logits = out.logits.numpy()[:, -1]
+        logits = np.asarray(out.logits.numpy() if hasattr(out.logits, "numpy") else out.logits)[:, -1]
         tokens = choose(process_logits(logits, history, gen), gen, rng)
         yield [None if finished[i] else int(tokens[i]) for i in range(b)]
         for i in range(b):

@@ -56,3 +56,18 @@ def qmoe_weights(w_nk: np.ndarray, bits: int, block: int | None) -> tuple[np.nda
     q, scale = quantize_rows(w_nk, bits, block or k)
     codes = pack(q.reshape(n, -1)[:, :k] if block is None else q.reshape(n, -1), bits)
     return codes, (scale[:, 0] if block is None else scale)
+
+
+def round_trip(canonical: str, w: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """What a quantised `ort` graph computes with for canonical tensor `canonical` (Paddle layout).
+
+    Linear weights come back dequantised exactly as MatMulNBits / QMoE see them; the embedding, norms and the
+    fp32 router are not quantised. Used to check that a quantised graph differs from Paddle only by rounding.
+    """
+    if w.ndim != 2 or canonical == "embed_tokens.weight" or canonical.endswith("mlp.gate.weight"):
+        return w
+    k = w.shape[0]
+    is_expert = ".mlp.experts." in canonical
+    blk = (None if bits == 8 else block) if is_expert else block
+    q, scale = quantize_rows(np.ascontiguousarray(w.T), bits, blk or k)
+    return dequantize_rows(q, scale, bits, k).T

@@ -1,0 +1,164 @@
+"""Run an exported ERNIE-4.5 ONNX folder with ONNX Runtime: no Paddle, only `onnxruntime` and `numpy`.
+
+`OnnxCausalLM` offers the same small interface as the Paddle model (`config`, `check_ids`, `allocate_cache`,
+a call returning logits), so `ernie_paddle.generation` drives both: greedy and sampling, streaming, and
+left-padded batches. The KV cache is the graph's `present.N.*` outputs fed back as `past_key_values.N.*`,
+kept as OrtValues on the execution provider's device through IOBinding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ErnieConfig
+from .errors import ErnieError, InputError
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+
+
+class OnnxFolderError(ErnieError):
+    """An exported folder is incomplete, corrupt, or does not match its manifest."""
+
+
+@dataclass
+class OnnxCache:
+    """past_key_values for the next step: OrtValues per layer (key, value), and how many slots are filled."""
+
+    layers: list = field(default_factory=list)
+    max_len: int = 0
+    length: int = 0
+
+
+@dataclass
+class OnnxOutput:
+    logits: np.ndarray  # [B, T, V] float32
+
+
+def load_manifest(folder: str) -> dict:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise OnnxFolderError(f"{folder}: not an exported model folder (no {MANIFEST}); create one with "
+                              f"`ernie-paddle export`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise OnnxFolderError(f"{path}: corrupt manifest ({e})") from None
+
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class OnnxCausalLM:
+    """An exported folder opened in an ONNX Runtime session."""
+
+    def __init__(self, folder: str, provider: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.folder = folder
+        self.manifest = load_manifest(folder)
+        self.config = ErnieConfig.from_file(os.path.join(folder, "config.json"))
+        model_path = os.path.join(folder, self.manifest.get("model_file", MODEL_FILE))
+        if not os.path.isfile(model_path):
+            raise OnnxFolderError(f"{model_path}: missing model file")
+        for name in self.manifest.get("external_data", []):
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise OnnxFolderError(f"{os.path.join(folder, name)}: missing external data file listed in "
+                                      f"{MANIFEST}")
+        if provider not in PROVIDERS:
+            raise InputError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+        ep = PROVIDERS[provider]
+        if ep not in ort.get_available_providers():
+            raise InputError(f"provider {provider} ({ep}) is not available in this onnxruntime build "
+                             f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                             f"for CUDA")
+        if provider == "cpu" and self.manifest.get("precision") == "fp16":
+            raise InputError(f"{folder}: fp16 exports are for CUDA; on CPU export fp32, int8 or int4")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(model_path, so, providers=[ep])
+        except Exception as e:  # onnxruntime raises its own exception types for corrupt files
+            raise OnnxFolderError(f"{model_path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+        self.provider = provider
+        self.device = "cuda" if provider == "cuda" else "cpu"
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        past0 = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
+        self.kv_dtype = np.float16 if "float16" in past0.type else np.float32
+        self.has_position_ids = "position_ids" in self.input_names
+        n = self.config.num_hidden_layers
+        if sum(1 for x in self.input_names if x.startswith("past_key_values.")) != 2 * n:
+            raise OnnxFolderError(f"{model_path}: the graph's past_key_values inputs do not match "
+                                  f"num_hidden_layers={n} in config.json")
+
+    def check_ids(self, ids: np.ndarray) -> None:
+        bad = np.argwhere((ids < 0) | (ids >= self.config.vocab_size))
+        if len(bad):
+            pos = tuple(int(i) for i in bad[0])
+            raise InputError(f"token id {int(ids[pos])} at position {pos[-1]} is out of range for vocab_size "
+                             f"{self.config.vocab_size}")
+
+    def allocate_cache(self, batch: int, max_len: int) -> OnnxCache:
+        import onnxruntime as ort
+
+        cfg = self.config
+        empty = np.zeros((batch, cfg.num_key_value_heads, 0, cfg.head_dim), self.kv_dtype)
+        layers = [(ort.OrtValue.ortvalue_from_numpy(empty, self.device),) * 2 for _ in range(cfg.num_hidden_layers)]
+        return OnnxCache(layers, max_len)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: OnnxCache | None = None,
+                 last_only: bool = False) -> OnnxOutput:
+        """One step: input_ids [B, T]; attention_mask [B, past + T]; returns logits (and advances `cache`)."""
+        import onnxruntime as ort
+
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        self.check_ids(ids)
+        b, t = ids.shape
+        own_cache = cache is None
+        cache = cache or self.allocate_cache(b, t)
+        total = cache.length + t
+        if total > self.config.max_position_embeddings:
+            raise InputError(f"sequence length {total} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        mask = np.ones((b, total), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if self.has_position_ids:
+            if position_ids is None:
+                position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -t:]
+            binding.bind_cpu_input("position_ids", np.asarray(position_ids, np.int64))
+        for i, (k, v) in enumerate(cache.layers):
+            binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
+            binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
+        for name in self.output_names:
+            if name == "logits":
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outs = dict(zip(self.output_names, binding.get_outputs()))
+        n = self.config.num_hidden_layers
+        if not own_cache:
+            cache.layers = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(n)]
+            cache.length = total
+        logits = outs["logits"].numpy()
+        if last_only:
+            logits = logits[:, -1:]
+        return OnnxOutput(np.asarray(logits, dtype=np.float32))
+
+    def logits(self, input_ids) -> np.ndarray:
+        """One forward pass without a cache: float32 [T, V] for a 1-D id list, [B, T, V] for 2-D."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        out = self(ids).logits
+        return out[0] if ids.ndim == 1 else out

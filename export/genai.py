@@ -1,0 +1,41 @@
+"""`genai_config.json`: what onnxruntime-genai needs to run an exported folder."""
+
+from __future__ import annotations
+
+from ernie_paddle.config import ErnieConfig
+
+
+def genai_config(cfg: ErnieConfig, model_file: str, has_position_ids: bool, provider: str = "cpu") -> dict:
+    """The decoder description in onnxruntime-genai's format (names as its own builder writes them)."""
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
+              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    if has_position_ids:
+        inputs["position_ids"] = "position_ids"
+    session = {"log_id": "onnxruntime-genai", "provider_options": [] if provider == "cpu" else [{provider: {}}]}
+    eos = cfg.eos_token_ids
+    return {
+        "model": {
+            "bos_token_id": cfg.bos_token_id,
+            "context_length": cfg.max_position_embeddings,
+            "decoder": {
+                "session_options": session,
+                "filename": model_file,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_key_value_heads": cfg.num_key_value_heads,
+            },
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": cfg.pad_token_id,
+            "type": "ernie4_5",  # genai's ERNIE runtime type; the MoE lives inside the graph
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": min(cfg.max_position_embeddings, 4096), "min_length": 0, "no_repeat_ngram_size": 0,
+                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
