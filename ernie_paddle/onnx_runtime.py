@@ -77,10 +77,9 @@ class OnnxCausalLM:
             raise InputError(f"provider {provider} ({ep}) is not available in this onnxruntime build "
                              f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
                              f"for CUDA")
-        if provider == "cpu" and self.manifest.get("precision") == "fp16":
-            raise InputError(f"{folder}: fp16 exports are for CUDA; on CPU export fp32, int8 or int4")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3  # errors only
         if threads:
             so.intra_op_num_threads = threads
         try:

@@ -80,9 +80,9 @@ class GraphBuilder:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
 
-    def output(self, src: str, name: str, elem_type: int, shape: Sequence) -> None:
+    def output(self, src: str, name: str, elem_type: int, shape: Sequence, first: bool = False) -> None:
         self.nodes.append(helper.make_node("Identity", [src], [name], name=self.fresh(f"out_{name}")))
-        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        self.outputs.insert(0 if first else len(self.outputs), helper.make_tensor_value_info(name, elem_type, list(shape)))
 
     # ---- finish ----------------------------------------------------------------------------------------
     def save(self, path: str, graph_name: str, opset: int = 21, metadata: dict | None = None) -> None:

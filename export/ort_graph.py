@@ -7,7 +7,7 @@ experts. Linear layers become MatMulNBits at int8/int4. Tensors arrive one at a 
 their bytes go straight to external data.
 
 Left padding is handled exactly: positions are `cumsum(attention_mask) - 1` computed in the graph and given to
-GQA as `position_ids`, and padded keys are masked through GQA's `attention_bias`.
+the RotaryEmbedding ops, and padded keys are masked through GQA's `attention_bias`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from onnx import TensorProto, numpy_helper
 
 from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import ExportError
 
 from .graph import MS, GraphBuilder
 from .quantize import matmul_nbits_weights, qmoe_weights
@@ -50,6 +51,9 @@ class ErnieOrtBuilder:
                  accuracy_level: int = 0):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if cfg.head_dim % 16:
+            raise ExportError(f"the ort flavour's GroupQueryAttention needs head_dim to be a multiple of 16, got "
+                              f"{cfg.head_dim}; use --flavor portable for this model")
         self.cfg, self.g, self.precision = cfg, g, precision
         self.block_size, self.accuracy_level = block_size, accuracy_level
         self.np_dtype = np.float16 if precision == "fp16" else np.float32
@@ -124,11 +128,18 @@ class ErnieOrtBuilder:
             L = f"layers.{i}"
             normed, residual = self.norm(delta, residual, tensors.take(f"{L}.input_layernorm.weight"), f"{L}.input_layernorm")
             qkv = self.linear(normed, f"{L}.self_attn.qkv_proj", tensors.take(f"{L}.self_attn.qkv_proj.weight"))
+            q, k, v = g.op("Split", [qkv, g.const([cfg.num_attention_heads * d, nkv * d, nkv * d])], n_out=3, axis=-1)
+            # Rotary as its own op: GQA's fused rotary (do_rotary=1) rotates the cached keys by slot index rather
+            # than by position_ids (ONNX Runtime 1.32, CPU), which breaks left padding.
+            q = g.op("RotaryEmbedding", [q, positions, cos, sin], domain=MS, interleaved=1,
+                     num_heads=cfg.num_attention_heads, name=f"{L}.self_attn.rotary_q")
+            k = g.op("RotaryEmbedding", [k, positions, cos, sin], domain=MS, interleaved=1, num_heads=nkv,
+                     name=f"{L}.self_attn.rotary_k")
             attn, pk, pv = g.op("GroupQueryAttention",
-                                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
-                                 total32, cos, sin, positions, bias],
+                                [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
+                                 total32, "", "", "", bias],
                                 n_out=3, domain=MS, name=f"{L}.self_attn", num_heads=cfg.num_attention_heads,
-                                kv_num_heads=nkv, do_rotary=1, rotary_interleaved=1, scale=float(d ** -0.5))
+                                kv_num_heads=nkv, scale=float(d ** -0.5))
             g.output(pk, f"present.{i}.key", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
             g.output(pv, f"present.{i}.value", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
             o = self.linear(attn, f"{L}.self_attn.o_proj", tensors.take(f"{L}.self_attn.o_proj.weight"))
@@ -145,7 +156,7 @@ class ErnieOrtBuilder:
         logits = head(normed)
         if self.precision == "fp16":
             logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
-        g.output(logits, "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
+        g.output(logits, "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size], first=True)
 
     def rope_caches(self) -> tuple[str, str]:
         """cos/sin [max_pos, d/2]: angle = pos_fp32 * inv_freq_fp32, the Paddle model's fp32 arithmetic."""

@@ -1,0 +1,206 @@
+"""The `portable` flavour: standard ONNX operators only, produced from the Paddle model by paddle2onnx.
+
+The loaded `Ernie4_5_MoeForCausalLM` is wrapped in a trace-friendly forward (`PortableErnie`) that avoids
+what paddle2onnx cannot map or maps wrongly: no `swiglu`/fused norms (SiLU·up and a manual RMSNorm, as the
+model already does), GQA by broadcasting matmul instead of `repeat_interleave`, the KV cache as concat
+(past, new), a bottom-right causal mask built from positions, and the MoE as a dense masked combine (every
+expert on every token: exact, slow, any runtime). `paddle.jit.save` writes the program; paddle2onnx runs in
+a subprocess (it aborts the process on unsupported ops); the result gets the genai input/output names, its
+weights lifted from Constant nodes into external-data initializers, and shared dynamic dimension names.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from typing import Callable
+
+import numpy as np
+
+from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import ExportError
+
+OPSET = 21  # paddle2onnx 2.1.0 goes up to 21
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+def _portable_module(model):
+    import paddle
+    import paddle.nn as nn
+    import paddle.nn.functional as F
+
+    from ernie_paddle.modeling import SparseMoeBlock
+
+    cfg = model.config
+    nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rep = nh // nkv
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+    inv_freq = inv_freq.astype(np.float32)
+
+    def rope(x, cos, sin):  # x [B, S, h, d]; interleaved pairs
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return paddle.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape([0, 0, 0, d])
+
+    class PortableErnie(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+            self.register_buffer("inv_freq", paddle.to_tensor(inv_freq))
+
+        def attention(self, attn, h, cos, sin, bias, past_k, past_v):
+            qkv = attn.qkv_proj(h).reshape([0, 0, nh + 2 * nkv, d])
+            q, k, v = paddle.split(qkv, [nh, nkv, nkv], axis=2)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            k = paddle.concat([past_k, k.transpose([0, 2, 1, 3])], axis=2)  # [B, nkv, T, d]
+            v = paddle.concat([past_v, v.transpose([0, 2, 1, 3])], axis=2)
+            q = q.reshape([0, 0, nkv, rep, d]).transpose([0, 2, 3, 1, 4])  # [B, nkv, rep, S, d]
+            scores = paddle.matmul(q, k.unsqueeze(2), transpose_y=True) * (d ** -0.5) + bias  # [B, nkv, rep, S, T]
+            out = paddle.matmul(F.softmax(scores, axis=-1), v.unsqueeze(2))  # [B, nkv, rep, S, d]
+            out = out.transpose([0, 3, 1, 2, 4]).reshape([0, 0, nh * d])
+            return attn.o_proj(out), k, v
+
+        def moe(self, block, x):
+            flat = x.reshape([-1, cfg.hidden_size])
+            probs = F.softmax(paddle.matmul(flat, block.gate.weight), axis=-1)  # [N, E] fp32
+            scores = probs + block.e_score_correction_bias if block.e_score_correction_bias is not None else probs
+            _, idx = paddle.topk(scores, block.k, axis=-1)
+            w = paddle.take_along_axis(probs, idx, axis=-1)
+            w = w / paddle.clip(w.sum(axis=-1, keepdim=True), min=block.norm_min)
+            dense = paddle.put_along_axis(paddle.zeros_like(probs), idx, w, axis=1)  # [N, E]
+            y = paddle.zeros_like(flat)
+            for e, expert in enumerate(block.experts):
+                y = y + dense[:, e:e + 1] * expert(flat)
+            if block.shared_experts is not None:
+                y = y + block.shared_experts(flat)
+            return y.reshape(paddle.shape(x))
+
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            m = self.m
+            angles = position_ids.astype("float32").unsqueeze(-1) * self.inv_freq  # [B, S, d/2]
+            cos, sin = paddle.cos(angles).unsqueeze(2), paddle.sin(angles).unsqueeze(2)
+            s = paddle.shape(input_ids)[1]
+            t = paddle.shape(attention_mask)[1]
+            q_slot = paddle.arange(s, dtype="int64") + (t - s)
+            allowed = paddle.arange(t, dtype="int64").unsqueeze(0) <= q_slot.unsqueeze(1)  # [S, T] bottom-right
+            allowed = paddle.logical_and(allowed.unsqueeze(0), attention_mask.unsqueeze(1) > 0)  # [B, S, T]
+            bias = (1.0 - allowed.astype("float32")) * -1.0e9
+            bias = bias.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, S, T]
+            x = m.embed_tokens(input_ids)
+            presents = []
+            for i, layer in enumerate(m.layers):
+                a, k, v = self.attention(layer.self_attn, layer.input_layernorm(x), cos, sin, bias, past[2 * i],
+                                         past[2 * i + 1])
+                presents += [k, v]
+                h = x + a
+                n = layer.post_attention_layernorm(h)
+                x = h + (self.moe(layer.mlp, n) if isinstance(layer.mlp, SparseMoeBlock) else layer.mlp(n))
+            x = m.norm(x)
+            logits = paddle.matmul(x, m.embed_tokens.weight, transpose_y=True) if m.lm_head is None else m.lm_head(x)
+            return [logits] + presents
+
+    return PortableErnie()
+
+
+def _p2o(json_path: str, params_path: str, out_path: str) -> None:
+    """paddle2onnx in a child process: on unsupported ops it aborts the whole process (SIGABRT)."""
+    code = ("import sys, paddle2onnx; paddle2onnx.export(sys.argv[1], sys.argv[2], sys.argv[3], "
+            f"opset_version={OPSET}, auto_upgrade_opset=True, enable_onnx_checker=True, optimize_tool='none')")
+    r = subprocess.run([sys.executable, "-c", code, json_path, params_path, out_path], capture_output=True,
+                       text=True)
+    if r.returncode != 0 or not os.path.isfile(out_path) or os.path.getsize(out_path) == 0:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+        raise ExportError(f"paddle2onnx failed (exit {r.returncode}) converting {json_path}: {tail}")
+
+
+def _finish(onnx_path: str, out_path: str, cfg: ErnieConfig) -> None:
+    """genai names, Constant weights -> external-data initializers, shared dynamic dimension names."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .graph import INLINE_LIMIT, data_file_for
+
+    model = onnx.load(onnx_path)
+    g = model.graph
+    n = cfg.num_hidden_layers
+    names = ["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    if len(g.output) != len(names):
+        raise ExportError(f"paddle2onnx produced {len(g.output)} outputs, expected {len(names)}")
+    renames = {o.name: new for o, new in zip(g.output, names)}
+    for node in g.node:
+        node.output[:] = [renames.get(x, x) for x in node.output]
+        node.input[:] = [renames.get(x, x) for x in node.input]
+    for o in g.output:
+        o.name = renames[o.name]
+    # Constant nodes holding weights become initializers (so external data and quantisers can see them).
+    keep = []
+    for node in g.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            t = node.attribute[0].t
+            if numpy_helper.to_array(t).nbytes > INLINE_LIMIT:
+                t.name = node.output[0]
+                g.initializer.append(t)
+                continue
+        keep.append(node)
+    del g.node[:]
+    g.node.extend(keep)
+    used = {x for node in g.node for x in node.input}
+    unused = [t for t in g.initializer if t.name not in used]
+    for t in unused:
+        g.initializer.remove(t)
+    dims = {"input_ids": ["batch_size", "sequence_length"], "attention_mask": ["batch_size", "total_sequence_length"],
+            "position_ids": ["batch_size", "sequence_length"]}
+    for v in g.input:
+        want = dims.get(v.name, ["batch_size", None, "past_sequence_length", None])
+        for dim, name in zip(v.type.tensor_type.shape.dim, want):
+            if name:
+                dim.dim_param = name
+    for v in g.output:
+        want = ["batch_size", "sequence_length", None] if v.name == "logits" else \
+            ["batch_size", None, "total_sequence_length", None]
+        for dim, name in zip(v.type.tensor_type.shape.dim, want):
+            if name:
+                dim.dim_param = name
+    del g.value_info[:]
+    _, data_name = data_file_for(out_path)
+    onnx.save_model(model, out_path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                    size_threshold=INLINE_LIMIT)
+
+
+def export_portable(model_dir: str, cfg: ErnieConfig, out_path: str, log: Callable[[str], None] = lambda s: None
+                    ) -> None:
+    """Write the standard-operator graph of the checkpoint to `out_path` (plus `<out_path>.data`)."""
+    from .pipeline import fp32_bytes
+
+    size = fp32_bytes(cfg)
+    if size >= PROTOBUF_LIMIT:
+        raise ExportError(f"the portable flavour goes through paddle2onnx, which cannot write models over 2 GiB "
+                          f"(protobuf limit); this model has {size / 2**30:.1f} GiB of fp32 weights. Use --flavor "
+                          f"ort, which streams weights to external data at any size")
+    import paddle
+
+    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+
+    log("export: loading the Paddle model")
+    model = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir, config=cfg)
+    module = _portable_module(model)
+    module.eval()
+    nkv, d = cfg.num_key_value_heads, cfg.head_dim
+    spec = [paddle.static.InputSpec([None, None], "int64", "input_ids"),
+            paddle.static.InputSpec([None, None], "int64", "attention_mask"),
+            paddle.static.InputSpec([None, None], "int64", "position_ids"),
+            [paddle.static.InputSpec([None, nkv, None, d], "float32", f"past_key_values.{i}.{kv}")
+             for i in range(cfg.num_hidden_layers) for kv in ("key", "value")]]
+    with tempfile.TemporaryDirectory() as work:
+        log("export: tracing with paddle.jit.save")
+        prefix = os.path.join(work, "model")
+        with warnings.catch_warnings():  # Paddle's PIR tracer warns about `.place` on its own internals
+            warnings.filterwarnings("ignore", message="Tensor do not have 'place'")
+            static = paddle.jit.to_static(module, input_spec=spec, full_graph=True)
+            paddle.jit.save(static, prefix)
+        log("export: converting with paddle2onnx")
+        raw = os.path.join(work, "raw.onnx")
+        _p2o(prefix + ".json", prefix + ".pdiparams", raw)
+        _finish(raw, out_path, cfg)

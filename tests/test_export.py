@@ -1,0 +1,242 @@
+"""ONNX export (both flavours, every precision) and the ONNX Runtime runtime against the Paddle model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from ernie_paddle.checkpoint import read_canonical, write_checkpoint
+from ernie_paddle.errors import ExportError
+from ernie_paddle.export import pipeline
+from ernie_paddle.export.portable import export_portable
+from ernie_paddle.export.quantize import round_trip
+from ernie_paddle.export.verify import compare
+from ernie_paddle.generation import GenerationConfig, generate
+from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.onnx_runtime import OnnxCausalLM, OnnxFolderError
+
+from conftest import prompt, run_cli, tiny_config
+
+GEOMETRIES = {
+    "paddle-untied-gqa2": ("paddle", dict(tie_word_embeddings=False)),
+    "pt-tied-gqa4-headdim32": ("pt", dict(num_key_value_heads=1, head_dim=32)),
+    "paddle-gqa5-k6": ("paddle", dict(hidden_size=80, num_attention_heads=10, num_key_value_heads=2, head_dim=16, moe_k=6,
+                                      tie_word_embeddings=False)),
+    "pt-dense-tail-interval2": ("pt", dict(num_hidden_layers=5, moe_layer_end_index=3, moe_layer_interval=2,
+                                           moe_num_shared_experts=1)),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(ckpt_factory, tmp_path_factory):
+    """(checkpoint dir, config, {flavour: folder}) per geometry, exported lazily once."""
+    cache = {}
+
+    def get(name: str, flavor: str, precision: str = "fp32"):
+        layout, overrides = GEOMETRIES[name]
+        d, cfg = ckpt_factory(f"exp-{name}", layout=layout, seed=21, **overrides)
+        key = (name, flavor, precision)
+        if key not in cache:
+            out = str(tmp_path_factory.mktemp("onnx") / f"{name}-{flavor}-{precision}")
+            pipeline.export(d, out, flavor=flavor, precision=precision)
+            cache[key] = out
+        return d, cfg, cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("flavor", ["ort", "portable"])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_fp32_export_matches_paddle(exported, name, flavor):
+    d, cfg, folder = exported(name, flavor)
+    manifest = json.load(open(os.path.join(folder, "manifest.json")))
+    v = manifest["verification"]
+    assert v["passed"] and v["max_abs_logit_diff"] <= 1e-4 and v["decode_max_abs_logit_diff"] <= 1e-4
+    assert manifest["flavor"] == flavor and manifest["source"]["sha256"] == pipeline.source_hash(d)["sha256"]
+    # our own prompts: logits, prefill-then-decode against a full forward, and 32 greedy tokens
+    paddle_model = Ernie4_5_MoeForCausalLM.from_pretrained(d)
+    onnx_model = OnnxCausalLM(folder)
+    figures = compare(paddle_model, onnx_model, [prompt(9, cfg.vocab_size, seed=5), prompt(20, cfg.vocab_size, 6)],
+                      greedy_tokens=32)
+    assert figures["max_abs_logit_diff"] <= 1e-4
+    assert figures["decode_max_abs_logit_diff"] <= 1e-4
+    assert figures["greedy_identical_prompts"] == 2
+    # a left-padded batch through the runtime equals each prompt alone
+    prompts = [prompt(n, cfg.vocab_size, seed=n) for n in (4, 13)]
+    gen = GenerationConfig(max_new_tokens=12, eos_token_ids=[])
+    assert generate(onnx_model, prompts, gen) == [generate(paddle_model, p, gen) for p in prompts]
+
+
+def test_graph_contents_per_flavour(exported):
+    _, cfg, ort_folder = exported("paddle-untied-gqa2", "ort")
+    _, _, portable_folder = exported("paddle-untied-gqa2", "portable")
+    ort_model = onnx.load(os.path.join(ort_folder, "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in ort_model.graph.node}
+    assert {"GroupQueryAttention", "MoE", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"} <= ops
+    portable = onnx.load(os.path.join(portable_folder, "model.onnx"), load_external_data=False)
+    assert {n.domain for n in portable.graph.node} == {""}
+    assert [o.version for o in portable.opset_import if o.domain in ("", "ai.onnx")] == [21]
+    for m in (ort_model, portable):
+        ins = [i.name for i in m.graph.input]
+        outs = [o.name for o in m.graph.output]
+        assert ins[:2] == ["input_ids", "attention_mask"]
+        assert "past_key_values.0.key" in ins and f"past_key_values.{cfg.num_hidden_layers - 1}.value" in ins
+        assert outs[0] == "logits" and "present.0.key" in outs
+        # weights live in external data; small integer constants stay inside the file
+        assert os.path.getsize(os.path.join(portable_folder, "model.onnx")) < 1 << 20
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in ort_model.graph.initializer)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in ort_model.graph.initializer
+               if t.data_type == onnx.TensorProto.INT64)
+    genai = json.load(open(os.path.join(ort_folder, "genai_config.json")))
+    assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert genai["model"]["decoder"]["num_key_value_heads"] == cfg.num_key_value_heads
+
+
+@pytest.mark.parametrize("precision,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_export_is_exact_against_dequantized_weights(exported, tmp_path, precision, bits):
+    d, cfg, folder = exported("paddle-untied-gqa2", "ort", precision)
+    # the Paddle model with every linear weight replaced by its round trip: only fp32 rounding may differ
+    ref_dir = str(tmp_path / "dequantized")
+    pairs = ((m.canonical, round_trip(m.canonical, a, bits, 32)) for m, a in read_canonical(d, cfg))
+    write_checkpoint(cfg, pairs, ref_dir, dtype="float32")
+    reference = Ernie4_5_MoeForCausalLM.from_pretrained(ref_dir)
+    figures = compare(reference, OnnxCausalLM(folder), [prompt(12, cfg.vocab_size, seed=3)], greedy_tokens=16)
+    assert figures["max_abs_logit_diff"] <= 1e-4 and figures["greedy_identical_prompts"] == 1
+    # and against fp32 Paddle the error is what the manifest recorded, within the stated bounds
+    v = json.load(open(os.path.join(folder, "manifest.json")))["verification"]
+    assert "passed" not in v  # quantised exports record figures; they do not gate on them
+    # Random unit-variance weights on a 64-wide model are a harsh case for round-to-nearest (and a flipped expert
+    # choice moves logits a lot); the exactness check above is what proves the quantised path right.
+    bound = {"int8": (1.0, 0.85), "int4": (5.0, 0.25)}[precision]  # (max |logit diff|, top-1 agreement)
+    assert v["max_abs_logit_diff"] <= bound[0] and v["top1_agreement"] >= bound[1]
+
+
+def test_int8_is_closer_to_fp32_than_int4(exported):
+    figures = {}
+    for p in ("int8", "int4"):
+        folder = exported("paddle-untied-gqa2", "ort", p)[2]
+        figures[p] = json.load(open(os.path.join(folder, "manifest.json")))["verification"]
+    assert figures["int8"]["max_abs_logit_diff"] < figures["int4"]["max_abs_logit_diff"]
+    assert figures["int8"]["top1_agreement"] > figures["int4"]["top1_agreement"]
+
+
+def test_fp16_export_tracks_fp32(exported):
+    d, cfg, folder = exported("paddle-untied-gqa2", "ort", "fp16")
+    v = json.load(open(os.path.join(folder, "manifest.json")))["verification"]
+    assert v["max_abs_logit_diff"] <= 0.05 and v["top1_agreement"] >= 0.97
+
+
+def test_runtime_works_without_paddle(exported, tmp_path):
+    d, cfg, folder = exported("paddle-untied-gqa2", "ort")
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('paddle', 'paddle2onnx', 'torch', 'transformers'):\n"
+        "            raise ImportError('blocked for this test: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    import subprocess
+
+    probe = subprocess.run([sys.executable, "-c", "import paddle"], capture_output=True, text=True,
+                           env={**os.environ, **env})
+    assert "blocked for this test" in probe.stderr  # the blocker works
+    r = subprocess.run([sys.executable, "-m", "ernie_paddle.onnx_cli", "generate", "--model", folder, "--input-ids",
+                        "5,6,7", "--max-new-tokens", "8", "--json"], capture_output=True, text=True,
+                       env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    expected = generate(Ernie4_5_MoeForCausalLM.from_pretrained(d), [5, 6, 7], GenerationConfig(max_new_tokens=8))
+    assert json.loads(r.stdout)["token_ids"] == expected
+
+
+def test_ernie_onnx_cli_matches_ernie_paddle(exported, tmp_path):
+    d, cfg, folder = exported("pt-tied-gqa4-headdim32", "portable")
+    args = ["--input-ids", "9,8,7,6", "--max-new-tokens", "6", "--json"]
+    a = run_cli("generate", "--model", d, *args)
+    b = run_cli_onnx("generate", "--model", folder, *args)
+    assert b.returncode == 0, b.stderr
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+    run_cli("logits", "--model", d, "--input-ids", "1,2,3", "--out", str(tmp_path / "a.npy"))
+    r = run_cli_onnx("logits", "--model", folder, "--input-ids", "1,2,3", "--out", str(tmp_path / "b.npy"))
+    assert r.returncode == 0, r.stderr
+    la, lb = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert lb.dtype == np.float32 and lb.shape == la.shape == (3, cfg.vocab_size)
+    assert np.abs(la - lb).max() <= 1e-4
+
+
+def run_cli_onnx(*args):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "ernie_paddle.onnx_cli", *args], capture_output=True, text=True)
+
+
+def test_onnxruntime_genai_runs_the_folder(exported):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai did not install here")
+    d, cfg, folder = exported("paddle-untied-gqa2", "ort")
+    ids = prompt(5, cfg.vocab_size, seed=8)
+    model = og.Model(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 16, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([ids], dtype=np.int32))
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    expected = generate(Ernie4_5_MoeForCausalLM.from_pretrained(d), ids, GenerationConfig(max_new_tokens=16))
+    assert out == expected
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+def test_export_refuses_and_leaves_nothing(exported, tmp_path, monkeypatch):
+    d, cfg, folder = exported("paddle-untied-gqa2", "ort")
+    with pytest.raises(ExportError, match="output folder already exists"):
+        pipeline.export(d, folder)
+    with pytest.raises(ExportError, match="portable flavour .* fp32 only; use --flavor ort for --precision int4"):
+        pipeline.export(d, str(tmp_path / "x"), flavor="portable", precision="int4")
+    with pytest.raises(ExportError, match="--block-size must be a power of two >= 16"):
+        pipeline.export(d, str(tmp_path / "x"), precision="int4", block_size=24)
+    monkeypatch.setattr(pipeline, "FP32_LOGIT_TOL", 0.0)  # a verification that cannot pass
+    with pytest.raises(ExportError, match=r"verification failed: fp32 max \|logit diff\| .* nothing was written"):
+        pipeline.export(d, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []  # no output folder, no temporary folder
+
+
+def test_cli_export_summary_and_errors(exported, tmp_path):
+    d, cfg, _ = exported("paddle-untied-gqa2", "ort")
+    r = run_cli("export", "--model", d, "--out", str(tmp_path / "o"), "--precision", "int4", "--block-size", "16")
+    assert r.returncode == 0, r.stderr
+    assert "export: layer 0" in r.stderr and "model.onnx.data" in r.stderr and "verification:" in r.stderr
+    assert json.load(open(tmp_path / "o" / "manifest.json"))["block_size"] == 16
+    r = run_cli("export", "--model", d, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "output folder already exists" in r.stderr
+
+
+def test_portable_refuses_models_over_2gib_with_the_alternative(tmp_path):
+    cfg = tiny_config(vocab_size=103424, hidden_size=2560, intermediate_size=12288, num_attention_heads=20,
+                      num_key_value_heads=4, num_hidden_layers=2, tie_word_embeddings=False)
+    with pytest.raises(ExportError, match=r"cannot write models over 2 GiB .* Use --flavor ort"):
+        export_portable(str(tmp_path), cfg, str(tmp_path / "model.onnx"))
+
+
+def test_broken_folders_are_named(exported, tmp_path):
+    _, _, folder = exported("paddle-untied-gqa2", "ort")
+    broken = str(tmp_path / "b")
+    shutil.copytree(folder, broken)
+    os.remove(os.path.join(broken, "model.onnx.data"))
+    with pytest.raises(OnnxFolderError, match="model.onnx.data: missing external data file listed in manifest.json"):
+        OnnxCausalLM(broken)
+    shutil.copy(os.path.join(folder, "model.onnx.data"), broken)
+    with open(os.path.join(broken, "model.onnx"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(OnnxFolderError, match="model.onnx: ONNX Runtime cannot load it"):
+        OnnxCausalLM(broken)
+    with pytest.raises(OnnxFolderError, match="not an exported model folder"):
+        OnnxCausalLM(str(tmp_path))
