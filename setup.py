@@ -9,9 +9,12 @@ import os
 
 from setuptools import setup
 
-# `ERNIE_PADDLE_GPU=1 pip install -e .` leaves out the CPU wheel, for machines where Paddle's GPU build
-# (from Paddle's own package index) is already installed; both provide the `paddle` module.
-PADDLE = [] if os.environ.get("ERNIE_PADDLE_GPU") == "1" else ["paddlepaddle==3.3.1"]
+# `ERNIE_PADDLE_GPU=1 pip install -e .` is for GPU machines: it leaves out the CPU Paddle wheel (install Paddle's
+# GPU build from Paddle's own index first; both provide `paddle`) and takes onnxruntime-gpu instead of
+# onnxruntime (both provide `onnxruntime`, so one replaces the other, never both).
+GPU = os.environ.get("ERNIE_PADDLE_GPU") == "1"
+PADDLE = [] if GPU else ["paddlepaddle==3.3.1"]
+ORT = ["onnxruntime-gpu>=1.22"] if GPU else ["onnxruntime>=1.22"]
 
 setup(
     name="ernie-paddle",
@@ -24,10 +27,9 @@ setup(
     package_dir={"ernie_paddle": "ernie_paddle", "ernie_paddle.export": "export", "ernie_paddle.tools": "tools"},
     install_requires=[
         "numpy>=1.24",
-        "onnxruntime>=1.22",  # the ONNX runtime (CUDA: install onnxruntime-gpu instead; same module)
         "onnx>=1.17",  # the exporter's graph builder
         "paddle2onnx==2.1.0",  # the portable flavour (pins onnx 1.17)
-    ] + PADDLE,
+    ] + PADDLE + ORT,
     extras_require={
         # The independent oracle for tests; never imported at run time.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.54", "safetensors>=0.4",

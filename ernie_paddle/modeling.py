@@ -20,6 +20,7 @@ import paddle.nn.functional as F
 
 from .config import ErnieConfig
 from .errors import InputError
+from .generation import check_token_ids
 from .moe import EXPERT_PASSES, route
 
 _NEG = float(np.finfo(np.float32).min)
@@ -224,11 +225,7 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
 
     # ---- forward --------------------------------------------------------------------------------------
     def check_ids(self, input_ids: np.ndarray) -> None:
-        bad = np.argwhere((input_ids < 0) | (input_ids >= self.config.vocab_size))
-        if len(bad):
-            pos = tuple(int(i) for i in bad[0])
-            raise InputError(f"token id {int(input_ids[pos])} at position {pos[-1]} is out of range for "
-                             f"vocab_size {self.config.vocab_size}")
+        check_token_ids(input_ids, self.config.vocab_size)
 
     @paddle.no_grad()
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,

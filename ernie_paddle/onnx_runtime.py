@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import ErnieConfig
 from .errors import ErnieError, InputError
+from .generation import check_token_ids
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -99,11 +100,7 @@ class OnnxCausalLM:
                                   f"num_hidden_layers={n} in config.json")
 
     def check_ids(self, ids: np.ndarray) -> None:
-        bad = np.argwhere((ids < 0) | (ids >= self.config.vocab_size))
-        if len(bad):
-            pos = tuple(int(i) for i in bad[0])
-            raise InputError(f"token id {int(ids[pos])} at position {pos[-1]} is out of range for vocab_size "
-                             f"{self.config.vocab_size}")
+        check_token_ids(ids, self.config.vocab_size)
 
     def allocate_cache(self, batch: int, max_len: int) -> OnnxCache:
         import onnxruntime as ort
