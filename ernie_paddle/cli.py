@@ -49,6 +49,11 @@ def progress_printer(label: str) -> Callable[[int, int, str], None]:
     return report
 
 
+def default_model_dir() -> str:
+    """The small trained ERNIE-architecture model that ships inside the package."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "ernie-4.5-shakespeare")
+
+
 def _load_model(args):
     from .modeling import Ernie4_5_MoeForCausalLM
 
@@ -60,26 +65,58 @@ def _load_model(args):
 
 
 def run_generate(model, args) -> int:
-    """Stream the new token ids (or print one JSON object with --json); shared by ernie-paddle and ernie-onnx."""
+    """Generate from --input-ids (prints new ids) or --prompt text (streams text); shared by both CLIs.
+
+    With --json one object is printed at the end: "token_ids" holds the new tokens only (and "text" the
+    decoded continuation when the prompt was text).
+    """
     from .generation import GenerationConfig, stream
 
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+    tok, stops = None, list(args.stop_ids or ())
+    if args.prompt is not None:
+        from .tokenizer import ErnieTokenizer, IncrementalDecoder
+
+        tok = ErnieTokenizer(model.folder if hasattr(model, "folder") else args.model)
+        text = args.prompt
+        if args.chat:
+            prompt_ids = tok.apply_chat_template([{"role": "user", "content": text}])
+        else:
+            prompt_ids = tok.encode(text)
+        if not prompt_ids:
+            raise ErnieError("--prompt is empty: give some text to continue")
+        stops += tok.stop_ids()
+        decoder = IncrementalDecoder(tok, prompt_ids)
+    else:
+        if args.chat:
+            raise ErnieError("--chat needs --prompt (the chat template is text)")
+        prompt_ids = args.input_ids
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else (128 if tok else 32)
+    gen = GenerationConfig(max_new_tokens=max_new, do_sample=args.do_sample, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           repetition_penalty=args.repetition_penalty,
-                           stop_token_ids=tuple(args.stop_ids or ()))
-    t0, new = time.time(), []
-    for tok in stream(model, args.input_ids, gen):
-        new.append(tok)
-        if not args.json:
-            print(tok, end=" ", flush=True)
+                           repetition_penalty=args.repetition_penalty, stop_token_ids=tuple(stops))
+    t0, new, first = time.time(), [], None
+    if tok and not args.json:
+        print(text if not args.chat else "", end="", flush=True)
+    for t in stream(model, prompt_ids, gen):
+        first = first or time.time() - t0
+        new.append(t)
+        if args.json:
+            continue
+        if tok:
+            print(decoder.push(t), end="", flush=True)
+        else:
+            print(t, end=" ", flush=True)
     dt = time.time() - t0
     if args.json:
-        print(json.dumps({"token_ids": new, "prompt_tokens": len(args.input_ids), "generated_tokens": len(new),
-                          "seconds": round(dt, 4)}))
+        out = {"token_ids": new, "prompt_tokens": len(prompt_ids), "generated_tokens": len(new),
+               "seconds": round(dt, 4)}
+        if tok:
+            out["text"] = tok.decode(new, skip_special_tokens=True)
+        print(json.dumps(out))
     else:
         print()
-        print(f"[prompt {len(args.input_ids)} tokens, generated {len(new)} tokens, "
-              f"{len(new) / max(dt, 1e-9):.2f} tokens/s]", file=sys.stderr)
+        print(f"[prompt {len(prompt_ids)} tokens, generated {len(new)} tokens, "
+              f"{len(new) / max(dt, 1e-9):.2f} tokens/s, first token after {first or 0:.2f}s]", file=sys.stderr)
     return 0
 
 
@@ -152,8 +189,11 @@ def cmd_make_checkpoint(args) -> int:
 
 def generate_args(g: argparse.ArgumentParser) -> None:
     """The generate arguments: one contract for ernie-paddle and ernie-onnx."""
-    g.add_argument("--input-ids", type=_ids, required=True, help="prompt token ids, e.g. 1,2,3")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input-ids", type=_ids, help="prompt token ids, e.g. 1,2,3 (prints the new ids)")
+    src.add_argument("--prompt", help="prompt text (needs the model's tokenizer; streams text)")
+    g.add_argument("--chat", action="store_true", help="wrap --prompt in the ERNIE chat template")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default 32 for --input-ids, 128 for --prompt")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -175,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp, dtype_default="float32"):
-        sp.add_argument("--model", required=True, help="checkpoint directory (-Paddle or -PT layout)")
+        sp.add_argument("--model", default=default_model_dir(),
+                        help="checkpoint directory (-Paddle or -PT layout); default: the shipped Shakespeare model")
         sp.add_argument("--dtype", default=dtype_default, choices=["float32", "bfloat16", "float16"],
                         help="compute dtype (CPU computes in float32 only)")
         sp.add_argument("--device", default=None, help="Paddle device, e.g. cpu or gpu:0 (default: Paddle's)")

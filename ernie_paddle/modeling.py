@@ -227,7 +227,6 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
     def check_ids(self, input_ids: np.ndarray) -> None:
         check_token_ids(input_ids, self.config.vocab_size)
 
-    @paddle.no_grad()
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 output_router: bool = False, output_hidden_states: bool = False,
                 last_only: bool = False) -> ForwardOutput:
@@ -235,7 +234,17 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
 
         With a cache, tokens are written at slots `cache.length ...` and `cache.length` advances.
         Position ids default to `cache.length + arange(T)`; pass them explicitly for left padding.
+        Gradients are recorded only in training mode (`model.train()`).
         """
+        if self.training:
+            return self._forward(input_ids, attention_mask, position_ids, cache, output_router,
+                                 output_hidden_states, last_only)
+        with paddle.no_grad():
+            return self._forward(input_ids, attention_mask, position_ids, cache, output_router,
+                                 output_hidden_states, last_only)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, output_router, output_hidden_states,
+                 last_only) -> ForwardOutput:
         ids = np.asarray(input_ids.numpy() if isinstance(input_ids, paddle.Tensor) else input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]

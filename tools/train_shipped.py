@@ -1,0 +1,209 @@
+"""Train the small ERNIE-4.5-architecture MoE model shipped with ernie-paddle, on Tiny Shakespeare.
+
+Everything of the full architecture at a small width: GQA, interleaved RoPE, a dense first layer, routed
+experts with ERNIE's auxiliary-loss-free balancing (the `e_score_correction_bias`, used for selection only,
+nudged after each step towards even expert load), and shared experts. Its own SentencePiece tokenizer is
+trained on the training split. Deterministic from `--seed` (one thread). Writes a `-Paddle` checkpoint
+folder with `config.json`, `tokenizer.model`, `tokenizer_config.json` and `training_report.json`.
+
+    python -m ernie_paddle.tools.train_shipped --data ../shared/data/tinyshakespeare.txt --out model-dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # deterministic reductions; set before Paddle is imported
+
+import numpy as np  # noqa: E402
+
+from ernie_paddle import _runtime  # noqa: E402,F401  (MKL settings before Paddle)
+
+from ernie_paddle.config import ErnieConfig  # noqa: E402
+from ernie_paddle.tokenizer import MASK_TOKENS, SPECIAL  # noqa: E402
+
+CONFIG = dict(model_type="ernie4_5_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+              rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, moe_num_experts=8, moe_k=2,
+              moe_intermediate_size=128, moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=-1,
+              moe_layer_interval=1, moe_use_aux_free=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def split_corpus(text: str) -> tuple[str, str]:
+    """Training split and held-out split: the last 10% by bytes, cut at a line boundary."""
+    data = text.encode("utf-8")
+    cut = data.rfind(b"\n", 0, int(len(data) * 0.9)) + 1
+    return data[:cut].decode("utf-8"), data[cut:].decode("utf-8")
+
+
+def train_tokenizer(train_text: str, out_dir: str, vocab_size: int) -> None:
+    """BPE with byte fallback (no unknown characters), newlines kept as a piece, ERNIE's special tokens."""
+    import sentencepiece as spm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "train.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(train_text)
+        spm.SentencePieceTrainer.Train(
+            input=path, model_prefix=os.path.join(out_dir, "tokenizer"), model_type="bpe", vocab_size=vocab_size,
+            character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            unk_piece=SPECIAL["unk"], bos_piece=SPECIAL["bos"], eos_piece=SPECIAL["eos"],
+            user_defined_symbols=[SPECIAL["cls"], SPECIAL["sep"], *MASK_TOKENS, "\n"], num_threads=1,
+            minloglevel=2)
+    os.remove(os.path.join(out_dir, "tokenizer.vocab"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "Ernie4_5Tokenizer", "add_bos_token": False, "add_eos_token": False,
+                   "legacy": True, "bos_token": SPECIAL["bos"], "eos_token": SPECIAL["eos"],
+                   "unk_token": SPECIAL["unk"], "pad_token": SPECIAL["pad"], "cls_token": SPECIAL["cls"],
+                   "sep_token": SPECIAL["sep"], "mask_token": SPECIAL["mask"], "model_max_length": 2048}, f, indent=2)
+
+
+def init_weights(model, cfg: ErnieConfig, rng: np.random.Generator) -> None:
+    """N(0, 0.02) weights, output projections scaled by 1/sqrt(2L), norms 1, correction bias 0."""
+    import paddle
+
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape)
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            a = np.ones(shape, np.float32)
+        elif name.endswith("e_score_correction_bias"):
+            a = np.zeros(shape, np.float32)
+        else:
+            std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) \
+                else 0.02
+            a = (rng.standard_normal(shape) * std).astype(np.float32)
+        p.set_value(paddle.to_tensor(a))
+
+
+def batches(ids: np.ndarray, seq: int, batch: int, rng: np.random.Generator):
+    while True:
+        starts = rng.integers(0, len(ids) - seq - 1, batch)
+        x = np.stack([ids[s:s + seq + 1] for s in starts])
+        yield x[:, :-1], x[:, 1:]
+
+
+def evaluate(model, ids: np.ndarray, seq: int) -> tuple[float, list[list[float]]]:
+    """Held-out perplexity over non-overlapping windows, and each MoE layer's share of routed slots per expert."""
+    import paddle
+    import paddle.nn.functional as F
+
+    model.eval()
+    nll, count, loads = 0.0, 0, None
+    n = (len(ids) - 1) // seq
+    for i in range(0, n, 8):
+        rows = np.stack([ids[j * seq:(j + 1) * seq + 1] for j in range(i, min(n, i + 8))])
+        out = model(rows[:, :-1], output_router=True)
+        loss = F.cross_entropy(out.logits.reshape([-1, out.logits.shape[-1]]),
+                               paddle.to_tensor(rows[:, 1:].reshape(-1, 1)), reduction="sum")
+        nll += float(loss)
+        count += rows[:, 1:].size
+        counts = [np.bincount(e.numpy().reshape(-1), minlength=model.config.moe_num_experts) for e in out.router_experts]
+        loads = counts if loads is None else [a + b for a, b in zip(loads, counts)]
+    model.train()
+    return math.exp(nll / count), [(c / c.sum()).round(4).tolist() for c in loads]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                  "tinyshakespeare.txt"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--bias-update-rate", type=float, default=1e-3, help="aux-free balancing step (ERNIE/DeepSeek u)")
+    p.add_argument("--seed", type=int, default=2025)
+    p.add_argument("--log-every", type=int, default=50)
+    args = p.parse_args(argv)
+
+    import paddle
+    import paddle.nn.functional as F
+
+    from ernie_paddle.checkpoint import save_pretrained
+    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM, SparseMoeBlock
+    from ernie_paddle.tokenizer import ErnieTokenizer
+
+    t0 = time.time()
+    paddle.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    with open(args.data, encoding="utf-8") as f:
+        text = f.read()
+    train_text, heldout_text = split_corpus(text)
+    work = tempfile.mkdtemp(prefix=".train-", dir=os.path.dirname(os.path.abspath(args.out)) or ".")
+    train_tokenizer(train_text, work, args.vocab_size)
+    tok = ErnieTokenizer(work)
+    train_ids = np.array(tok.encode(train_text), np.int64)
+    heldout_ids = np.array(tok.encode(heldout_text), np.int64)
+    print(f"tokenizer: {tok.vocab_size} pieces; train {len(train_ids)} tokens, held-out {len(heldout_ids)}",
+          file=sys.stderr, flush=True)
+
+    cfg = ErnieConfig.from_dict(dict(CONFIG, vocab_size=tok.vocab_size), strict=True)
+    model = Ernie4_5_MoeForCausalLM(cfg)
+    init_weights(model, cfg, rng)
+    model.train()
+    moe_blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+    biases = [b.e_score_correction_bias for b in moe_blocks]
+    trainable = [q for n, q in model.named_parameters() if not n.endswith("e_score_correction_bias")]
+    for b in biases:
+        b.stop_gradient = True
+    warmup = max(1, args.steps // 20)
+    sched = paddle.optimizer.lr.LambdaDecay(args.lr, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    opt = paddle.optimizer.AdamW(learning_rate=sched, parameters=trainable, beta1=0.9, beta2=0.95, weight_decay=0.1,
+                                 grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
+    data = batches(train_ids, args.seq, args.batch, rng)
+    log = []
+    for step in range(1, args.steps + 1):
+        x, y = next(data)
+        out = model(x, output_router=True)
+        loss = F.cross_entropy(out.logits.reshape([-1, cfg.vocab_size]), paddle.to_tensor(y.reshape(-1, 1)))
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        sched.step()
+        with paddle.no_grad():  # aux-free balancing: raise the bias of under-loaded experts, lower overloaded
+            for b, experts in zip(biases, out.router_experts):
+                load = paddle.bincount(experts.reshape([-1]), minlength=cfg.moe_num_experts).astype("float32")
+                b.set_value(b + args.bias_update_rate * paddle.sign(load.mean() - load))
+        if step % args.log_every == 0 or step == 1:
+            log.append({"step": step, "loss": round(float(loss), 4), "seconds": round(time.time() - t0, 1)})
+            print(f"step {step}/{args.steps} loss {float(loss):.4f} lr {sched.get_lr():.2e} "
+                  f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    train_seconds = time.time() - t0
+    model.eval()
+    ppl, loads = evaluate(model, heldout_ids, args.seq)
+    balance = [round(max(l) / (1.0 / cfg.moe_num_experts), 3) for l in loads]
+    print(f"held-out perplexity {ppl:.2f}; max expert load / mean per MoE layer {balance}", file=sys.stderr)
+    tmp_ckpt = os.path.join(work, "ckpt")
+    save_pretrained(model, tmp_ckpt, layout="paddle", dtype="float32")
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        os.replace(os.path.join(work, f), os.path.join(tmp_ckpt, f))
+    report = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
+              "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(heldout_ids)),
+              "tokens_seen": args.steps * args.batch * args.seq, "train_seconds": round(train_seconds, 1),
+              "threads": os.environ.get("OMP_NUM_THREADS"), "heldout_perplexity": round(ppl, 3),
+              "expert_load_share": loads, "max_over_mean_load": balance,
+              "correction_bias": [b.numpy().round(4).tolist() for b in biases], "loss_log": log,
+              "parameters": int(sum(int(np.prod(q.shape)) for q in model.parameters())),
+              "paddle": paddle.__version__}
+    with open(os.path.join(tmp_ckpt, "training_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    if os.path.exists(args.out):
+        raise SystemExit(f"error: {args.out} exists; choose a new output folder")
+    os.rename(tmp_ckpt, args.out)
+    os.rmdir(work)
+    print(f"wrote {args.out} in {time.time() - t0:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
