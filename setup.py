@@ -25,10 +25,14 @@ setup(
     python_requires=">=3.10",
     packages=["ernie_paddle", "ernie_paddle.export", "ernie_paddle.tools"],
     package_dir={"ernie_paddle": "ernie_paddle", "ernie_paddle.export": "export", "ernie_paddle.tools": "tools"},
+    # the shipped trained model (the default --model): a few MB, installed with the package
+    package_data={"ernie_paddle": ["models/ernie-4.5-shakespeare/*"]},
     install_requires=[
         "numpy>=1.24",
         "onnx>=1.17",  # the exporter's graph builder
         "paddle2onnx==2.1.0",  # the portable flavour (pins onnx 1.17)
+        "sentencepiece>=0.2",  # tokenizer.model
+        "tokenizers>=0.19",  # tokenizer.json
     ] + PADDLE + ORT,
     extras_require={
         # The independent oracle for tests; never imported at run time.

@@ -86,14 +86,18 @@ def run_generate(model, args) -> int:
             raise ErnieError("--prompt is empty: give some text to continue")
         stops += tok.stop_ids()
         decoder = IncrementalDecoder(tok, prompt_ids)
+        # embedding rows past the tokenizer's vocabulary are padding: never sample them (as FastDeploy does)
+        usable = tok.vocab_size if tok.vocab_size < model.config.vocab_size else None
     else:
         if args.chat:
             raise ErnieError("--chat needs --prompt (the chat template is text)")
         prompt_ids = args.input_ids
+        usable = None
     max_new = args.max_new_tokens if args.max_new_tokens is not None else (128 if tok else 32)
     gen = GenerationConfig(max_new_tokens=max_new, do_sample=args.do_sample, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           repetition_penalty=args.repetition_penalty, stop_token_ids=tuple(stops))
+                           repetition_penalty=args.repetition_penalty, stop_token_ids=tuple(stops),
+                           vocab_limit=usable)
     t0, new, first = time.time(), [], None
     if tok and not args.json:
         print(text if not args.chat else "", end="", flush=True)
@@ -234,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=cmd_logits)
 
     e = sub.add_parser("export", help="export a checkpoint to a verified ONNX model folder")
-    e.add_argument("--model", required=True, help="checkpoint directory (-Paddle or -PT layout)")
+    e.add_argument("--model", default=default_model_dir(),
+                   help="checkpoint directory (-Paddle or -PT layout); default: the shipped Shakespeare model")
     e.add_argument("--out", required=True, help="new output folder")
     e.add_argument("--flavor", default="ort", choices=["ort", "portable"],
                    help="ort: ONNX Runtime fused ops (default); portable: standard ONNX ops via paddle2onnx")
@@ -245,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", action="store_true", help="skip the parity check against the Paddle model")
     e.add_argument("--strict-config", action="store_true")
     e.set_defaults(func=cmd_export)
+
+    sub.add_parser("bench", help="benchmark engines on the same weights (ernie-paddle bench --help)")
 
     c = sub.add_parser("convert", help="convert a checkpoint between the -Paddle and -PT layouts")
     c.add_argument("--model", required=True)
@@ -279,6 +286,11 @@ _python_showwarning = warnings.showwarning
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if parser is None and argv[:1] == ["bench"]:  # the benchmark program parses its own arguments
+        from .tools.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = (parser or build_parser()).parse_args(argv)
     warnings.showwarning = _show_warning
     warnings.simplefilter("always", ConfigDefaultWarning)

@@ -28,6 +28,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     eos_token_ids: Sequence[int] | None = None  # None: the model config's eos ids
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    vocab_limit: int | None = None  # ids >= this are never chosen (embedding rows beyond the tokenizer)
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -54,6 +55,8 @@ def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
 def process_logits(logits: np.ndarray, history: list[np.ndarray], gen: GenerationConfig) -> np.ndarray:
     """Apply repetition penalty, temperature, top-k and top-p to logits [B, V]; filtered entries become -inf."""
     x = logits.astype(np.float32, copy=True)
+    if gen.vocab_limit is not None:
+        x[:, gen.vocab_limit:] = -np.inf
     if gen.repetition_penalty != 1.0:  # the CTRL / transformers rule: shrink seen tokens toward "less likely"
         for b, seen in enumerate(history):
             ids = np.unique(seen)

@@ -72,6 +72,8 @@ def test_process_logits_filters():
     assert np.isfinite(top_k).tolist() == [[True, True, False, False]]
     top_p = process_logits(x, [np.array([], np.int64)], GenerationConfig(do_sample=True, top_p=0.7))
     assert np.isfinite(top_p).tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    limited = process_logits(x, [np.array([], np.int64)], GenerationConfig(vocab_limit=2))
+    assert np.isfinite(limited).tolist() == [[True, True, False, False]]
     rep = process_logits(np.array([[2.0, -2.0, 1.0]], np.float32), [np.array([0, 1])],
                          GenerationConfig(repetition_penalty=2.0))
     assert rep.tolist() == [[1.0, -4.0, 1.0]]
