@@ -21,6 +21,7 @@ import paddle.nn.functional as F
 from .config import ErnieConfig
 from .errors import InputError
 from .generation import check_token_ids
+from . import kernels_gpu
 from .moe import EXPERT_PASSES, route
 
 _NEG = float(np.finfo(np.float32).min)
@@ -30,6 +31,13 @@ def _param(layer: nn.Layer, shape: list[int], dtype: str) -> paddle.Tensor:
     return layer.create_parameter(shape, dtype=dtype, default_initializer=nn.initializer.Constant(0.0))
 
 
+def _linear(d_in: int, d_out: int) -> nn.Linear:
+    """A bias-free Linear ([in, out] weight) created zero-filled: weights always come from a checkpoint, and
+    Paddle's default random init costs seconds per GB."""
+    return nn.Linear(d_in, d_out, weight_attr=paddle.ParamAttr(initializer=nn.initializer.Constant(0.0)),
+                     bias_attr=False)
+
+
 class RMSNorm(nn.Layer):
     """`w * (x / sqrt(mean(x²) + eps))`, statistics in fp32, cast back before the weight multiply."""
 
@@ -37,8 +45,11 @@ class RMSNorm(nn.Layer):
         super().__init__()
         self.eps = eps
         self.weight = _param(self, [hidden], dtype)
+        self.fused = False  # GPU: Paddle's fused_rms_norm (same math)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.fused:
+            return kernels_gpu.rms_norm(x, self.weight, self.eps)
         x32 = x.astype("float32")
         y = x32 * paddle.rsqrt(x32.pow(2).mean(axis=-1, keepdim=True) + self.eps)
         return self.weight * y.astype(x.dtype)
@@ -84,21 +95,30 @@ class Attention(nn.Layer):
         super().__init__()
         self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.d ** -0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.d, bias_attr=False)
-        self.o_proj = nn.Linear(self.nh * self.d, cfg.hidden_size, bias_attr=False)
+        self.qkv_proj = _linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.d)
+        self.o_proj = _linear(self.nh * self.d, cfg.hidden_size)
+        self.fused: tuple | None = None  # GPU: (cos table, sin table) for Paddle's fused RoPE + flash attention
 
-    def forward(self, x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor,
-                cache: tuple[paddle.Tensor, paddle.Tensor] | None, start: int) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, rot: tuple, mask: paddle.Tensor,
+                cache: tuple[paddle.Tensor, paddle.Tensor] | None, start: int, plain: bool) -> paddle.Tensor:
+        """rot = (cos, sin, position_ids); `plain`: no padding in the batch (fused attention allowed)."""
         b, t, _ = x.shape
         nh, nkv, d = self.nh, self.nkv, self.d
         qkv = self.qkv_proj(x).reshape([b, t, nh + 2 * nkv, d])
         q, k, v = paddle.split(qkv, [nh, nkv, nkv], axis=2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin, pos = rot
+        if self.fused is not None:
+            q, k = kernels_gpu.rope(q, k, self.fused[0], self.fused[1], pos)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             ck, cv = cache
             ck[:, start:start + t] = k
             cv[:, start:start + t] = v
             k, v = ck[:, :start + t], cv[:, :start + t]
+        if self.fused is not None and plain and (start == 0 or t == 1):  # flash: causal only when q_len == kv_len
+            out = kernels_gpu.flash_attention(q, k, v, causal=start == 0 and t > 1)
+            return self.o_proj(out.reshape([b, t, nh * d]))
         s = k.shape[1]
         rep = nh // nkv
         q = q.reshape([b, t, nkv, rep, d]).transpose([0, 2, 3, 1, 4]).reshape([b, nkv, rep * t, d])
@@ -116,8 +136,8 @@ class MLP(nn.Layer):
     def __init__(self, hidden: int, width: int):
         super().__init__()
         self.width = width
-        self.up_gate_proj = nn.Linear(hidden, 2 * width, bias_attr=False)
-        self.down_proj = nn.Linear(width, hidden, bias_attr=False)
+        self.up_gate_proj = _linear(hidden, 2 * width)
+        self.down_proj = _linear(width, hidden)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         gate, up = paddle.split(self.up_gate_proj(x), 2, axis=-1)
@@ -130,7 +150,7 @@ class SparseMoeBlock(nn.Layer):
     def __init__(self, cfg: ErnieConfig, dtype: str):
         super().__init__()
         self.k, self.num_experts, self.norm_min = cfg.moe_k, cfg.moe_num_experts, cfg.moe_norm_min
-        self.gate = nn.Linear(cfg.hidden_size, cfg.moe_num_experts, bias_attr=False)  # [H, E], kept fp32
+        self.gate = _linear(cfg.hidden_size, cfg.moe_num_experts)  # [H, E], kept fp32
         self.e_score_correction_bias = (_param(self, [cfg.moe_num_experts], "float32")
                                         if cfg.moe_use_aux_free else None)
         self.experts = nn.LayerList([MLP(cfg.hidden_size, cfg.moe_intermediate_size)
@@ -143,10 +163,14 @@ class SparseMoeBlock(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         shape = x.shape
         h = x.reshape([-1, shape[-1]])  # [N, H]
-        weights, experts = route(h, self.gate.weight, self.e_score_correction_bias, self.k, self.norm_min)
+        if self.expert_pass == "fused":  # GPU: dispatch + grouped GEMM + combine on stacked weights
+            y, experts = kernels_gpu.fused_moe(h, self.gate.weight, self.e_score_correction_bias, self.k,
+                                               self.norm_min, self.w_up_gate, self.w_down)
+        else:
+            weights, experts = route(h, self.gate.weight, self.e_score_correction_bias, self.k, self.norm_min)
+            y = EXPERT_PASSES[self.expert_pass](h, weights, experts, self.num_experts,
+                                                lambda e, xe: self.experts[e](xe))
         self.last_experts = experts
-        y = EXPERT_PASSES[self.expert_pass](h, weights, experts, self.num_experts,
-                                            lambda e, xe: self.experts[e](xe))
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
         return y.reshape(shape)
@@ -161,8 +185,8 @@ class DecoderLayer(nn.Layer):
         self.mlp = SparseMoeBlock(cfg, dtype) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size,
                                                                                    cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache, start):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+    def forward(self, x, rot, mask, cache, start, plain):
+        h = x + self.self_attn(self.input_layernorm(x), rot, mask, cache, start, plain)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -189,11 +213,11 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
         self.config, self.compute_dtype = cfg, dtype
         paddle.set_default_dtype(dtype)
         try:
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, weight_attr=paddle.ParamAttr(
+                initializer=nn.initializer.Constant(0.0)))
             self.layers = nn.LayerList([DecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers)])
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-            self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size,
-                                                                          bias_attr=False)
+            self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size)
             for layer in self.layers:  # the router island stays fp32 in every compute dtype
                 if isinstance(layer.mlp, SparseMoeBlock):
                     layer.mlp.gate.weight = _param(layer.mlp.gate, [cfg.hidden_size, cfg.moe_num_experts],
@@ -205,14 +229,35 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str, *, dtype: str = "float32", strict_config: bool = False,
-                        config: ErnieConfig | None = None) -> "Ernie4_5_MoeForCausalLM":
-        """Load a `-Paddle` or `-PT` checkpoint directory (see `ernie_paddle.checkpoint.load_weights`)."""
+                        config: ErnieConfig | None = None, fused: bool | None = None) -> "Ernie4_5_MoeForCausalLM":
+        """Load a `-Paddle` or `-PT` checkpoint directory (see `ernie_paddle.checkpoint.load_weights`).
+
+        `fused`: use Paddle's fused GPU kernels (default: when running on a GPU).
+        """
         from .checkpoint import load_weights
 
         cfg = config or ErnieConfig.from_file(os.path.join(directory, "config.json"), strict=strict_config)
         model = cls(cfg, dtype)
         load_weights(model, directory)
+        if fused or (fused is None and kernels_gpu.gpu_active()):
+            model.use_fused_kernels()
         return model
+
+    def use_fused_kernels(self) -> None:
+        """Paddle's fused GPU kernels: fused_rms_norm, fused RoPE, flash attention, dispatch/grouped-GEMM MoE."""
+        if not kernels_gpu.gpu_active():
+            raise InputError("fused kernels need Paddle's GPU build and a GPU device")
+        cfg = self.config
+        tables = kernels_gpu.rope_tables(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
+                                         self.compute_dtype)
+        for m in self.sublayers():
+            if isinstance(m, RMSNorm):
+                m.fused = True
+            elif isinstance(m, Attention):
+                m.fused = tables
+            elif isinstance(m, SparseMoeBlock):
+                kernels_gpu.stack_experts(m)
+                m.expert_pass = "fused"
 
     def set_expert_pass(self, name: str) -> None:
         """'sorted' (default) or 'mask-loop' (reference / benchmark baseline)."""
@@ -271,13 +316,14 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
         mask = paddle.to_tensor(np.where(allowed, 0.0, _NEG).astype(np.float32)).unsqueeze(1)
 
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        plain = attention_mask is None or bool(np.asarray(attention_mask).all())
         x = self.embed_tokens(paddle.to_tensor(ids))
         out = ForwardOutput(logits=None)
         if output_hidden_states:
             out.hidden_states.append(x)
         for i, layer in enumerate(self.layers):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x = layer(x, cos, sin, mask, kv, start)
+            x = layer(x, (cos, sin, pos), mask, kv, start, plain)
             if output_router and isinstance(layer.mlp, SparseMoeBlock):
                 out.router_experts.append(layer.mlp.last_experts)
             if output_hidden_states:

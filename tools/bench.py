@@ -27,7 +27,8 @@ PRESETS = {  # (config preset, layers, engines run by default)
                            "llama-q8_0", "llama-q4_0"]),
     "21b-a3b": ("21b-a3b", None, ["ort-int8", "ort-int4", "llama-q8_0", "llama-q4_0"]),
 }
-ORT_PRECISION = {"ort-fp32": "fp32", "ort-int8": "int8", "ort-int4": "int4"}
+ORT_PRECISION = {"ort-fp32": "fp32", "ort-int8": "int8", "ort-int4": "int4", "ort-cuda-fp16": "fp16"}
+GPU_ENGINES = ("paddle-gpu", "ort-cuda-fp16")  # Paddle bf16 with the fused kernels; ONNX Runtime CUDA fp16
 GGUF_TYPES = {"llama-f16": "F16", "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}
 
 
@@ -49,7 +50,7 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
     if not os.path.isdir(ckpt):
         log(f"bench: writing a random {preset} checkpoint to {ckpt}")
         make_checkpoint(cfg, ckpt, layout="paddle", dtype="bfloat16", seed=seed)
-    paths = {"paddle": ckpt, "hf": ckpt}
+    paths = {"paddle": ckpt, "hf": ckpt, "paddle-gpu": ckpt}
     for e in engines:
         if e.startswith("ort-"):
             flavor, precision = ("portable", "fp32") if e == "ort-portable" else ("ort", ORT_PRECISION[e])
@@ -83,13 +84,25 @@ def available(engine: str) -> str | None:
     """None if the engine can run here, else why not."""
     import importlib.util
 
-    need = {"hf": ["torch", "transformers"], "paddle": ["paddle"]}.get(engine, [])
+    need = {"hf": ["torch", "transformers"], "paddle": ["paddle"], "paddle-gpu": ["paddle"]}.get(engine, [])
     if engine.startswith("ort-"):
         need = ["onnxruntime"]
     if engine.startswith("llama-"):
         need = ["llama_cpp", "gguf"]
     missing = [m for m in need if importlib.util.find_spec(m) is None]
-    return f"not installed: {', '.join(missing)}" if missing else None
+    if missing:
+        return f"not installed: {', '.join(missing)}"
+    if engine == "paddle-gpu":
+        import paddle
+
+        if not paddle.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
+            return "needs Paddle's GPU build and a CUDA GPU"
+    if engine == "ort-cuda-fp16":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return "needs onnxruntime-gpu and a CUDA GPU"
+    return None
 
 
 def peak_rss_bytes() -> int:
@@ -179,14 +192,20 @@ def measure(engine: str, path: str, prompt_lengths: list[int], batches: list[int
 
     t0 = time.perf_counter()
     max_len = max(prompt_lengths) + decode_tokens + 8
-    if engine == "paddle":
+    if engine in ("paddle", "paddle-gpu"):
+        import paddle
+
         from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
 
-        runner = _Ours(Ernie4_5_MoeForCausalLM.from_pretrained(path), max_len)
+        if engine == "paddle-gpu":
+            paddle.set_device("gpu")
+        dtype = "bfloat16" if engine == "paddle-gpu" else "float32"
+        runner = _Ours(Ernie4_5_MoeForCausalLM.from_pretrained(path, dtype=dtype), max_len)
     elif engine.startswith("ort-"):
         from ernie_paddle.onnx_runtime import OnnxCausalLM
 
-        runner = _Ours(OnnxCausalLM(path, threads=threads), max_len)
+        provider = "cuda" if engine == "ort-cuda-fp16" else "cpu"
+        runner = _Ours(OnnxCausalLM(path, provider=provider, threads=threads), max_len)
     elif engine == "hf":
         runner = _HF(path, threads)
     else:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# GPU check: the GPU parity tests, then the benchmark's GPU engines against Paddle on CPU, on one GPU.
+# Needs Paddle's GPU build (and onnxruntime-gpu for the ONNX engine): see README "GPU". About 5-8 minutes on
+# one H100. Writes gpu_check/ (bench.json, bench.png, pytest.log) for docs/gpu.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_check}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt" || true
+python -c "import paddle; paddle.utils.run_check()" 2>&1 | tail -2 | tee -a "$OUT/gpu.txt"
+# 1. parity of the fused GPU path (bf16/fp16 and the fused kernels) against the portable path
+python -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/pytest.log"
+# 2. the benchmark: Paddle GPU (bf16, fused kernels) and ONNX Runtime CUDA fp16, Paddle CPU as the reference
+python -m ernie_paddle.tools.bench --preset mid --work "$OUT/work" \
+    --engines paddle-gpu,ort-cuda-fp16,ort-int4 --decode-tokens 64 \
+    --json "$OUT/bench.json" --plot "$OUT/bench.png" | tee "$OUT/bench.txt"
