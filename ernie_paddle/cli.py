@@ -213,6 +213,58 @@ def logits_args(lg: argparse.ArgumentParser) -> None:
     lg.add_argument("--out", required=True, help="output .npy file")
 
 
+def _parity_prompts(args, vocab_size: int) -> list[list[int]]:
+    """--prompts FILE: one prompt per line, text (needs the tokenizer) or comma-separated ids; default: fixed ones."""
+    import numpy as np
+
+    lines = None
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+        if not lines:
+            raise ErnieError(f"{args.prompts}: no prompts in the file")
+    tok = None
+    if lines is None or any(not _is_ids(ln) for ln in lines):
+        from .tokenizer import ErnieTokenizer, TokenizerError
+
+        try:
+            tok = ErnieTokenizer(args.model)
+        except TokenizerError:
+            if lines is not None:
+                raise
+    if lines is None:
+        if tok is None:
+            rng = np.random.default_rng(0)
+            return [rng.integers(3, vocab_size, n).tolist() for n in (8, 16, 32)]
+        lines = ["ROMEO:\nBut, soft! what light through yonder window breaks?",
+                 "First Citizen:\nBefore we proceed any further, hear me speak.", "To be, or not to be:"]
+    return [_ids(ln) if _is_ids(ln) else tok.encode(ln) for ln in lines]
+
+
+def _is_ids(line: str) -> bool:
+    return all(x.strip().isdigit() for x in line.split(",")) and bool(line.strip())
+
+
+def cmd_parity(args) -> int:
+    from . import parity
+    from .config import ErnieConfig
+
+    cfg = ErnieConfig.from_file(args.model, strict=args.strict_config)
+    prompts = _parity_prompts(args, cfg.vocab_size)
+    report = parity.run(args.model, args.onnx or [], args.hf, prompts, args.greedy_tokens,
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(parity.format_table(report))
+    if args.json:
+        from .atomic import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+    if args.plot:
+        parity.plot(report, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie-paddle", description="ERNIE-4.5 in PaddlePaddle: generation, logits, "
                                 "checkpoint conversion and random checkpoints.")
@@ -250,6 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", action="store_true", help="skip the parity check against the Paddle model")
     e.add_argument("--strict-config", action="store_true")
     e.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("parity", help="parity report: Paddle against ONNX folders and transformers")
+    pr.add_argument("--model", default=default_model_dir(), help="checkpoint directory (the reference)")
+    pr.add_argument("--onnx", action="append", help="an exported folder to compare (repeatable)")
+    pr.add_argument("--hf", action="store_true", help="also compare transformers (needs torch + transformers)")
+    pr.add_argument("--prompts", default=None, help="file: one prompt per line (text, or ids like 1,2,3)")
+    pr.add_argument("--greedy-tokens", type=int, default=32)
+    pr.add_argument("--json", default=None, help="write the report as JSON")
+    pr.add_argument("--plot", default=None, help="write a PNG of per-layer drift (needs matplotlib)")
+    pr.add_argument("--strict-config", action="store_true")
+    pr.set_defaults(func=cmd_parity)
 
     sub.add_parser("bench", help="benchmark engines on the same weights (ernie-paddle bench --help)")
 

@@ -56,11 +56,16 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
             flavor, precision = ("portable", "fp32") if e == "ort-portable" else ("ort", ORT_PRECISION[e])
             out = os.path.join(work, f"{preset}-{e}")
             if not os.path.isdir(out):
+                from ernie_paddle.errors import ExportError
                 from ernie_paddle.export.pipeline import export
 
                 log(f"bench: exporting {e}")
-                export(ckpt, out, flavor=flavor, precision=precision, verify=False,
-                       accuracy_level=4 if precision in ("int8", "int4") else 0)
+                try:
+                    export(ckpt, out, flavor=flavor, precision=precision, verify=False,
+                           accuracy_level=4 if precision in ("int8", "int4") else 0)
+                except ExportError as err:  # e.g. the portable flavour past 2 GiB
+                    paths[e] = ExportError(str(err))
+                    continue
             paths[e] = out
         elif e.startswith("llama-"):
             out = os.path.join(work, f"{preset}-{GGUF_TYPES[e].lower()}.gguf")
@@ -321,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             rows.append({"engine": e, "error": why})
             log(f"bench: {e}: {why}")
+            continue
+        if isinstance(paths.get(e), Exception):
+            rows.append({"engine": e, "error": str(paths[e])[:200]})
+            log(f"bench: {e}: {paths[e]}")
             continue
         log(f"bench: measuring {e}")
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
