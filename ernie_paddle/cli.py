@@ -118,7 +118,7 @@ def run_generate(model, args) -> int:
             out["text"] = tok.decode(new, skip_special_tokens=True)
         print(json.dumps(out))
     else:
-        print()
+        print(flush=True)
         print(f"[prompt {len(prompt_ids)} tokens, generated {len(new)} tokens, "
               f"{len(new) / max(dt, 1e-9):.2f} tokens/s, first token after {first or 0:.2f}s]", file=sys.stderr)
     return 0
