@@ -90,14 +90,21 @@ def check_options(flavor: str, precision: str, block_size: int) -> None:
         raise ExportError(f"--block-size must be a power of two >= 16 (MatMulNBits), got {block_size}")
 
 
-def export(model_dir: str, out_dir: str, *, flavor: str = "ort", precision: str = "fp32", verify: bool = True,
-           block_size: int = 32, accuracy_level: int = 0, strict_config: bool = False,
-           log: Log = lambda s: None) -> dict:
-    """Export `model_dir` to `out_dir`; returns the manifest. Raises ExportError when fp32 parity fails."""
+def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precision: str = "fp32",
+           verify: bool = True, block_size: int = 32, accuracy_level: int = 0, strict_config: bool = False,
+           log: Log = lambda s: None, config: ErnieConfig | None = None, tensors=None) -> dict:
+    """Export `model_dir` to `out_dir`; returns the manifest. Raises ExportError when fp32 parity fails.
+
+    `config` + `tensors` (canonical (name, array) pairs, e.g. `checkpoint.random_tensors`) export weights that are
+    not in a checkpoint folder (benchmarks of the full shape); the `ort` flavour only, without verification.
+    """
     check_options(flavor, precision, block_size)
     if os.path.exists(out_dir):
         raise ExportError(f"{out_dir}: output folder already exists; choose a new one")
-    cfg = ErnieConfig.from_file(model_dir, strict=strict_config)
+    if tensors is not None and (config is None or flavor != "ort"):
+        raise ExportError("exporting in-memory tensors needs their config and the ort flavour")
+    cfg = config or ErnieConfig.from_file(model_dir, strict=strict_config)
+    verify = verify and tensors is None
     t0 = time.time()
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -111,7 +118,7 @@ def export(model_dir: str, out_dir: str, *, flavor: str = "ort", precision: str 
             data_path, data_name = data_file_for(model_path)
             g = GraphBuilder(data_path, data_name)
             try:
-                pairs = ((m.canonical, a) for m, a in read_canonical(model_dir, cfg))
+                pairs = tensors if tensors is not None else ((m.canonical, a) for m, a in read_canonical(model_dir, cfg))
                 ErnieOrtBuilder(cfg, g, precision, block_size, accuracy_level).build(
                     TensorStream(pairs), progress=lambda s: log(f"export: {s}"))
                 g.save(model_path, "ernie4_5", metadata={"flavor": flavor, "precision": precision})
@@ -124,8 +131,11 @@ def export(model_dir: str, out_dir: str, *, flavor: str = "ort", precision: str 
             export_portable(model_dir, cfg, model_path, log=log)
             has_position_ids = True
         external = sorted(f for f in os.listdir(tmp) if f.endswith(".data"))
-        shutil.copy2(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
-        for f in SIDE_FILES:
+        if model_dir is None:
+            cfg.save(tmp)
+        else:
+            shutil.copy2(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
+        for f in SIDE_FILES if model_dir else ():
             if os.path.isfile(os.path.join(model_dir, f)):
                 shutil.copy2(os.path.join(model_dir, f), os.path.join(tmp, f))
         provider = "cuda" if precision == "fp16" else "cpu"
@@ -138,7 +148,8 @@ def export(model_dir: str, out_dir: str, *, flavor: str = "ort", precision: str 
             "padding": "left", "inputs": ["input_ids", "attention_mask"] + (["position_ids"] if has_position_ids else [])
             + ["past_key_values.N.key", "past_key_values.N.value"],
             "outputs": ["logits", "present.N.key", "present.N.value"], "execution_provider": provider,
-            "source": {"path": os.path.abspath(model_dir), **source_hash(model_dir)},
+            "source": ({"path": os.path.abspath(model_dir), **source_hash(model_dir)} if model_dir
+                       else {"path": None, "generated": "in-memory tensors (no checkpoint)"}),
             "config": {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
                        "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size},
             "versions": _versions(), "export_seconds": None, "verification": None,

@@ -24,7 +24,7 @@ F32_KINDS = ("norm", "router", "bias")
 
 
 def plan(cfg: ErnieConfig) -> list[tuple[str, tuple[int, ...], str]]:
-    """(GGUF name, numpy shape, kind) of every tensor, in the order `tensors` yields them."""
+    """(GGUF name, numpy shape, kind) of every tensor, in the order `_arrays` yields them."""
     h, v, d = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     out = [("token_embd.weight", (v, h), "matrix")]
     for i in range(cfg.num_hidden_layers):
@@ -55,9 +55,11 @@ def plan(cfg: ErnieConfig) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def tensors(cfg: ErnieConfig, directory: str) -> Iterator[np.ndarray]:
-    """The arrays of `plan(cfg)`, in order, in llama.cpp's (torch [out, in]) orientation."""
-    src = ((m.canonical, a) for m, a in read_canonical(directory, cfg))
+def _arrays(cfg: ErnieConfig, directory: str | None, source=None) -> Iterator[np.ndarray]:
+    """The arrays of `plan(cfg)`, in order, in llama.cpp's (torch [out, in]) orientation.
+
+    From the checkpoint in `directory`, or from `source`: canonical (name, array) pairs."""
+    src = iter(source) if source is not None else ((m.canonical, a) for m, a in read_canonical(directory, cfg))
     held: dict[str, np.ndarray] = {}
 
     def take(name: str) -> np.ndarray:
@@ -125,11 +127,13 @@ def _vocab(directory: str, vocab_size: int) -> tuple[list[bytes], list[float], l
     return pieces, scores, types
 
 
-def write_gguf(directory: str, out_path: str, qtype: str = "Q4_0") -> None:
-    """Write the checkpoint in `directory` to `out_path` (F16, Q8_0 or Q4_0 matrices); atomic."""
+def write_gguf(directory: str | None, out_path: str, qtype: str = "Q4_0", config: ErnieConfig | None = None,
+               tensors=None) -> None:
+    """Write the checkpoint in `directory` (or `config` + canonical `tensors`) to `out_path`; atomic."""
     import gguf
 
-    cfg = ErnieConfig.from_file(directory)
+    cfg = config or ErnieConfig.from_file(directory)
+    src = tensors
     if not cfg.is_moe_model:
         raise ValueError("gguf_export writes the MoE architecture (ernie4_5-moe) only")
     qt = {"F16": gguf.GGMLQuantizationType.F16, "Q8_0": gguf.GGMLQuantizationType.Q8_0,
@@ -137,7 +141,7 @@ def write_gguf(directory: str, out_path: str, qtype: str = "Q4_0") -> None:
     items = plan(cfg)
     tmp = out_path + ".tmp"
     w = gguf.GGUFWriter(tmp, "ernie4_5-moe")
-    w.add_name(os.path.basename(os.path.abspath(directory)))
+    w.add_name(os.path.basename(os.path.abspath(directory)) if directory else "ernie-4.5-random")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -158,7 +162,7 @@ def write_gguf(directory: str, out_path: str, qtype: str = "Q4_0") -> None:
     w.add_leading_dense_block_count(cfg.moe_layer_start_index)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type({"F16": 1, "Q8_0": 7, "Q4_0": 2}[qtype])
-    pieces, scores, types = _vocab(directory, cfg.vocab_size)
+    pieces, scores, types = _vocab(directory or "", cfg.vocab_size)
     w.add_tokenizer_model("llama")
     w.add_token_list(pieces)
     w.add_token_scores(scores)
@@ -184,7 +188,7 @@ def write_gguf(directory: str, out_path: str, qtype: str = "Q4_0") -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for (name, shape, _), kind, arr in zip(items, kinds, tensors(cfg, directory)):
+    for (name, shape, _), kind, arr in zip(items, kinds, _arrays(cfg, directory, src)):
         assert arr.shape == shape, (name, arr.shape, shape)
         if kind is None:
             data = np.ascontiguousarray(arr, dtype=np.float32)
