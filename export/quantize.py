@@ -70,4 +70,6 @@ def round_trip(canonical: str, w: np.ndarray, bits: int, block: int) -> np.ndarr
     is_expert = ".mlp.experts." in canonical
     blk = (None if bits == 8 else block) if is_expert else block
     q, scale = quantize_rows(np.ascontiguousarray(w.T), bits, blk or k)
+    if is_expert:  # QMoE scales are stored in fp16 (see ort_graph.moe)
+        scale = scale.astype(np.float16).astype(np.float32)
     return dequantize_rows(q, scale, bits, k).T
