@@ -16,7 +16,7 @@ import numpy as np
 from .config import ErnieConfig
 from .errors import CheckpointError
 from .layout import LAYOUTS, PADDLE, PT, TensorMap, iter_canonical, tensor_maps
-from .safetensors_io import CheckpointReader, ShardedWriter
+from .safetensors_io import ShardedWriter, open_checkpoint
 
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Files besides the weights that travel with a checkpoint when it is converted.
@@ -26,23 +26,26 @@ SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "spe
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
 
-def read_canonical(directory: str, cfg: ErnieConfig | None = None) -> Iterator[tuple[TensorMap, np.ndarray]]:
-    """Canonical tensors of the checkpoint in `directory` (either layout), strictly checked, one at a time."""
+def read_canonical(directory: str, cfg: ErnieConfig | None = None, allow_pickle: bool = False
+                   ) -> Iterator[tuple[TensorMap, np.ndarray]]:
+    """Canonical tensors of the checkpoint in `directory` (either layout), strictly checked, one at a time.
+
+    Pickled `.pdparams` are read only with `allow_pickle=True` (unpickling can run code)."""
     cfg = cfg or ErnieConfig.from_file(directory)
-    reader = CheckpointReader(directory)
+    reader = open_checkpoint(directory, allow_pickle)
     try:
         yield from iter_canonical(cfg, reader)
     finally:
         reader.close()
 
 
-def load_weights(model, directory: str) -> None:
+def load_weights(model, directory: str, allow_pickle: bool = False) -> None:
     """Copy the checkpoint's tensors into a `Ernie4_5_MoeForCausalLM`'s parameters (cast to their dtype)."""
     import paddle
 
     params = dict(model.named_parameters())
     loaded = set()
-    for m, array in read_canonical(directory, model.config):
+    for m, array in read_canonical(directory, model.config, allow_pickle):
         p = params.get(m.canonical)
         if p is None:
             raise CheckpointError(f"{directory}: the model has no parameter for '{m.canonical}'")
@@ -117,10 +120,10 @@ def save_pretrained(model, out_dir: str, *, layout: str = PADDLE, dtype: str = "
 
 
 def convert(src: str, out_dir: str, *, layout: str, dtype: str = "bfloat16", max_shard_bytes: int = 5 * 1024**3,
-            strict_config: bool = False, progress: Progress | None = None) -> list[str]:
+            strict_config: bool = False, progress: Progress | None = None, allow_pickle: bool = False) -> list[str]:
     """Convert a checkpoint between layouts (and dtypes), streaming; tokenizer files are copied along."""
     cfg = ErnieConfig.from_file(src, strict=strict_config)
-    pairs = ((m.canonical, a) for m, a in read_canonical(src, cfg))
+    pairs = ((m.canonical, a) for m, a in read_canonical(src, cfg, allow_pickle))
     return write_checkpoint(cfg, pairs, out_dir, layout=layout, dtype=dtype, max_shard_bytes=max_shard_bytes,
                             side_files_from=src, progress=progress)
 

@@ -61,7 +61,8 @@ def _load_model(args):
         import paddle
 
         paddle.set_device(args.device)
-    return Ernie4_5_MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, strict_config=args.strict_config)
+    return Ernie4_5_MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, strict_config=args.strict_config,
+                                                   allow_pickle=args.allow_pickle)
 
 
 def run_generate(model, args) -> int:
@@ -173,7 +174,8 @@ def cmd_convert(args) -> int:
     from .checkpoint import convert
 
     files = convert(args.model, args.out, layout=args.layout, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                    strict_config=args.strict_config, progress=progress_printer("convert"))
+                    strict_config=args.strict_config, progress=progress_printer("convert"),
+                    allow_pickle=args.allow_pickle)
     print(f"wrote {args.out} ({args.layout} layout, {args.dtype}): {', '.join(files)}", file=sys.stderr)
     return 0
 
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="Paddle device, e.g. cpu or gpu:0 (default: Paddle's)")
         sp.add_argument("--strict-config", action="store_true",
                         help="treat a missing config field that needs a default as an error")
+        sp.add_argument("--allow-pickle", action="store_true",
+                        help="also read pickled .pdparams weights (only files you trust: unpickling can run code)")
 
     g = sub.add_parser("generate", help="generate tokens from a prompt of token ids")
     model_args(g)
@@ -323,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     c.add_argument("--max-shard-size", type=_size, default=_size("5GB"))
     c.add_argument("--strict-config", action="store_true")
+    c.add_argument("--allow-pickle", action="store_true", help="read pickled .pdparams weights (trusted files only)")
     c.set_defaults(func=cmd_convert)
 
     m = sub.add_parser("make-checkpoint", help="write a random checkpoint of a preset in the real format")

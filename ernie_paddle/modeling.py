@@ -229,16 +229,18 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str, *, dtype: str = "float32", strict_config: bool = False,
-                        config: ErnieConfig | None = None, fused: bool | None = None) -> "Ernie4_5_MoeForCausalLM":
+                        config: ErnieConfig | None = None, fused: bool | None = None,
+                        allow_pickle: bool = False) -> "Ernie4_5_MoeForCausalLM":
         """Load a `-Paddle` or `-PT` checkpoint directory (see `ernie_paddle.checkpoint.load_weights`).
 
-        `fused`: use Paddle's fused GPU kernels (default: when running on a GPU).
+        `fused`: use Paddle's fused GPU kernels (default: when running on a GPU). `allow_pickle`: also read
+        pickled `.pdparams` weights (off by default: unpickling can run code).
         """
         from .checkpoint import load_weights
 
         cfg = config or ErnieConfig.from_file(os.path.join(directory, "config.json"), strict=strict_config)
         model = cls(cfg, dtype)
-        load_weights(model, directory)
+        load_weights(model, directory, allow_pickle)
         if fused or (fused is None and kernels_gpu.gpu_active()):
             model.use_fused_kernels()
         return model

@@ -165,6 +165,12 @@ class CheckpointReader:
         else:
             if not os.path.isdir(directory):
                 raise CheckpointError(f"{directory}: no such checkpoint directory")
+            pickled = sorted(f for f in os.listdir(directory) if f.endswith(".pdparams"))
+            if pickled:
+                raise CheckpointError(f"{os.path.join(directory, pickled[0])}: pickled Paddle weights are not loaded "
+                                      f"by default (unpickling a file can run code); if you trust it, pass "
+                                      f"--allow-pickle (allow_pickle=True), or convert it once to safetensors with "
+                                      f"`ernie-paddle convert --allow-pickle`")
             raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
     def names(self) -> list[str]:
@@ -297,3 +303,51 @@ class ShardedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class PickleReader:
+    """`.pdparams` weights (Paddle's pickle format), read only when the user allows it explicitly."""
+
+    def __init__(self, directory: str):
+        import paddle
+
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".pdparams"))
+        self.directory = directory
+        self._arrays: dict[str, np.ndarray] = {}
+        self._where: dict[str, str] = {}
+        for f in files:
+            path = os.path.join(directory, f)
+            state = paddle.load(path, return_numpy=True)
+            for name, a in state.items():
+                if name in self._arrays:
+                    raise CheckpointError(f"{path}: duplicate tensor '{name}' (also in {self._where[name]})")
+                self._arrays[name] = np.asarray(a)
+                self._where[name] = path
+
+    def names(self) -> list[str]:
+        return list(self._arrays)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arrays
+
+    def info(self, name: str) -> TensorInfo:
+        return TensorInfo(str(self._arrays[name].dtype), tuple(self._arrays[name].shape), 0, 0)
+
+    def file_of(self, name: str) -> str:
+        return self._where[name]
+
+    def get(self, name: str) -> np.ndarray:
+        a = self._arrays[name]
+        return a.astype(np.float32) if a.dtype != np.float16 and a.dtype.kind == "f" else a
+
+    def close(self) -> None:
+        self._arrays.clear()
+
+
+def open_checkpoint(directory: str, allow_pickle: bool = False):
+    """A reader for `directory`: safetensors (always), or `.pdparams` pickles when `allow_pickle`."""
+    if allow_pickle and os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, SINGLE_FILE)) \
+            and not os.path.isfile(os.path.join(directory, INDEX_FILE)) \
+            and any(f.endswith(".pdparams") for f in os.listdir(directory)):
+        return PickleReader(directory)
+    return CheckpointReader(directory)

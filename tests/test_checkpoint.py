@@ -211,3 +211,21 @@ def test_make_checkpoint_is_atomic_on_failure(tmp_path):
     assert os.listdir(tmp_path) == []
     make_checkpoint(cfg, str(tmp_path / "ok"), layout="pt")
     assert sorted(os.listdir(tmp_path / "ok")) == ["config.json", "model.safetensors"]
+
+
+def test_pickled_pdparams_are_refused_unless_allowed(tiny_ckpt, tmp_path):
+    import paddle
+
+    src, cfg = tiny_ckpt
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(os.path.join(src, "config.json"), d / "config.json")
+    paddle.save({n: paddle.to_tensor(a) for n, a in disk_tensors(src).items()}, str(d / "model_state.pdparams"))
+    with pytest.raises(CheckpointError, match=r"model_state.pdparams: pickled Paddle weights are not loaded by "
+                                              r"default .* pass --allow-pickle"):
+        Ernie4_5_MoeForCausalLM.from_pretrained(str(d))
+    ids = prompt(8, cfg.vocab_size)
+    got = Ernie4_5_MoeForCausalLM.from_pretrained(str(d), allow_pickle=True).logits(ids)
+    assert np.array_equal(got, Ernie4_5_MoeForCausalLM.from_pretrained(src).logits(ids))
+    convert(str(d), str(tmp_path / "st"), layout="paddle", dtype="float32", allow_pickle=True)
+    assert disk_tensors(str(tmp_path / "st")).keys() == disk_tensors(src).keys()
