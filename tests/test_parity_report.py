@@ -1,0 +1,38 @@
+"""`ernie-paddle parity`: the report's numbers on a random checkpoint, its JSON and its plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ernie_paddle.export import pipeline
+
+from conftest import run_cli
+
+
+def test_parity_report_fp32_int4_and_transformers(tiny_ckpt, tmp_path):
+    d, cfg = tiny_ckpt
+    fp32, int4 = str(tmp_path / "fp32"), str(tmp_path / "int4")
+    pipeline.export(d, fp32)
+    pipeline.export(d, int4, precision="int4", verify=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("5,6,7,8,9,10,11\n100,200,300\n")
+    out, png = tmp_path / "parity.json", tmp_path / "parity.png"
+    r = run_cli("parity", "--model", d, "--onnx", fp32, "--onnx", int4, "--hf", "--prompts", str(prompts),
+                "--greedy-tokens", "12", "--json", str(out), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    report = json.load(open(out))
+    assert report["prompt_tokens"] == [7, 3] and report["moe_layers"] == [1, 2]
+    assert all(0.0 <= x <= 1.0 for x in report["bias_changed_choice"])
+    by_name = {c["name"].split(" ")[0]: c for c in report["candidates"]}
+    onnx_fp32, onnx_int4, hf = by_name["onnx:fp32"], by_name["onnx:int4"], by_name["transformers"]
+    for c in (onnx_fp32, hf):
+        assert c["logits_max_abs_diff"] <= 1e-4 and c["top1_agreement"] == 1.0
+        assert c["greedy_identical_tokens"] == [12, 12] and c["router_agreement"] == [1.0, 1.0]
+        assert len(c["hidden_max_abs_diff"]) == cfg.num_hidden_layers + 1
+        assert max(c["hidden_max_abs_diff"]) <= 1e-4 and c["kl_divergence"] <= 1e-6
+    assert onnx_int4["logits_max_abs_diff"] > 1e-2 and min(onnx_int4["router_agreement"]) < 1.0
+    assert np.isfinite(onnx_int4["kl_divergence"]) and onnx_int4["kl_divergence"] > 1e-4
+    assert "per layer max |diff|" in r.stdout and "onnx:fp32 (ort fp32)" in r.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
