@@ -20,6 +20,7 @@ PADDLE, PT, PT_FUSED = "paddle", "pt", "pt-fused"
 LAYOUTS = (PADDLE, PT, PT_FUSED)
 PREFIX = {PADDLE: "ernie.", PT: "model.", PT_FUSED: "model."}
 
+FLOAT_DTYPES = {"BF16", "F16", "F32", "F64", "FLOAT16", "FLOAT32", "FLOAT64", "BFLOAT16"}  # safetensors / numpy names
 # Canonical tensors kept in float32 whatever the checkpoint dtype (ERNIE's fp32 router island).
 FP32_SUFFIXES = ("mlp.gate.weight", "mlp.e_score_correction_bias")
 
@@ -166,6 +167,9 @@ def iter_canonical(cfg: ErnieConfig, reader, layout: str | None = None) -> Itera
         problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
                         + (" ..." if len(unexpected) > 8 else ""))
     for n, shape in expected.items():
+        if n in reader and str(reader.info(n).dtype).upper() not in FLOAT_DTYPES:
+            problems.append(f"tensor '{n}' in {reader.file_of(n)} has dtype {reader.info(n).dtype}, expected a "
+                            f"floating-point type (BF16, F16 or F32)")
         if n in reader and tuple(reader.info(n).shape) != tuple(shape):
             problems.append(f"tensor '{n}' in {reader.file_of(n)} has shape {list(reader.info(n).shape)}, "
                             f"expected {list(shape)} for this config ({layout} layout)")

@@ -22,6 +22,7 @@ from ernie_paddle.checkpoint import SIDE_FILES, read_canonical
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 from ernie_paddle.layout import PT, tensor_maps
+from ernie_paddle.sysinfo import available_memory
 
 from .genai import genai_config
 from .verify import FP32_LOGIT_TOL, compare, verification_prompts
@@ -52,17 +53,6 @@ def source_hash(model_dir: str) -> dict:
 
 def fp32_bytes(cfg: ErnieConfig) -> int:
     return 4 * sum(int(np.prod(m.shape)) for m in tensor_maps(cfg, PT))
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 16 * 1024**3
 
 
 def _versions() -> dict:
@@ -176,7 +166,7 @@ def _write_manifest(folder: str, manifest: dict) -> None:
 
 def _verify(model_dir: str, folder: str, cfg: ErnieConfig, precision: str, provider: str, log: Log) -> dict:
     need = fp32_bytes(cfg)
-    if need > 0.6 * _available_memory():
+    if need > 0.6 * available_memory():
         log(f"export: skipping verification: the fp32 Paddle reference needs {need / 2**30:.1f} GiB")
         return {"skipped": f"the fp32 Paddle reference needs {need / 2**30:.1f} GiB, more than this machine has"}
     import onnxruntime as ort

@@ -229,3 +229,30 @@ def test_pickled_pdparams_are_refused_unless_allowed(tiny_ckpt, tmp_path):
     assert np.array_equal(got, Ernie4_5_MoeForCausalLM.from_pretrained(src).logits(ids))
     convert(str(d), str(tmp_path / "st"), layout="paddle", dtype="float32", allow_pickle=True)
     assert disk_tensors(str(tmp_path / "st")).keys() == disk_tensors(src).keys()
+
+
+def test_wrong_dtype_is_named(single):
+    name = "ernie.layers.0.input_layernorm.weight"
+    p = os.path.join(single, "model.safetensors")
+    items = list(disk_tensors(single).items())
+    write_file(p, [(n, a, "F32") for n, a in items if n != name])
+    from ernie_paddle.safetensors_io import _encode, _write_encoded
+
+    enc = [(n, list(a.shape), *_encode(a, "F32")) for n, a in items if n != name]
+    enc.append((name, [64], "I32", np.zeros(64, np.int32).tobytes()))
+    _write_encoded(p, enc, None)
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' in .* has dtype I32, expected a floating-point"):
+        Ernie4_5_MoeForCausalLM.from_pretrained(single)
+
+
+def test_duplicate_tensor_is_named(sharded):
+    d, _ = sharded
+    idx = json.load(open(os.path.join(d, "model.safetensors.index.json")))
+    first = sorted(set(idx["weight_map"].values()))[0]
+    dup = next(n for n, f in idx["weight_map"].items() if f != first)
+    shard = os.path.join(d, first)
+    write_file(shard, [(n, a, "F32") for n, a in
+                       [(k, CheckpointReader(d).get(k)) for k, f in idx["weight_map"].items() if f == first]]
+               + [(dup, CheckpointReader(d).get(dup), "F32")])
+    with pytest.raises(CheckpointError, match=rf"{first}: tensor '{dup}' is not listed in|duplicate tensor '{dup}'"):
+        CheckpointReader(d)

@@ -240,3 +240,24 @@ def test_broken_folders_are_named(exported, tmp_path):
         OnnxCausalLM(broken)
     with pytest.raises(OnnxFolderError, match="not an exported model folder"):
         OnnxCausalLM(str(tmp_path))
+
+
+def test_folder_mismatch_and_unavailable_provider_are_named(exported, tmp_path):
+    _, _, folder = exported("paddle-untied-gqa2", "ort")
+    broken = str(tmp_path / "b")
+    shutil.copytree(folder, broken)
+    cfg = json.load(open(os.path.join(broken, "config.json")))
+    cfg["num_hidden_layers"] += 1
+    json.dump(cfg, open(os.path.join(broken, "config.json"), "w"))
+    with pytest.raises(OnnxFolderError, match="past_key_values inputs do not match num_hidden_layers=4"):
+        OnnxCausalLM(broken)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        from ernie_paddle.errors import InputError
+
+        with pytest.raises(InputError, match=r"provider cuda \(CUDAExecutionProvider\) is not available"):
+            OnnxCausalLM(folder, provider="cuda")
+    r = run_cli_onnx("generate", "--model", folder, "--input-ids", "1,2", "--provider", "cuda")
+    assert r.returncode == (0 if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else 2)
+    assert "Traceback" not in r.stderr

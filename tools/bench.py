@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -122,18 +121,6 @@ def available(engine: str) -> str | None:
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             return "needs onnxruntime-gpu and a CUDA GPU"
     return None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not inherit the parent's at fork)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---- measuring one engine (in a child process) -------------------------------------------------------------
@@ -254,7 +241,9 @@ def measure(engine: str, path: str, prompt_lengths: list[int], batches: list[int
         except NotImplementedError as e:
             result["decode_tok_s"][str(b)] = None
             result.setdefault("notes", []).append(f"batch {b}: {e}")
-    result["peak_rss_gb"] = round(peak_rss_bytes() / 2**30, 3)
+    from ernie_paddle.sysinfo import peak_rss
+
+    result["peak_rss_gb"] = round(peak_rss() / 2**30, 3)
     return result
 
 
