@@ -1,14 +1,21 @@
 """Process settings that must be in place before `import paddle` (imported first by every Paddle module).
 
-* `MKL_DEBUG_CPU_TYPE=5` on AMD CPUs: Paddle's bundled MKL otherwise takes a slow generic path (sgemm about
-  40 vs 100 GFLOP/s per core measured on an AMD EPYC; see docs). Harmless elsewhere, so only set on AMD.
-* Threads: Paddle sets `OMP_NUM_THREADS=1` at import when it is unset. `ERNIE_PADDLE_THREADS=N` chooses N.
+* Threads: Paddle forces `OMP_NUM_THREADS=1` at import when it is unset, and MKL then runs one thread. Measured on
+  this project's 2-core Intel machine, one 21B-A3B MoE layer takes 27.6 ms at 1 token and 252 ms at 128 tokens
+  with 1 thread, 16.2 ms and 123 ms with 2. So all cores are used by default; `ERNIE_PADDLE_THREADS=N` (or an
+  exported `OMP_NUM_THREADS`) chooses. Paddle's import-time warning about it is silenced.
+* `MKL_DEBUG_CPU_TYPE=5` on AMD CPUs only: Paddle's bundled MKL otherwise takes a slow generic path there (sgemm
+  about 40 vs 100 GFLOP/s per core on an AMD EPYC). On Intel it makes the same MoE layer slower (311 vs 252 ms).
 A value the user already exported always wins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
+import warnings
 
 
 def _is_amd() -> bool:
@@ -19,13 +26,17 @@ def _is_amd() -> bool:
         return False
 
 
-if "paddle" not in __import__("sys").modules:
+if "paddle" not in sys.modules:
     if _is_amd():
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-    threads = os.environ.get("ERNIE_PADDLE_THREADS")
-    if threads:
-        os.environ.setdefault("OMP_NUM_THREADS", threads)
-        os.environ.setdefault("MKL_NUM_THREADS", threads)
-
-# Paddle warns at import that ccache (for compiling custom C++ ops, which we never do) is missing.
-__import__("warnings").filterwarnings("ignore", message="No ccache found")
+    threads = os.environ.get("ERNIE_PADDLE_THREADS") or str(os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+    # Paddle warns at import that ccache (for compiling custom C++ ops, which we never do) is missing.
+    warnings.filterwarnings("ignore", message="No ccache found")
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        import paddle  # noqa: F401
+    for line in captured.getvalue().splitlines():  # pass on anything but the OMP_NUM_THREADS advice
+        if "OMP_NUM_THREADS" not in line:
+            print(line, file=sys.stderr)
