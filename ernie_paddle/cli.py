@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="new output folder")
     e.add_argument("--flavor", default="ort", choices=["ort", "portable"],
                    help="ort: ONNX Runtime fused ops (default); portable: standard ONNX ops via paddle2onnx")
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4", "int2"])
     e.add_argument("--block-size", type=int, default=32, help="int8/int4 quantisation block size")
     e.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits/QMoE accuracy_level (4: int8 activations, faster)")

@@ -21,10 +21,10 @@ from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 
 from .graph import MS, GraphBuilder
-from .quantize import matmul_nbits_weights, qmoe_weights
+from .quantize import matmul_nbits_weights, qmoe_weights, rtn
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-BITS = {"int8": 8, "int4": 4}
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
+BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
 class TensorStream:
@@ -48,7 +48,7 @@ class ErnieOrtBuilder:
     """Builds one graph; `precision` in fp32 | fp16 | int8 | int4 (int: MatMulNBits / QMoE weights)."""
 
     def __init__(self, cfg: ErnieConfig, g: GraphBuilder, precision: str, block_size: int = 32,
-                 accuracy_level: int = 0):
+                 accuracy_level: int = 0, quantizer=None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if cfg.head_dim % 16:
@@ -59,6 +59,7 @@ class ErnieOrtBuilder:
         self.np_dtype = np.float16 if precision == "fp16" else np.float32
         self.onnx_dtype = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
         self.bits = BITS.get(precision)
+        self.quantizer = quantizer or rtn  # (canonical name, weight [N, K], bits, block) -> (codes, scales)
 
     # ---- small helpers ---------------------------------------------------------------------------------
     def w(self, name: str, a: np.ndarray) -> str:
@@ -69,7 +70,7 @@ class ErnieOrtBuilder:
         k, n = w_in_out.shape
         if self.bits is None:
             return self.g.op("MatMul", [x, self.w(name, w_in_out)], name=name)
-        b, scales = matmul_nbits_weights(w_in_out, self.bits, self.block_size)
+        b, scales = matmul_nbits_weights(w_in_out, self.bits, self.block_size, self.quantizer, name + ".weight")
         return self.g.op("MatMulNBits", [x, self.g.weight(name + ".qweight", b), self.g.weight(name + ".scales", scales)],
                          domain=MS, name=name, K=k, N=n, bits=self.bits, block_size=self.block_size,
                          accuracy_level=self.accuracy_level)
@@ -173,7 +174,7 @@ class ErnieOrtBuilder:
             return lambda x: self.g.op("MatMul", [x, name], name="lm_head")
         linear_args = embed_v_h.T  # [H, V] in Paddle layout; quantised now, applied later
         k, n = linear_args.shape
-        b, scales = matmul_nbits_weights(linear_args, self.bits, self.block_size)
+        b, scales = matmul_nbits_weights(linear_args, self.bits, self.block_size, self.quantizer, "lm_head.weight")
         bw, sw = self.g.weight("lm_head.qweight", b), self.g.weight("lm_head.scales", scales)
         return lambda x: self.g.op("MatMulNBits", [x, bw, sw], domain=MS, name="lm_head", K=k, N=n, bits=self.bits,
                                    block_size=self.block_size, accuracy_level=self.accuracy_level)
@@ -205,6 +206,7 @@ class ErnieOrtBuilder:
         else:
             select = probs
         fc1, fc2 = [], []  # fc1 rows interleaved g0,u0,g1,u1,... (swiglu_fusion=1); fc2 [H, I]
+        interleave = np.stack([np.arange(ie), ie + np.arange(ie)], axis=1).reshape(-1)  # [gate | up] -> g0,u0,...
         for j in range(e):
             ug = tensors.take(f"{L}.mlp.experts.{j}.up_gate_proj.weight")  # [H, 2I] = [gate | up]
             down = tensors.take(f"{L}.mlp.experts.{j}.down_proj.weight")  # [I, H]
@@ -214,9 +216,11 @@ class ErnieOrtBuilder:
                 fc1.append(w1.astype(self.np_dtype))
                 fc2.append(w2.astype(self.np_dtype))
             else:
-                block = self.block_size if self.bits == 4 else None  # block-wise int8 has no exact CPU kernel
-                fc1.append(qmoe_weights(w1, self.bits, block))
-                fc2.append(qmoe_weights(w2, self.bits, block))
+                block = None if self.bits == 8 else self.block_size  # block-wise int8 has no exact CPU kernel
+                name = f"{L}.mlp.experts.{j}"
+                fc1.append(qmoe_weights(np.ascontiguousarray(ug.T), self.bits, block, self.quantizer,
+                                        f"{name}.up_gate_proj.weight", rows=interleave))
+                fc2.append(qmoe_weights(w2, self.bits, block, self.quantizer, f"{name}.down_proj.weight"))
         common = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
         if self.bits is None:
             # MoE softmaxes its router input over all experts: give it log(p) on the selected experts, -inf elsewhere,
@@ -236,7 +240,7 @@ class ErnieOrtBuilder:
             # are stored in fp16 (they may differ from the activations' type): 2.5 GB less for the 21B model.
             q1, s1 = (np.stack(t) for t in zip(*fc1))
             q2, s2 = (np.stack(t) for t in zip(*fc2))
-            extra = dict(block_size=self.block_size) if self.bits == 4 else {}
+            extra = dict(block_size=self.block_size) if self.bits != 8 else {}
             y = g.op("QMoE", [flat, select, g.weight(f"{L}.mlp.experts.fc1.qweight", q1),
                               g.weight(f"{L}.mlp.experts.fc1.scales", s1.astype(np.float16)), "",
                               g.weight(f"{L}.mlp.experts.fc2.qweight", q2),

@@ -28,7 +28,7 @@ from .genai import genai_config
 from .verify import FP32_LOGIT_TOL, compare, verification_prompts
 
 FLAVORS = ("ort", "portable")
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
 MODEL_FILE = "model.onnx"
 
 Log = Callable[[str], None]
@@ -82,11 +82,13 @@ def check_options(flavor: str, precision: str, block_size: int) -> None:
 
 def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precision: str = "fp32",
            verify: bool = True, block_size: int = 32, accuracy_level: int = 0, strict_config: bool = False,
-           log: Log = lambda s: None, config: ErnieConfig | None = None, tensors=None) -> dict:
+           log: Log = lambda s: None, config: ErnieConfig | None = None, tensors=None, quantizer=None,
+           quantizer_name: str = "rtn") -> dict:
     """Export `model_dir` to `out_dir`; returns the manifest. Raises ExportError when fp32 parity fails.
 
     `config` + `tensors` (canonical (name, array) pairs, e.g. `checkpoint.random_tensors`) export weights that are
     not in a checkpoint folder (benchmarks of the full shape); the `ort` flavour only, without verification.
+    `quantizer` replaces round-to-nearest for int8/int4/int2 (e.g. `export.gptq.GPTQ`), named in the manifest.
     """
     check_options(flavor, precision, block_size)
     if os.path.exists(out_dir):
@@ -109,7 +111,7 @@ def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precisio
             g = GraphBuilder(data_path, data_name)
             try:
                 pairs = tensors if tensors is not None else ((m.canonical, a) for m, a in read_canonical(model_dir, cfg))
-                ErnieOrtBuilder(cfg, g, precision, block_size, accuracy_level).build(
+                ErnieOrtBuilder(cfg, g, precision, block_size, accuracy_level, quantizer).build(
                     TensorStream(pairs), progress=lambda s: log(f"export: {s}"))
                 g.save(model_path, "ernie4_5", metadata={"flavor": flavor, "precision": precision})
             finally:
@@ -133,8 +135,9 @@ def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precisio
             json.dump(genai_config(cfg, MODEL_FILE, has_position_ids, provider), f, indent=2)
         manifest = {
             "format": "ernie-paddle-onnx/1", "flavor": flavor, "precision": precision, "model_file": MODEL_FILE,
-            "external_data": external, "block_size": block_size if precision in ("int8", "int4") else None,
-            "accuracy_level": accuracy_level if precision in ("int8", "int4") else None,
+            "external_data": external, "block_size": block_size if precision.startswith("int") else None,
+            "accuracy_level": accuracy_level if precision.startswith("int") else None,
+            "quantization": quantizer_name if precision.startswith("int") else None,
             "padding": "left", "inputs": ["input_ids", "attention_mask"] + (["position_ids"] if has_position_ids else [])
             + ["past_key_values.N.key", "past_key_values.N.value"],
             "outputs": ["logits", "present.N.key", "present.N.value"], "execution_provider": provider,

@@ -33,27 +33,39 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.n
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """Pack codes along the last axis: 8 bits as is, 4 bits two per byte, low nibble first."""
+    """Pack codes along the last axis: 8 bits as is, 4 bits two per byte, 2 bits four per byte (low bits first)."""
     if bits == 8:
         return q
     if bits == 4:
         return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    if bits == 2:
+        return (q[..., 0::4] | (q[..., 1::4] << 2) | (q[..., 2::4] << 4) | (q[..., 3::4] << 6)).astype(np.uint8)
     raise ValueError(f"unsupported bit width {bits}")
 
 
-def matmul_nbits_weights(w_in_out: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+def rtn(name: str, w_nk: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest: the default quantiser (a `Quantizer`: name, weight [N, K] -> codes, scales)."""
+    return quantize_rows(w_nk, bits, block)
+
+
+def matmul_nbits_weights(w_in_out: np.ndarray, bits: int, block: int, quantizer=rtn, name: str = ""
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """A Linear weight in Paddle layout [K, N] -> MatMulNBits B uint8 [N, K/block, block*bits/8], scales [N*K/block]."""
-    q, scale = quantize_rows(np.ascontiguousarray(w_in_out.T), bits, block)
-    return pack(q, bits), scale.reshape(-1)
+    q, scale = quantizer(name, np.ascontiguousarray(w_in_out.T), bits, block)
+    return pack(q, bits), scale.reshape(-1).astype(np.float32)
 
 
-def qmoe_weights(w_nk: np.ndarray, bits: int, block: int | None) -> tuple[np.ndarray, np.ndarray]:
+def qmoe_weights(w_nk: np.ndarray, bits: int, block: int | None, quantizer=rtn, name: str = "",
+                 rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One expert matrix [N, K] (rows = outputs) -> QMoE codes uint8 [N, K*bits/8] and scales.
 
-    `block=None` gives per-output-channel scales [N]; otherwise block-wise scales [N, K/block].
+    `block=None` gives per-output-channel scales [N]; otherwise block-wise scales [N, K/block]. `rows` reorders
+    the output rows after quantisation (fc1's interleaved gate/up rows).
     """
     n, k = w_nk.shape
-    q, scale = quantize_rows(w_nk, bits, block or k)
+    q, scale = quantizer(name, w_nk, bits, block or k)
+    if rows is not None:
+        q, scale = q[rows], scale[rows]
     codes = pack(q.reshape(n, -1)[:, :k] if block is None else q.reshape(n, -1), bits)
     return codes, (scale[:, 0] if block is None else scale)
 
