@@ -1,0 +1,28 @@
+"""Quantisation quality on the shipped trained model (held-out perplexity), with the stated bounds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ernie_paddle.cli import default_model_dir
+from ernie_paddle.tools.quant_quality import run
+
+CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                      "tinyshakespeare.txt")
+
+
+def test_quantised_perplexity_bounds_and_calibration_beats_rtn(tmp_path):
+    report = run(default_model_dir(), CORPUS, str(tmp_path))
+    r = {row["variant"]: row for row in report["results"]}
+    fp32 = r["paddle fp32"]["perplexity"]
+    assert r["ort fp32"]["perplexity"] == pytest.approx(fp32, rel=1e-5)
+    assert r["ort fp32"]["greedy_agreement"] == 1.0
+    assert abs(r["ort int8"]["perplexity"] / fp32 - 1) <= 0.005  # int8 within 0.5%
+    assert abs(r["ort int4 b32 RTN"]["perplexity"] / fp32 - 1) <= 0.03  # int4 within 3%
+    assert abs(r["ort int4 b32 GPTQ"]["perplexity"] / fp32 - 1) <= 0.03
+    assert r["ort int4 b32 GPTQ"]["calibrated_tensors"] > 50
+    # 2-bit is reported, and the calibrated scheme is measurably better than round-to-nearest
+    assert r["ort int2 b32 GPTQ"]["perplexity"] < 0.97 * r["ort int2 b32 RTN"]["perplexity"]
+    assert r["ort int4 b128 RTN"]["weights_mib"] < r["ort int4 b32 RTN"]["weights_mib"] < r["ort int8"]["weights_mib"]

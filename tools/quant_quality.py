@@ -1,0 +1,122 @@
+"""Quantisation quality on the shipped trained model: held-out perplexity and greedy agreement per precision.
+
+Paddle fp32 is the reference; ONNX Runtime runs fp32, fp16, int8, int4 (block 32 and 128) and int2, with
+round-to-nearest (RTN) and, for int4 and int2, the GPTQ-style calibrated scheme (`export/gptq.py`, calibrated on
+the training split). Prints a table and writes JSON.
+
+    python -m ernie_paddle.tools.quant_quality --json quant.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+VARIANTS = [  # (label, precision, block, scheme)
+    ("ort fp32", "fp32", 32, "rtn"), ("ort fp16", "fp16", 32, "rtn"), ("ort int8", "int8", 32, "rtn"),
+    ("ort int4 b32 RTN", "int4", 32, "rtn"), ("ort int4 b128 RTN", "int4", 128, "rtn"),
+    ("ort int4 b32 GPTQ", "int4", 32, "gptq"), ("ort int2 b32 RTN", "int2", 32, "rtn"),
+    ("ort int2 b32 GPTQ", "int2", 32, "gptq"),
+]
+
+
+def perplexity(model, ids: np.ndarray, seq: int = 128, batch: int = 8) -> float:
+    """Per-token perplexity over non-overlapping windows; `model.logits(ids [B, T])` -> [B, T, V]."""
+    n = (len(ids) - 1) // seq
+    nll, count = 0.0, 0
+    for i in range(0, n, batch):
+        rows = np.stack([ids[j * seq:(j + 1) * seq + 1] for j in range(i, min(n, i + batch))])
+        logits = np.asarray(model.logits(rows[:, :-1]), dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= np.take_along_axis(logp, rows[:, 1:, None], axis=-1).sum()
+        count += rows[:, 1:].size
+    return float(np.exp(nll / count))
+
+
+def greedy_agreement(reference, candidate, prompts: list[list[int]], tokens: int) -> float:
+    """Mean share of the first `tokens` greedy tokens that match before the first difference."""
+    from ernie_paddle.generation import GenerationConfig, generate
+
+    gen = GenerationConfig(max_new_tokens=tokens, eos_token_ids=[])
+    shares = []
+    for p in prompts:
+        a, b = generate(reference, p, gen), generate(candidate, p, gen)
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        shares.append(same / tokens)
+    return float(np.mean(shares))
+
+
+def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: int = 32, greedy_tokens: int = 32,
+        variants=VARIANTS, log=lambda s: None) -> dict:
+    from ernie_paddle.export.gptq import GPTQ, calibrate
+    from ernie_paddle.export.pipeline import export
+    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.onnx_runtime import OnnxCausalLM
+    from ernie_paddle.tokenizer import ErnieTokenizer
+    from ernie_paddle.tools.train_shipped import split_corpus
+
+    tok = ErnieTokenizer(model_dir)
+    train_text, heldout_text = split_corpus(open(corpus, encoding="utf-8").read())
+    heldout = np.array(tok.encode(heldout_text), np.int64)
+    train = np.array(tok.encode(train_text), np.int64)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(train) - 129, calib_windows)
+    calib = [np.stack([train[s:s + 128] for s in starts[i:i + 8]]) for i in range(0, calib_windows, 8)]
+    prompts = [heldout[i:i + 16].tolist() for i in range(0, 4 * 997, 997)]
+    reference = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir)
+    rows = [{"variant": "paddle fp32", "perplexity": perplexity(reference, heldout), "greedy_agreement": 1.0}]
+    log(f"quality: paddle fp32 perplexity {rows[0]['perplexity']:.3f}")
+    hessians = None
+    for label, precision, block, scheme in variants:
+        quantizer = None
+        if scheme == "gptq":
+            hessians = hessians or calibrate(reference, calib)
+            quantizer = GPTQ(hessians)
+        out = os.path.join(work, label.replace(" ", "-"))
+        export(model_dir, out, precision=precision, block_size=block, verify=False, quantizer=quantizer,
+               quantizer_name=scheme)
+        cand = OnnxCausalLM(out)
+        row = {"variant": label, "precision": precision, "block_size": block, "scheme": scheme,
+               "perplexity": perplexity(cand, heldout),
+               "greedy_agreement": greedy_agreement(reference, cand, prompts, greedy_tokens),
+               "weights_mib": round(os.path.getsize(os.path.join(out, "model.onnx.data")) / 2**20, 2)}
+        if quantizer is not None:
+            row["calibrated_tensors"] = len(quantizer.calibrated)
+        row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"] - 1
+        rows.append(row)
+        log(f"quality: {label} perplexity {row['perplexity']:.3f} ({row['perplexity_vs_fp32']:+.2%}), "
+            f"greedy agreement {row['greedy_agreement']:.3f}")
+    return {"model": os.path.abspath(model_dir), "heldout_tokens": int(len(heldout)), "calibration_windows":
+            calib_windows, "greedy_tokens": greedy_tokens, "prompts": len(prompts), "results": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ernie_paddle.cli import default_model_dir
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=default_model_dir())
+    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                  "tinyshakespeare.txt"))
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        report = run(args.model, args.data, work, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print("| variant | held-out perplexity | vs fp32 | greedy agreement | weights MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for r in report["results"]:
+        print(f"| {r['variant']} | {r['perplexity']:.3f} | {r.get('perplexity_vs_fp32', 0):+.2%} | "
+              f"{r['greedy_agreement']:.3f} | {r.get('weights_mib', '')} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
