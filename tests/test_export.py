@@ -261,3 +261,23 @@ def test_folder_mismatch_and_unavailable_provider_are_named(exported, tmp_path):
     r = run_cli_onnx("generate", "--model", folder, "--input-ids", "1,2", "--provider", "cuda")
     assert r.returncode == (0 if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else 2)
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_disk_full_or_interrupted_export_leaves_nothing(exported, tmp_path, monkeypatch, failure):
+    from ernie_paddle.export import graph
+
+    d, _, _ = exported("paddle-untied-gqa2", "ort")
+    calls = {"n": 0}
+    real = graph.GraphBuilder._external
+
+    def failing(self, name, array):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise failure
+        return real(self, name, array)
+
+    monkeypatch.setattr(graph.GraphBuilder, "_external", failing)
+    with pytest.raises(type(failure)):
+        pipeline.export(d, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
