@@ -31,3 +31,11 @@ def test_readme_bash_commands_run(tmp_path):
         assert r.returncode == 0, f"{cmd}\n{r.stderr}"
         if "generate" in argv and "--prompt" in argv:
             assert r.stdout.strip() and "tokens/s" in r.stderr, cmd
+
+
+def test_readme_python_example_runs(tmp_path):
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) >= 3 and (tmp_path / "ckpt-pt" / "config.json").is_file()
