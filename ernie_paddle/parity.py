@@ -205,26 +205,124 @@ def greedy_match(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def paddle_trace_streaming(model_dir: str, cfg, seqs: list[list[int]]) -> tuple[list[Trace], list[list[float]]]:
+    """The Paddle reference computed one decoder layer at a time, reading each layer's weights when it is needed.
+
+    Holds the embedding and one layer in memory (about 4 GB in fp32 at the 21B-A3B shape instead of 87 GB), so the
+    report runs on the full model on a 24 GB machine. Same math and modules as `Ernie4_5_MoeForCausalLM`.
+    """
+    import paddle
+
+    from .checkpoint import read_canonical
+    from .modeling import DecoderLayer, RMSNorm, SparseMoeBlock, rope_cos_sin
+
+    tensors = read_canonical(model_dir, cfg)
+    _, embed = next(tensors)
+    xs = [paddle.to_tensor(embed[np.asarray(p)])[None] for p in seqs]  # [1, T, H] each
+    traces = [Trace(None, [x.numpy()[0]], []) for x in xs]
+    changed = [[] for _ in seqs]
+    rots, masks = [], []
+    for p in seqs:
+        t = len(p)
+        pos = paddle.to_tensor(np.arange(t, dtype=np.int64)[None])
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+        rots.append((cos, sin, pos))
+        allowed = np.tril(np.ones((t, t), bool))
+        masks.append(paddle.to_tensor(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))[None, None])
+    with paddle.no_grad():
+        for i in range(cfg.num_hidden_layers):
+            layer = DecoderLayer(cfg, i, "float32")
+            params = dict(layer.named_parameters())
+            prefix = f"layers.{i}."
+            for _ in range(len(params)):
+                m, a = next(tensors)
+                params[m.canonical[len(prefix):]].set_value(paddle.to_tensor(a))
+            captured = []
+            if isinstance(layer.mlp, SparseMoeBlock):
+                layer.mlp.register_forward_pre_hook(lambda l, inp: captured.append(inp[0]))
+            for j in range(len(seqs)):
+                xs[j] = layer(xs[j], rots[j], masks[j], None, 0, True)
+                traces[j].hidden.append(xs[j].numpy()[0])
+                if isinstance(layer.mlp, SparseMoeBlock):
+                    chosen = layer.mlp.last_experts.numpy()
+                    traces[j].experts.append(chosen)
+                    h = captured[-1].reshape([-1, cfg.hidden_size])
+                    probs = paddle.nn.functional.softmax(paddle.matmul(h, layer.mlp.gate.weight), axis=-1).numpy()
+                    plain = np.argsort(-probs, axis=-1, kind="stable")[:, :layer.mlp.k]
+                    changed[j].append(float(np.mean([set(u) != set(v) for u, v in zip(plain, chosen)])))
+            del layer, params
+        _, norm_w = next(tensors)
+        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "float32")
+        norm.weight.set_value(paddle.to_tensor(norm_w))
+        head = embed.T if cfg.tie_word_embeddings else next(tensors)[1]
+        for j, x in enumerate(xs):
+            normed = norm(x).numpy()[0]
+            traces[j].hidden[-1] = normed
+            traces[j].logits = (normed @ head).astype(np.float32)
+    return traces, changed
+
+
+def _teacher_forced_match(ref_logits: np.ndarray, prompt_len: int, continuation: list[int]) -> int:
+    """How many of `continuation` the reference would have produced greedily (logits of prompt + continuation)."""
+    pred = ref_logits[prompt_len - 1:prompt_len - 1 + len(continuation)].argmax(-1)
+    return greedy_match(pred.tolist(), continuation)
+
+
 def run(model_dir: str, onnx_dirs: list[str], use_hf: bool, prompts: list[list[int]], greedy_tokens: int = 32,
-        log=lambda s: None) -> dict:
-    """The whole report as a dict (see module docstring)."""
+        log=lambda s: None, streaming: bool | None = None) -> dict:
+    """The whole report as a dict (see module docstring).
+
+    `streaming` (default: when the fp32 model would not fit in memory) computes the Paddle reference layer by
+    layer; the candidates then run first and the reference checks their greedy continuations teacher-forced.
+    """
+    import gc
+
     from .config import ErnieConfig
-    from .modeling import Ernie4_5_MoeForCausalLM
+    from .layout import PT, tensor_maps
+    from .sysinfo import available_memory
 
     cfg = ErnieConfig.from_file(model_dir)
+    fp32 = 4 * sum(int(np.prod(m.shape)) for m in tensor_maps(cfg, PT))
+    if streaming is None:
+        streaming = fp32 > 0.5 * available_memory()
+    gen = GenerationConfig(max_new_tokens=greedy_tokens, eos_token_ids=[])
+    report = {"model": os.path.abspath(model_dir), "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
+              "greedy_tokens": greedy_tokens, "reference": "paddle fp32, layer by layer" if streaming else "paddle fp32",
+              "moe_layers": [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)], "candidates": []}
+    if streaming:
+        if use_hf:
+            raise ValueError("--hf needs the whole fp32 model in memory; it is too large here (drop --hf)")
+        runs = []
+        for folder in onnx_dirs:
+            log(f"parity: {folder}")
+            probe = OnnxProbe(folder, cfg)
+            runs.append((probe.name, [probe.trace(p) for p in prompts],
+                         [generate(probe.runtime, p, gen) for p in prompts]))
+            del probe
+            gc.collect()
+        log("parity: Paddle reference, layer by layer")
+        seqs = list(prompts) + [p + g for _, _, greedy in runs for p, g in zip(prompts, greedy)]
+        traces, changed = paddle_trace_streaming(model_dir, cfg, seqs)
+        ref, extra = traces[:len(prompts)], traces[len(prompts):]
+        report["bias_changed_choice"] = [float(np.mean(x)) for x in zip(*changed[:len(prompts)])]
+        for c, (name, cand, greedy) in enumerate(runs):
+            row = {"name": name, **compare_traces(ref, cand)}
+            row["greedy_identical_tokens"] = [
+                _teacher_forced_match(extra[c * len(prompts) + k].logits, len(p), g)
+                for k, (p, g) in enumerate(zip(prompts, greedy))]
+            report["candidates"].append(row)
+        return report
+
+    from .modeling import Ernie4_5_MoeForCausalLM
+
     model = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir, config=cfg)
     ref, changed = [], []
     for p in prompts:
         t, ch = paddle_trace(model, p)
         ref.append(t)
         changed.append(ch)
-    gen = GenerationConfig(max_new_tokens=greedy_tokens, eos_token_ids=[])
     ref_greedy = [generate(model, p, gen) for p in prompts]
-    report = {"model": os.path.abspath(model_dir), "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
-              "greedy_tokens": greedy_tokens, "moe_layers": [i for i in range(cfg.num_hidden_layers)
-                                                             if cfg.is_moe_layer(i)],
-              "bias_changed_choice": [float(np.mean(x)) for x in zip(*changed)] if changed and changed[0] else [],
-              "candidates": []}
+    report["bias_changed_choice"] = [float(np.mean(x)) for x in zip(*changed)] if changed and changed[0] else []
     for folder in onnx_dirs:
         log(f"parity: {folder}")
         probe = OnnxProbe(folder, cfg)

@@ -36,3 +36,21 @@ def test_parity_report_fp32_int4_and_transformers(tiny_ckpt, tmp_path):
     assert np.isfinite(onnx_int4["kl_divergence"]) and onnx_int4["kl_divergence"] > 1e-4
     assert "per layer max |diff|" in r.stdout and "onnx:fp32 (ort fp32)" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_by_layer_reference_gives_the_same_report(tiny_ckpt, tmp_path):
+    from ernie_paddle import parity
+
+    d, cfg = tiny_ckpt
+    folder = str(tmp_path / "int4")
+    pipeline.export(d, folder, precision="int4", verify=False)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300, 400]]
+    whole = parity.run(d, [folder], False, prompts, greedy_tokens=10, streaming=False)
+    streamed = parity.run(d, [folder], False, prompts, greedy_tokens=10, streaming=True)
+    assert streamed["reference"] == "paddle fp32, layer by layer"
+    a, b = whole["candidates"][0], streamed["candidates"][0]
+    assert a["greedy_identical_tokens"] == b["greedy_identical_tokens"]
+    assert a["router_agreement"] == b["router_agreement"] and a["top1_agreement"] == b["top1_agreement"]
+    assert np.allclose(a["hidden_max_abs_diff"], b["hidden_max_abs_diff"], atol=1e-4)
+    assert abs(a["logits_max_abs_diff"] - b["logits_max_abs_diff"]) <= 1e-4
+    assert np.allclose(whole["bias_changed_choice"], streamed["bias_changed_choice"])
