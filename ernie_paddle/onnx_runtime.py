@@ -58,13 +58,14 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 class OnnxCausalLM:
     """An exported folder opened in an ONNX Runtime session."""
 
-    def __init__(self, folder: str, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, folder: str, provider: str = "cpu", threads: int | None = None, model_file: str | None = None):
+        """`model_file` overrides the manifest's graph (the parity report's copy with extra outputs)."""
         import onnxruntime as ort
 
         self.folder = folder
         self.manifest = load_manifest(folder)
         self.config = ErnieConfig.from_file(os.path.join(folder, "config.json"))
-        model_path = os.path.join(folder, self.manifest.get("model_file", MODEL_FILE))
+        model_path = model_file or os.path.join(folder, self.manifest.get("model_file", MODEL_FILE))
         if not os.path.isfile(model_path):
             raise OnnxFolderError(f"{model_path}: missing model file")
         for name in self.manifest.get("external_data", []):

@@ -77,12 +77,10 @@ class OnnxProbe:
 
     def __init__(self, folder: str, cfg):
         import onnx
-        import onnxruntime as ort
 
         from .onnx_runtime import OnnxCausalLM, load_manifest
 
         self.folder, self.cfg = folder, cfg
-        self.runtime = OnnxCausalLM(folder)
         manifest = load_manifest(folder)
         self.name = f"onnx:{os.path.basename(os.path.normpath(folder))} ({manifest['flavor']} {manifest['precision']})"
         model = onnx.load(os.path.join(folder, manifest.get("model_file", "model.onnx")), load_external_data=False)
@@ -103,15 +101,15 @@ class OnnxProbe:
         extra = [x for x in self.hidden_names if x] + [r for _, r in self.router_names]
         for name in extra:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        fd, self.probe_path = tempfile.mkstemp(prefix=".parity-", suffix=".onnx", dir=folder)
+        fd, probe_path = tempfile.mkstemp(prefix=".parity-", suffix=".onnx", dir=folder)
         os.close(fd)
-        onnx.save(model, self.probe_path)  # same external data file, referenced relatively
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(self.probe_path, so, providers=["CPUExecutionProvider"])
+            onnx.save(model, probe_path)  # same external data file, referenced relatively
+            # one session serves both the traces and generation: the weights are loaded once
+            self.runtime = OnnxCausalLM(folder, model_file=probe_path)
         finally:
-            os.remove(self.probe_path)
+            os.remove(probe_path)
+        self.session = self.runtime.session
 
     def trace(self, ids: list[int]) -> Trace:
         cfg = self.cfg
