@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _runtime  # noqa: F401  (thread / MKL settings before Paddle is imported below)
 from .generation import GenerationConfig, generate
 
 

@@ -2,14 +2,13 @@
 
 The `safetensors` package's numpy API cannot return bfloat16 (numpy has no such dtype), and the released
 ERNIE weights are bf16, so the format (an 8-byte little-endian header length, a JSON header, raw data) is read
-here directly through `mmap`: only the requested tensor is copied, bf16 is widened to float32 exactly, and
+here directly, one positioned read per tensor: only the requested tensor is read, bf16 is widened to float32 exactly, and
 every inconsistency is reported with the file and tensor name. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
 import struct
@@ -53,7 +52,7 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """One `.safetensors` file opened lazily through mmap; `get(name)` copies just that tensor."""
+    """One `.safetensors` file: the header is parsed and checked at open; `get(name)` reads just that tensor."""
 
     def __init__(self, path: str):
         self.path = path
@@ -93,34 +92,29 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: file is truncated: tensor '{name}' ends at byte "
                                       f"{self._data_start + end} but the file has {size} bytes")
             self.tensors[name] = TensorInfo(dtype, shape, start, end)
-        self._mm: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mm
-
     def get(self, name: str, *, widen_bf16: bool = True) -> np.ndarray:
-        """A copy of tensor `name`; bf16 becomes float32 unless `widen_bf16` is False (then raw uint16)."""
+        """A copy of tensor `name`; bf16 becomes float32 unless `widen_bf16` is False (then raw uint16).
+
+        Read with one positioned read into a fresh array (not through a memory map, whose pages would stay
+        resident and count against the process: reading a 41 GB checkpoint through mmap peaked at 21 GB RSS)."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor '{name}'")
-        mm = self._map()
         count = int(np.prod(info.shape, dtype=np.int64))
-        arr = np.frombuffer(mm, dtype=_NP_DTYPES[info.dtype], count=count,
-                            offset=self._data_start + info.start).reshape(info.shape)
+        arr = np.fromfile(self.path, dtype=_NP_DTYPES[info.dtype], count=count,
+                          offset=self._data_start + info.start).reshape(info.shape)
+        if arr.size != count:
+            raise CheckpointError(f"{self.path}: tensor '{name}' could not be read in full")
         if info.dtype == "BF16" and widen_bf16:
             return bf16_to_f32(arr)
-        return arr.copy()
+        return arr
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        pass
 
 
 class CheckpointReader:
