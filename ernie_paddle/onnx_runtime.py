@@ -74,6 +74,11 @@ class OnnxCausalLM:
                                       f"{MANIFEST}")
         if provider not in PROVIDERS:
             raise InputError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+        precision = self.manifest.get("precision")
+        if provider == "cuda" and precision in ("int8", "int4", "int2"):
+            raise InputError(f"{folder}: a {precision} export holds QMoE/MatMulNBits weights in the CPU layout; "
+                             f"CUDA needs its own prepacked layout, not produced yet: run it with --provider cpu, "
+                             f"or export fp16 for CUDA")
         ep = PROVIDERS[provider]
         if ep not in ort.get_available_providers():
             raise InputError(f"provider {provider} ({ep}) is not available in this onnxruntime build "

@@ -281,3 +281,13 @@ def test_disk_full_or_interrupted_export_leaves_nothing(exported, tmp_path, monk
     with pytest.raises(type(failure)):
         pipeline.export(d, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []
+
+
+def test_precision_the_provider_cannot_run_is_named(exported):
+    from ernie_paddle.errors import InputError
+
+    _, _, folder = exported("paddle-untied-gqa2", "ort", "int4")
+    with pytest.raises(InputError, match="int4 export holds QMoE/MatMulNBits weights in the CPU layout; CUDA needs"):
+        OnnxCausalLM(folder, provider="cuda")
+    r = run_cli_onnx("generate", "--model", folder, "--input-ids", "1,2", "--provider", "cuda")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--provider cpu" in r.stderr
