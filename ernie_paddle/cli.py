@@ -267,6 +267,18 @@ def cmd_parity(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    from .config import ErnieConfig, preset
+    from .memory import parse_size, report
+
+    if (args.model is None) == (args.preset is None):
+        raise ErnieError("give exactly one of --model DIR or --preset NAME")
+    cfg = ErnieConfig.from_file(args.model) if args.model else preset(args.preset)
+    device = parse_size(args.device_memory) if args.device_memory else None
+    print(report(cfg, args.precision, args.context, args.batch, device))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie-paddle", description="ERNIE-4.5 in PaddlePaddle: generation, logits, "
                                 "checkpoint conversion and random checkpoints.")
@@ -317,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plot", default=None, help="write a PNG of per-layer drift (needs matplotlib)")
     pr.add_argument("--strict-config", action="store_true")
     pr.set_defaults(func=cmd_parity)
+
+    mem = sub.add_parser("memory", help="plan the memory of a model at a precision and context length")
+    mem.add_argument("--model", default=None, help="checkpoint directory (its config.json)")
+    mem.add_argument("--preset", default=None, choices=["tiny", "small", "0.3b", "21b-a3b"])
+    mem.add_argument("--precision", required=True, choices=["fp32", "bf16", "fp16", "int8", "int4", "int2"])
+    mem.add_argument("--context", type=int, required=True, help="tokens per sequence (prompt + generated)")
+    mem.add_argument("--batch", type=int, default=1)
+    mem.add_argument("--device-memory", default=None, help="e.g. 24GB (default: list the common GPUs it fits)")
+    mem.set_defaults(func=cmd_memory)
 
     sub.add_parser("bench", help="benchmark engines on the same weights (ernie-paddle bench --help)")
 
