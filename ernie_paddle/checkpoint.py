@@ -26,6 +26,23 @@ SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "spe
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
 
+class TensorStream:
+    """Canonical tensors from an iterator, taken by name in (nearly) the order they arrive."""
+
+    def __init__(self, pairs: Iterator[tuple[str, np.ndarray]]):
+        self._it = iter(pairs)
+        self._held: dict[str, np.ndarray] = {}
+
+    def take(self, name: str) -> np.ndarray:
+        while name not in self._held:
+            try:
+                k, v = next(self._it)
+            except StopIteration:
+                raise KeyError(f"checkpoint has no tensor '{name}'") from None
+            self._held[k] = v
+        return self._held.pop(name)
+
+
 def read_canonical(directory: str, cfg: ErnieConfig | None = None, allow_pickle: bool = False
                    ) -> Iterator[tuple[TensorMap, np.ndarray]]:
     """Canonical tensors of the checkpoint in `directory` (either layout), strictly checked, one at a time.

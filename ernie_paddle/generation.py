@@ -43,6 +43,11 @@ class GenerationConfig:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
 
 
+def logits_numpy(out) -> np.ndarray:
+    """The logits of a model call as numpy: Paddle returns a Tensor, the ONNX runtime already an array."""
+    return np.asarray(out.logits.numpy() if hasattr(out.logits, "numpy") else out.logits)
+
+
 def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
     """Every id must index the embedding: the error names the first bad id and its position."""
     bad = np.argwhere((ids < 0) | (ids >= vocab_size))
@@ -135,7 +140,7 @@ def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig 
     out = model(ids, attention_mask=mask[:, :longest], position_ids=positions, cache=cache, last_only=True)
     next_pos = positions[:, -1:] + 1
     for step in range(gen.max_new_tokens):
-        logits = np.asarray(out.logits.numpy() if hasattr(out.logits, "numpy") else out.logits)[:, -1]
+        logits = logits_numpy(out)[:, -1]
         tokens = choose(process_logits(logits, history, gen), gen, rng)
         yield [None if finished[i] else int(tokens[i]) for i in range(b)]
         for i in range(b):

@@ -31,9 +31,9 @@ def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tens
 
 def rope_tables(head_dim: int, theta: float, max_pos: int, dtype: str) -> tuple[paddle.Tensor, paddle.Tensor]:
     """Full-width cos/sin tables [1, max_pos, 1, d] in ERNIE's layout [θ0, θ0, θ1, θ1, ...] (fp32 math)."""
-    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-    angles = np.arange(max_pos, dtype=np.float32)[:, None] * inv_freq[None, :]
-    angles = np.repeat(angles, 2, axis=-1)[None, :, None, :]
+    from .rope import angle_table
+
+    angles = np.repeat(angle_table(max_pos, head_dim, theta), 2, axis=-1)[None, :, None, :]
     return (paddle.to_tensor(np.cos(angles)).astype(dtype), paddle.to_tensor(np.sin(angles)).astype(dtype))
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .config import ErnieConfig
 from .layout import PT, tensor_maps
 
@@ -30,6 +32,11 @@ class Plan:
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.working + self.runtime
+
+
+def fp32_bytes(cfg: ErnieConfig) -> int:
+    """Size of every weight in fp32: what the Paddle CPU model (and the portable flavour) holds."""
+    return 4 * sum(int(np.prod(m.shape)) for m in tensor_maps(cfg, PT))
 
 
 def plan(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = 32) -> Plan:

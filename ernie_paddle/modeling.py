@@ -21,7 +21,7 @@ import paddle.nn.functional as F
 from .config import ErnieConfig
 from .errors import InputError
 from .generation import check_token_ids
-from . import kernels_gpu
+from . import kernels_gpu, rope
 from .moe import EXPERT_PASSES, route
 
 _NEG = float(np.finfo(np.float32).min)
@@ -57,8 +57,7 @@ class RMSNorm(nn.Layer):
 
 def rope_cos_sin(position_ids: paddle.Tensor, head_dim: int, theta: float) -> tuple[paddle.Tensor, paddle.Tensor]:
     """cos/sin [B, T, 1, d/2] in fp32 for interleaved pairs: angle = pos_fp32 * theta^(-2i/d), elementwise."""
-    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-    angles = position_ids.astype("float32").unsqueeze(-1) * paddle.to_tensor(inv_freq.astype(np.float32))
+    angles = position_ids.astype("float32").unsqueeze(-1) * paddle.to_tensor(rope.inv_freq(head_dim, theta))
     angles = angles.unsqueeze(2)  # [B, T, 1, d/2]
     return paddle.cos(angles), paddle.sin(angles)
 

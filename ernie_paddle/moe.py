@@ -8,7 +8,7 @@ each selected expert once on its contiguous slice: no per-token weight gathers, 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import paddle
 import paddle.nn.functional as F
@@ -65,8 +65,3 @@ def mask_loop(x: paddle.Tensor, weights: paddle.Tensor, experts: paddle.Tensor, 
 
 
 EXPERT_PASSES: dict[str, Callable] = {"sorted": sorted_grouped, "mask-loop": mask_loop}
-
-
-def stack_counts(experts: paddle.Tensor, num_experts: int) -> Sequence[int]:
-    """Tokens routed to each expert (for load-balance reports)."""
-    return paddle.bincount(experts.reshape([-1]), minlength=num_experts).tolist()

@@ -119,8 +119,6 @@ class OnnxCausalLM:
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: OnnxCache | None = None,
                  last_only: bool = False) -> OnnxOutput:
         """One step: input_ids [B, T]; attention_mask [B, past + T]; returns logits (and advances `cache`)."""
-        import onnxruntime as ort
-
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]

@@ -28,48 +28,40 @@ class Trace:
 
 
 # ---- the reference ------------------------------------------------------------------------------------------
-def paddle_trace(model, ids: list[int]) -> tuple[Trace, list[float]]:
-    """Paddle trace, and per MoE layer the share of tokens whose expert set the correction bias changed."""
+def _bias_changed(block, router_input, chosen: np.ndarray) -> float:
+    """Share of tokens whose expert set the correction bias changed (plain top-k of the probs vs the choice)."""
     import paddle
 
+    h = router_input.reshape([-1, router_input.shape[-1]])
+    probs = paddle.nn.functional.softmax(paddle.matmul(h.astype("float32"), block.gate.weight), axis=-1).numpy()
+    plain = np.argsort(-probs, axis=-1, kind="stable")[:, :block.k]
+    return float(np.mean([set(a) != set(b) for a, b in zip(plain, chosen)]))
+
+
+def _capture_router_inputs(blocks) -> tuple[list, list]:
+    """Forward pre-hooks recording each MoE block's input; returns (captured inputs, hook handles)."""
+    captured, handles = [], []
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(lambda layer, inputs: captured.append(inputs[0])))
+    return captured, handles
+
+
+def paddle_trace(model, ids: list[int]) -> tuple[Trace, list[float]]:
+    """Paddle trace, and per MoE layer the share of tokens whose expert set the correction bias changed."""
     from .modeling import SparseMoeBlock
 
-    out = model(np.array([ids]), output_router=True, output_hidden_states=True)
+    blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+    captured, handles = _capture_router_inputs(blocks)
+    try:
+        out = model(np.array([ids]), output_router=True, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
     hidden = [h.numpy()[0] for h in out.hidden_states]
     hidden[-1] = model.norm(out.hidden_states[-1]).numpy()[0]  # compare the final normed state, as HF exposes it
     experts = [e.numpy() for e in out.router_experts]
-    changed = []
-    blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
-    for block, layer_in, chosen in zip(blocks, _moe_inputs(model, out), experts):
-        probs = paddle.nn.functional.softmax(paddle.matmul(layer_in, block.gate.weight), axis=-1).numpy()
-        plain = np.argsort(-probs, axis=-1, kind="stable")[:, :block.k]
-        changed.append(float(np.mean([set(a) != set(b) for a, b in zip(plain, chosen)])))
+    changed = [_bias_changed(b, x, e) for b, x, e in zip(blocks, captured, experts)]
     return Trace(out.logits.numpy()[0], hidden, experts), changed
-
-
-def _moe_inputs(model, out) -> list:
-    """The normed input of each MoE layer's router, recomputed from the hidden states."""
-    from .modeling import SparseMoeBlock
-
-    res = []
-    for i, layer in enumerate(model.layers):
-        if isinstance(layer.mlp, SparseMoeBlock):
-            x = out.hidden_states[i]
-            h = x + layer.self_attn(layer.input_layernorm(x), *_rot_args(model, x.shape[1]))
-            res.append(layer.post_attention_layernorm(h).reshape([-1, model.config.hidden_size]))
-    return res
-
-
-def _rot_args(model, t: int):
-    import paddle
-
-    from .modeling import rope_cos_sin
-
-    pos = paddle.to_tensor(np.arange(t, dtype=np.int64)[None])
-    cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta)
-    allowed = np.tril(np.ones((t, t), bool))
-    mask = paddle.to_tensor(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))[None, None]
-    return (cos, sin, pos), mask, None, 0, True
 
 
 # ---- candidates -------------------------------------------------------------------------------------------------
@@ -236,19 +228,15 @@ def paddle_trace_streaming(model_dir: str, cfg, seqs: list[list[int]]) -> tuple[
             for _ in range(len(params)):
                 m, a = next(tensors)
                 params[m.canonical[len(prefix):]].set_value(paddle.to_tensor(a))
-            captured = []
-            if isinstance(layer.mlp, SparseMoeBlock):
-                layer.mlp.register_forward_pre_hook(lambda l, inp: captured.append(inp[0]))
+            moe = isinstance(layer.mlp, SparseMoeBlock)
+            captured, _ = _capture_router_inputs([layer.mlp] if moe else [])
             for j in range(len(seqs)):
                 xs[j] = layer(xs[j], rots[j], masks[j], None, 0, True)
                 traces[j].hidden.append(xs[j].numpy()[0])
-                if isinstance(layer.mlp, SparseMoeBlock):
+                if moe:
                     chosen = layer.mlp.last_experts.numpy()
                     traces[j].experts.append(chosen)
-                    h = captured[-1].reshape([-1, cfg.hidden_size])
-                    probs = paddle.nn.functional.softmax(paddle.matmul(h, layer.mlp.gate.weight), axis=-1).numpy()
-                    plain = np.argsort(-probs, axis=-1, kind="stable")[:, :layer.mlp.k]
-                    changed[j].append(float(np.mean([set(u) != set(v) for u, v in zip(plain, chosen)])))
+                    changed[j].append(_bias_changed(layer.mlp, captured[-1], chosen))
             del layer, params
         _, norm_w = next(tensors)
         norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "float32")
@@ -277,13 +265,12 @@ def run(model_dir: str, onnx_dirs: list[str], use_hf: bool, prompts: list[list[i
     import gc
 
     from .config import ErnieConfig
-    from .layout import PT, tensor_maps
+    from .memory import fp32_bytes
     from .sysinfo import available_memory
 
     cfg = ErnieConfig.from_file(model_dir)
-    fp32 = 4 * sum(int(np.prod(m.shape)) for m in tensor_maps(cfg, PT))
     if streaming is None:
-        streaming = fp32 > 0.5 * available_memory()
+        streaming = fp32_bytes(cfg) > 0.5 * available_memory()
     gen = GenerationConfig(max_new_tokens=greedy_tokens, eos_token_ids=[])
     report = {"model": os.path.abspath(model_dir), "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
               "greedy_tokens": greedy_tokens, "reference": "paddle fp32, layer by layer" if streaming else "paddle fp32",

@@ -12,36 +12,21 @@ the RotaryEmbedding ops, and padded keys are masked through GQA's `attention_bia
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
+from ernie_paddle.checkpoint import TensorStream
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
+from ernie_paddle.rope import angle_table
 
 from .graph import MS, GraphBuilder
 from .quantize import matmul_nbits_weights, qmoe_weights, rtn
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
 BITS = {"int8": 8, "int4": 4, "int2": 2}
-
-
-class TensorStream:
-    """Canonical tensors from an iterator, taken by name in (nearly) the order they arrive."""
-
-    def __init__(self, pairs: Iterator[tuple[str, np.ndarray]]):
-        self._it = iter(pairs)
-        self._held: dict[str, np.ndarray] = {}
-
-    def take(self, name: str) -> np.ndarray:
-        while name not in self._held:
-            try:
-                k, v = next(self._it)
-            except StopIteration:
-                raise KeyError(f"checkpoint has no tensor '{name}'") from None
-            self._held[k] = v
-        return self._held.pop(name)
 
 
 class ErnieOrtBuilder:
@@ -85,7 +70,7 @@ class ErnieOrtBuilder:
     # ---- the graph -------------------------------------------------------------------------------------
     def build(self, tensors: TensorStream, progress: Callable[[str], None] | None = None) -> None:
         cfg, g = self.cfg, self.g
-        nkv, d, h = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        nkv, d = cfg.num_key_value_heads, cfg.head_dim
         ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
         for i in range(cfg.num_hidden_layers):
@@ -163,8 +148,7 @@ class ErnieOrtBuilder:
         """cos/sin [max_pos, d/2]: angle = pos_fp32 * inv_freq_fp32, the Paddle model's fp32 arithmetic."""
         cfg = self.cfg
         d = cfg.head_dim
-        inv_freq = np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
-        angles = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
+        angles = angle_table(cfg.max_position_embeddings, d, cfg.rope_theta)
         return self.w("rope.cos_cache", np.cos(angles)), self.w("rope.sin_cache", np.sin(angles))
 
     def head_weight(self, embed_v_h: np.ndarray) -> Callable[[str], str]:

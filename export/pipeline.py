@@ -16,12 +16,11 @@ import tempfile
 import time
 from typing import Callable
 
-import numpy as np
 
 from ernie_paddle.checkpoint import SIDE_FILES, read_canonical
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.layout import PT, tensor_maps
+from ernie_paddle.memory import fp32_bytes
 from ernie_paddle.sysinfo import available_memory
 
 from .genai import genai_config
@@ -49,10 +48,6 @@ def source_hash(model_dir: str) -> dict:
     per_file = {f: _sha256(os.path.join(model_dir, f)) for f in files}
     total = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in per_file.items()).encode()).hexdigest()
     return {"sha256": total, "files": per_file}
-
-
-def fp32_bytes(cfg: ErnieConfig) -> int:
-    return 4 * sum(int(np.prod(m.shape)) for m in tensor_maps(cfg, PT))
 
 
 def _versions() -> dict:
@@ -105,7 +100,9 @@ def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precisio
         model_path = os.path.join(tmp, MODEL_FILE)
         if flavor == "ort":
             from .graph import GraphBuilder, data_file_for
-            from .ort_graph import ErnieOrtBuilder, TensorStream
+            from ernie_paddle.checkpoint import TensorStream
+
+            from .ort_graph import ErnieOrtBuilder
 
             data_path, data_name = data_file_for(model_path)
             g = GraphBuilder(data_path, data_name)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
+from ernie_paddle.rope import inv_freq as rope_inv_freq
 
 OPSET = 21  # paddle2onnx 2.1.0 goes up to 21
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -37,8 +38,7 @@ def _portable_module(model):
     cfg = model.config
     nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     rep = nh // nkv
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
-    inv_freq = inv_freq.astype(np.float32)
+    inv_freq = rope_inv_freq(d, cfg.rope_theta)
 
     def rope(x, cos, sin):  # x [B, S, h, d]; interleaved pairs
         even, odd = x[..., 0::2], x[..., 1::2]
@@ -48,7 +48,7 @@ def _portable_module(model):
         def __init__(self):
             super().__init__()
             self.m = model
-            self.register_buffer("inv_freq", paddle.to_tensor(inv_freq))
+            self.register_buffer("inv_freq", paddle.to_tensor(np.array(inv_freq)))
 
         def attention(self, attn, h, cos, sin, bias, past_k, past_v):
             qkv = attn.qkv_proj(h).reshape([0, 0, nh + 2 * nkv, d])

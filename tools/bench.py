@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from ernie_paddle.generation import logits_numpy
+
 PRESETS = {  # (config preset, layers, engines run by default)
     "tiny": ("tiny", None, ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "hf", "llama-f16",
                             "llama-q8_0", "llama-q4_0"]),
@@ -155,16 +157,12 @@ class _Ours:
 
     def prefill(self, ids):
         cache = self.model.allocate_cache(len(ids), self.max_len)
-        out = self.model(ids, cache=cache, last_only=True)
-        logits = out.logits.numpy() if hasattr(out.logits, "numpy") else out.logits
-        return logits[:, -1], cache
+        return logits_numpy(self.model(ids, cache=cache, last_only=True))[:, -1], cache
 
     def step(self, tokens, cache):
         import numpy as np
 
-        out = self.model(np.asarray(tokens)[:, None], cache=cache, last_only=True)
-        logits = out.logits.numpy() if hasattr(out.logits, "numpy") else out.logits
-        return logits[:, -1], cache
+        return logits_numpy(self.model(np.asarray(tokens)[:, None], cache=cache, last_only=True))[:, -1], cache
 
 
 class _Llama:

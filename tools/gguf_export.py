@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ernie_paddle.checkpoint import read_canonical
+from ernie_paddle.checkpoint import TensorStream, read_canonical
 from ernie_paddle.config import ErnieConfig
 
 F32_KINDS = ("norm", "router", "bias")
@@ -59,21 +59,15 @@ def _arrays(cfg: ErnieConfig, directory: str | None, source=None) -> Iterator[np
     """The arrays of `plan(cfg)`, in order, in llama.cpp's (torch [out, in]) orientation.
 
     From the checkpoint in `directory`, or from `source`: canonical (name, array) pairs."""
-    src = iter(source) if source is not None else ((m.canonical, a) for m, a in read_canonical(directory, cfg))
-    held: dict[str, np.ndarray] = {}
-
-    def take(name: str) -> np.ndarray:
-        while name not in held:
-            k, a = next(src)
-            held[k] = a
-        return held.pop(name)
+    take = TensorStream(source if source is not None else
+                        ((m.canonical, a) for m, a in read_canonical(directory, cfg))).take
 
     def split_mlp(prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ug, down = take(f"{prefix}.up_gate_proj.weight"), take(f"{prefix}.down_proj.weight")
         w = ug.shape[1] // 2
         return ug[:, :w].T, ug[:, w:].T, down.T
 
-    h, d = cfg.hidden_size, cfg.head_dim
+    d = cfg.head_dim
     yield take("embed_tokens.weight")
     for i in range(cfg.num_hidden_layers):
         L = f"layers.{i}"
