@@ -15,13 +15,21 @@ import warnings
 from typing import Callable, Sequence
 
 from .errors import ConfigDefaultWarning, ErnieError
+from .sysinfo import peak_rss
 
 
 def _ids(text: str) -> list[int]:
+    """Comma-separated ids, or `@FILE`: ids separated by commas or whitespace in a file (long prompts)."""
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise argparse.ArgumentTypeError(f"cannot read token ids from {text[1:]}: {e}") from None
     try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+        ids = [int(x) for x in text.replace(",", " ").split()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,3, got {text[:80]!r}") from None
     return ids
 
 
@@ -74,6 +82,12 @@ def run_generate(model, args) -> int:
     from .generation import GenerationConfig, stream
 
     tok, stops = None, list(args.stop_ids or ())
+    if getattr(args, "prompt_file", None) is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                args.prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ErnieError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from None
     if args.prompt is not None:
         from .tokenizer import ErnieTokenizer, IncrementalDecoder
 
@@ -98,9 +112,9 @@ def run_generate(model, args) -> int:
     gen = GenerationConfig(max_new_tokens=max_new, do_sample=args.do_sample, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                            repetition_penalty=args.repetition_penalty, stop_token_ids=tuple(stops),
-                           vocab_limit=usable)
+                           vocab_limit=usable, prefill_chunk=args.prefill_chunk)
     t0, new, first = time.time(), [], None
-    if tok and not args.json:
+    if tok and not args.json and getattr(args, "prompt_file", None) is None:  # echo a short prompt, not a file
         print(text if not args.chat else "", end="", flush=True)
     for t in stream(model, prompt_ids, gen):
         first = first or time.time() - t0
@@ -114,14 +128,17 @@ def run_generate(model, args) -> int:
     dt = time.time() - t0
     if args.json:
         out = {"token_ids": new, "prompt_tokens": len(prompt_ids), "generated_tokens": len(new),
-               "seconds": round(dt, 4)}
+               "seconds": round(dt, 4), "first_token_seconds": round(first or 0.0, 4),
+               "decode_tokens_per_s": round((len(new) - 1) / (dt - first), 3) if len(new) > 1 else None,
+               "peak_rss_gib": round(peak_rss() / 2**30, 3)}
         if tok:
             out["text"] = tok.decode(new, skip_special_tokens=True)
         print(json.dumps(out))
     else:
         print(flush=True)
         print(f"[prompt {len(prompt_ids)} tokens, generated {len(new)} tokens, "
-              f"{len(new) / max(dt, 1e-9):.2f} tokens/s, first token after {first or 0:.2f}s]", file=sys.stderr)
+              f"{len(new) / max(dt, 1e-9):.2f} tokens/s, first token after {first or 0:.2f}s, "
+              f"peak RSS {peak_rss() / 2**30:.2f} GiB]", file=sys.stderr)
     return 0
 
 
@@ -196,8 +213,9 @@ def cmd_make_checkpoint(args) -> int:
 def generate_args(g: argparse.ArgumentParser) -> None:
     """The generate arguments: one contract for ernie-paddle and ernie-onnx."""
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input-ids", type=_ids, help="prompt token ids, e.g. 1,2,3 (prints the new ids)")
+    src.add_argument("--input-ids", type=_ids, help="prompt token ids, e.g. 1,2,3, or @FILE (prints the new ids)")
     src.add_argument("--prompt", help="prompt text (needs the model's tokenizer; streams text)")
+    src.add_argument("--prompt-file", help="read the prompt text from this UTF-8 file (long contexts)")
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the ERNIE chat template")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default 32 for --input-ids, 128 for --prompt")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -207,6 +225,8 @@ def generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop-ids", type=_ids, default=None, help="extra token ids that end generation")
+    g.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per prefill pass (bounds attention memory at long contexts; default 512)")
     g.add_argument("--json", action="store_true", help='print one JSON object; "token_ids" holds the new tokens')
 
 

@@ -29,6 +29,7 @@ class GenerationConfig:
     eos_token_ids: Sequence[int] | None = None  # None: the model config's eos ids
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     vocab_limit: int | None = None  # ids >= this are never chosen (embedding rows beyond the tokenizer)
+    prefill_chunk: int = 512  # prompt tokens per prefill pass: bounds the [chunk x context] attention scores
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -41,6 +42,8 @@ class GenerationConfig:
             raise InputError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
 
 
 def logits_numpy(out) -> np.ndarray:
@@ -113,6 +116,20 @@ def _check_prompts(model, prompts: Sequence[Sequence[int]], gen: GenerationConfi
     return out
 
 
+def prefill(model, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache, chunk: int):
+    """Run the prompt into the cache `chunk` tokens at a time; returns the last pass's output (last token only).
+
+    Attention scores of one pass are [heads x chunk x cached tokens]: at a 32K-token context a single pass would
+    need tens of GB, chunks of 512 a few hundred MB, for the same result.
+    """
+    out = None
+    for s in range(0, ids.shape[1], chunk):
+        e = min(s + chunk, ids.shape[1])
+        out = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], cache=cache,
+                    last_only=True)
+    return out
+
+
 def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None
                  ) -> Iterator[list[int | None]]:
     """Yield, each step, the new token of every prompt (None once that prompt has finished)."""
@@ -137,7 +154,7 @@ def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig 
     finished = np.zeros(b, dtype=bool)
     cache = model.allocate_cache(b, total)
 
-    out = model(ids, attention_mask=mask[:, :longest], position_ids=positions, cache=cache, last_only=True)
+    out = prefill(model, ids, mask[:, :longest], positions, cache, gen.prefill_chunk)
     next_pos = positions[:, -1:] + 1
     for step in range(gen.max_new_tokens):
         logits = logits_numpy(out)[:, -1]

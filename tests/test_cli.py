@@ -14,7 +14,7 @@ from ernie_paddle.generation import GenerationConfig, generate
 from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
 from ernie_paddle.safetensors_io import CheckpointReader
 
-from conftest import run_cli
+from conftest import prompt, run_cli
 
 
 def test_console_script_is_installed():
@@ -131,3 +131,23 @@ def test_config_defaults_warn_and_strict_config_refuses(tiny_ckpt, tmp_path):
     r = run_cli("generate", "--model", d, "--input-ids", "1,2", "--max-new-tokens", "1", "--strict-config")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "error: " in r.stderr and "field 'rope_theta' is missing" in r.stderr and "strict config" in r.stderr
+
+
+def test_input_ids_from_file_and_prefill_chunk(tiny_ckpt, tmp_path):
+    """`--input-ids @FILE` reads long prompts; any `--prefill-chunk` gives the same greedy tokens."""
+    d, cfg = tiny_ckpt
+    ids = prompt(300, cfg.vocab_size, seed=3)
+    (tmp_path / "ids.txt").write_text("\n".join(" ".join(map(str, ids[i:i + 20])) for i in range(0, 300, 20)))
+    outs = []
+    for chunk in ("512", "7"):
+        r = run_cli("generate", "--model", d, "--input-ids", f"@{tmp_path / 'ids.txt'}", "--max-new-tokens", "6",
+                    "--prefill-chunk", chunk, "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["prompt_tokens"] == 300 and out["peak_rss_gib"] > 0
+        outs.append(out["token_ids"])
+    assert outs[0] == outs[1] and len(outs[0]) == 6
+    r = run_cli("generate", "--model", d, "--input-ids", f"@{tmp_path / 'missing.txt'}")
+    assert r.returncode == 2 and f"cannot read token ids from {tmp_path / 'missing.txt'}" in r.stderr
+    r = run_cli("generate", "--model", d, "--input-ids", "1,2", "--prefill-chunk", "0")
+    assert r.returncode == 2 and "error: prefill_chunk must be a positive integer, got 0" in r.stderr

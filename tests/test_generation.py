@@ -55,6 +55,24 @@ def test_left_padded_batch_equals_each_prompt_alone(model):
         assert np.abs(logits[i, longest - len(p):] - model.logits(p)).max() <= 1e-4
 
 
+
+def test_chunked_prefill_equals_one_pass(model):
+    """A left-padded batch prefilled 4 tokens at a time (chunks cut through the padding) gives the same last
+    logits and greedy tokens as one prefill pass."""
+    from ernie_paddle.generation import prefill
+
+    prompts = [prompt(n, model.config.vocab_size, seed=n) for n in (5, 18)]
+    one = generate(model, prompts, GenerationConfig(max_new_tokens=16, **NO_EOS))
+    assert generate(model, prompts, GenerationConfig(max_new_tokens=16, prefill_chunk=4, **NO_EOS)) == one
+    ids = np.zeros((2, 18), np.int64)
+    mask = np.zeros((2, 18), bool)
+    for i, p in enumerate(prompts):
+        ids[i, 18 - len(p):], mask[i, 18 - len(p):] = p, True
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    last = [prefill(model, ids, mask, pos, model.allocate_cache(2, 18), chunk).logits.numpy()[:, -1]
+            for chunk in (18, 4)]
+    assert np.abs(last[0] - last[1]).max() <= 1e-5
+
 def test_sampling_is_seeded_and_filters_agree_with_greedy(model):
     ids = prompt(5, model.config.vocab_size, seed=9)
     greedy = generate(model, ids, GenerationConfig(max_new_tokens=12, **NO_EOS))
@@ -105,6 +123,7 @@ def test_sorted_grouped_moe_equals_mask_loop(model):
     (dict(top_k=-1), "top_k must be a non-negative integer, got -1"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
     (dict(max_new_tokens=-3), "max_new_tokens must be a non-negative integer, got -3"),
+    (dict(prefill_chunk=0), "prefill_chunk must be a positive integer, got 0"),
 ])
 def test_bad_generation_arguments(model, kwargs, message):
     with pytest.raises(InputError, match=message):
