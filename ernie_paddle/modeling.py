@@ -256,8 +256,8 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
                 m.fused = True
             elif isinstance(m, Attention):
                 m.fused = tables
-            elif isinstance(m, SparseMoeBlock):
-                kernels_gpu.stack_experts(m)
+            elif isinstance(m, SparseMoeBlock) and (m.experts is None or len(m.experts) == m.num_experts):
+                kernels_gpu.stack_experts(m)  # (a rank holding some experts, expert-parallel: sorted pass)
                 m.expert_pass = "fused"
 
     def set_expert_pass(self, name: str) -> None:

@@ -1,0 +1,98 @@
+"""`ernie-paddle generate` / `logits` on several devices: tensor + expert parallelism (`ernie_paddle.distributed`).
+
+Start one process per device with Paddle's launcher; every process loads only its slice of the checkpoint, all run
+the same steps, and only the first prints (and writes --out). `paddle.distributed.launch` takes a script path, not
+`-m`, so pass this file's path:
+
+    TOOL=$(python -c "import ernie_paddle.tools.dist_generate as m; print(m.__file__)")
+    python -m paddle.distributed.launch --nproc_per_node 2 $TOOL generate --model DIR --input-ids 1,2,3   # CPU (gloo)
+    python -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 $TOOL generate --model DIR --prompt "Hi" \\
+        --dtype bfloat16                                                                              # 8 GPUs (NCCL)
+
+Arguments are those of `ernie-paddle generate` / `logits`, plus --ep (1: experts split by width; default: split by
+expert id over all processes). The tensor-parallel degree is the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from ernie_paddle.cli import generate_args, logits_args, main as _main, run_generate, run_logits
+
+
+def _load(args):
+    from ernie_paddle import distributed
+
+    plan = distributed.init(ep_degree=args.ep)
+    if plan.rank != 0:  # one voice: the other ranks compute silently
+        sys.stdout = open(os.devnull, "w")
+    if getattr(args, "do_sample", False):
+        args.seed = _shared_seed(args.seed, plan)
+    model = distributed.from_pretrained_parallel(args.model, plan, dtype=args.dtype, strict_config=args.strict_config,
+                                                 allow_pickle=args.allow_pickle)
+    return model, plan
+
+
+def _shared_seed(seed: int | None, plan) -> int | None:
+    """Sampling draws on every rank: all need the same seed (the first rank's random one when none is given)."""
+    if seed is not None or plan.group is None:
+        return seed
+    import numpy as np
+    import paddle
+    import paddle.distributed as dist
+
+    t = paddle.to_tensor([int(np.random.SeedSequence().generate_state(1)[0] >> 1)], dtype="int64")
+    dist.broadcast(t, src=plan.group.ranks[0], group=plan.group)
+    return int(t.item())
+
+
+def cmd_generate(args) -> int:
+    model, _ = _load(args)
+    return run_generate(model, args)
+
+
+def cmd_logits(args) -> int:
+    model, plan = _load(args)
+    if plan.rank == 0:
+        return run_logits(model, args)
+    import numpy as np
+
+    model.logits(np.asarray(args.input_ids, dtype=np.int64))  # the same collectives as rank 0
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist_generate", description="ERNIE-4.5 generation / logits over several "
+                                "processes (run under `python -m paddle.distributed.launch`).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", required=True, help="checkpoint directory (-Paddle or -PT layout)")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="compute dtype (CPU computes in float32 only)")
+        sp.add_argument("--ep", type=int, default=None,
+                        help="expert-parallel degree: the number of processes (default; experts split by id) "
+                             "or 1 (every expert split by width)")
+        sp.add_argument("--strict-config", action="store_true")
+        sp.add_argument("--allow-pickle", action="store_true", help="also read pickled .pdparams (trusted only)")
+
+    g = sub.add_parser("generate", help="generate tokens from a prompt")
+    common(g)
+    generate_args(g)
+    g.set_defaults(func=cmd_generate)
+    lg = sub.add_parser("logits", help="write float32 [T, vocab] logits of one forward pass (first rank writes)")
+    common(lg)
+    logits_args(lg)
+    lg.set_defaults(func=cmd_logits)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _main(argv, build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
