@@ -15,9 +15,8 @@ import pytest
 from conftest import prompt, tiny_config
 from ernie_paddle.distributed import Plan, check_plan, init, local_config, shard_tensor
 from ernie_paddle.errors import InputError
-from ernie_paddle.tools import dist_generate
 
-TOOL = dist_generate.__file__  # the launcher takes a script path (no -m): the documented form
+TOOL = (sys.executable, "-m", "ernie_paddle.tools.dist_generate")  # the launcher runs a command: the documented form
 TOL = 1e-5
 # 4 heads / 2 KV heads, 8 experts top-2, 2 shared experts, layer 0 dense (conftest's tiny config), untied head
 MODEL = dict(tie_word_embeddings=False, seed=5)
@@ -81,7 +80,7 @@ def test_two_processes_match_one(reference, tmp_path):
 
 def test_tool_generate_prints_once(reference, tmp_path):
     directory, prompts, _, tokens = reference
-    launch(tmp_path, TOOL, "generate", "--model", directory, "--input-ids", ",".join(map(str, prompts[0])),
+    launch(tmp_path, *TOOL, "generate", "--model", directory, "--input-ids", ",".join(map(str, prompts[0])),
            "--max-new-tokens", "8", "--json")
     logs = {p.name: p.read_text() for p in (tmp_path / "log").glob("workerlog.*")}
     printed = [json.loads(ln) for ln in logs["workerlog.0"].splitlines() if ln.startswith("{")]

@@ -1,13 +1,12 @@
 """`ernie-paddle generate` / `logits` on several devices: tensor + expert parallelism (`ernie_paddle.distributed`).
 
 Start one process per device with Paddle's launcher; every process loads only its slice of the checkpoint, all run
-the same steps, and only the first prints (and writes --out). `paddle.distributed.launch` takes a script path, not
-`-m`, so pass this file's path:
+the same steps, and only the first prints (and writes --out). The launcher runs a `.py` path or any command:
 
-    TOOL=$(python -c "import ernie_paddle.tools.dist_generate as m; print(m.__file__)")
-    python -m paddle.distributed.launch --nproc_per_node 2 $TOOL generate --model DIR --input-ids 1,2,3   # CPU (gloo)
-    python -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 $TOOL generate --model DIR --prompt "Hi" \\
-        --dtype bfloat16                                                                              # 8 GPUs (NCCL)
+    python -m paddle.distributed.launch --nproc_per_node 2 python -m ernie_paddle.tools.dist_generate generate \
+        --model DIR --input-ids 1,2,3                                                           # CPU (gloo)
+    python -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 python -m ernie_paddle.tools.dist_generate \
+        generate --model DIR --prompt "Hi" --dtype bfloat16                                     # 8 GPUs (NCCL)
 
 Arguments are those of `ernie-paddle generate` / `logits`, plus --ep (1: experts split by width; default: split by
 expert id over all processes). The tensor-parallel degree is the number of processes.
