@@ -120,8 +120,12 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cac
     """Run the prompt into the cache `chunk` tokens at a time; returns the last pass's output (last token only).
 
     Attention scores of one pass are [heads x chunk x cached tokens]: at a 32K-token context a single pass would
-    need tens of GB, chunks of 512 a few hundred MB, for the same result.
+    need tens of GB, chunks of 512 a few hundred MB, for the same result. A model whose `chunked_prefill_max_batch`
+    is below the batch size (ONNX Runtime's GroupQueryAttention takes several new tokens over a past for batch 1
+    only) gets the whole prompt in one pass.
     """
+    if ids.shape[0] > getattr(model, "chunked_prefill_max_batch", ids.shape[0]):
+        chunk = ids.shape[1]
     out = None
     for s in range(0, ids.shape[1], chunk):
         e = min(s + chunk, ids.shape[1])

@@ -305,7 +305,9 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
                              f"{self.config.max_position_embeddings}")
         if position_ids is None:
             position_ids = np.broadcast_to(np.arange(start, s, dtype=np.int64), (b, t))
-        pos = paddle.to_tensor(np.asarray(position_ids, dtype=np.int64))
+        position_ids = np.asarray(position_ids, dtype=np.int64)
+        rope.check_position_ids(position_ids, self.config.max_position_embeddings)
+        pos = paddle.to_tensor(position_ids)
         # bottom-right causal mask over slots, plus key padding: [B, T, S] additive fp32
         allowed = np.arange(s)[None, :] <= np.arange(start, s)[:, None]  # [T, S]
         allowed = np.broadcast_to(allowed, (b, t, s))

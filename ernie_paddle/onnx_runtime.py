@@ -17,6 +17,7 @@ import numpy as np
 from .config import ErnieConfig
 from .errors import ErnieError, InputError
 from .generation import check_token_ids
+from .rope import check_position_ids
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -55,8 +56,17 @@ def load_manifest(folder: str) -> dict:
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def _positions_from_mask(mask: np.ndarray, t: int) -> np.ndarray:
+    """Positions of the last `t` slots: cumsum(attention_mask) - 1, pads clipped to 0 (as the ort graph does)."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -t:]
+
+
 class OnnxCausalLM:
     """An exported folder opened in an ONNX Runtime session."""
+
+    # ONNX Runtime 1.32's GroupQueryAttention refuses several new tokens over a past when batch > 1
+    # ("batch_size must be 1 when sequence_length > 1 and past context is given"): batches prefill in one pass
+    chunked_prefill_max_batch = 1
 
     def __init__(self, folder: str, provider: str = "cpu", threads: int | None = None, model_file: str | None = None):
         """`model_file` overrides the manifest's graph (the parity report's copy with extra outputs)."""
@@ -131,13 +141,18 @@ class OnnxCausalLM:
             raise InputError(f"sequence length {total} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         mask = np.ones((b, total), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if position_ids is not None:
+            position_ids = np.asarray(position_ids, np.int64)
+            check_position_ids(position_ids, self.config.max_position_embeddings)
+            if not self.has_position_ids:
+                self._check_positions_from_mask(position_ids, mask, t)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         if self.has_position_ids:
             if position_ids is None:
-                position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -t:]
-            binding.bind_cpu_input("position_ids", np.asarray(position_ids, np.int64))
+                position_ids = _positions_from_mask(mask, t)
+            binding.bind_cpu_input("position_ids", position_ids)
         for i, (k, v) in enumerate(cache.layers):
             binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
             binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
@@ -156,6 +171,23 @@ class OnnxCausalLM:
         if last_only:
             logits = logits[:, -1:]
         return OnnxOutput(np.asarray(logits, dtype=np.float32))
+
+    def _check_positions_from_mask(self, given: np.ndarray, mask: np.ndarray, t: int) -> None:
+        """A graph without a position_ids input (the ort flavour) derives positions from attention_mask: explicit
+        positions are accepted only when they are those, never silently replaced."""
+        from_mask = _positions_from_mask(mask, t)
+        try:
+            given = np.broadcast_to(given, from_mask.shape)
+        except ValueError:
+            raise InputError(f"position_ids has shape {list(np.shape(given))}, expected "
+                             f"{list(from_mask.shape)}") from None
+        bad = np.argwhere(given != from_mask)
+        if len(bad):
+            r, c = (int(i) for i in bad[0])
+            raise InputError(f"{self.folder}: this {self.manifest.get('flavor', 'ort')} export has no position_ids "
+                             f"input: it derives positions from attention_mask (cumsum - 1), and the position_ids "
+                             f"given differ (row {r}, token {c}: {int(given[r, c])}, from the mask "
+                             f"{int(from_mask[r, c])}); export with --flavor portable to pass explicit positions")
 
     def logits(self, input_ids) -> np.ndarray:
         """One forward pass without a cache: float32 [T, V] for a 1-D id list, [B, T, V] for 2-D."""

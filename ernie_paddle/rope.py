@@ -7,6 +7,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .errors import InputError
+
 
 @lru_cache(maxsize=8)
 def inv_freq(head_dim: int, theta: float) -> np.ndarray:
@@ -20,3 +22,15 @@ def inv_freq(head_dim: int, theta: float) -> np.ndarray:
 def angle_table(max_pos: int, head_dim: int, theta: float) -> np.ndarray:
     """angles [max_pos, d/2] = pos_fp32 * inv_freq_fp32 (elementwise, fp32)."""
     return np.arange(max_pos, dtype=np.float32)[:, None] * inv_freq(head_dim, theta)[None, :]
+
+
+def check_position_ids(positions: np.ndarray, max_positions: int) -> None:
+    """Every position must lie in the model's window [0, max_position_embeddings): the error names the first bad
+    one. Explicit position ids are not bounded by the sequence length check, and the fused GPU RoPE and the ONNX
+    RotaryEmbedding caches are tables of exactly max_position_embeddings rows."""
+    positions = np.asarray(positions)
+    bad = np.argwhere((positions < 0) | (positions >= max_positions))
+    if len(bad):
+        at = tuple(int(i) for i in bad[0])
+        raise InputError(f"position id {int(positions[at])} is out of range for max_position_embeddings "
+                         f"{max_positions} (valid: 0 to {max_positions - 1})")
