@@ -295,7 +295,7 @@ def cmd_memory(args) -> int:
         raise ErnieError("give exactly one of --model DIR or --preset NAME")
     cfg = ErnieConfig.from_file(args.model) if args.model else preset(args.preset)
     device = parse_size(args.device_memory) if args.device_memory else None
-    print(report(cfg, args.precision, args.context, args.batch, device))
+    print(report(cfg, args.precision, args.context, args.batch, device, args.block_size))
     return 0
 
 
@@ -356,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--precision", required=True, choices=["fp32", "bf16", "fp16", "int8", "int4", "int2"])
     mem.add_argument("--context", type=int, required=True, help="tokens per sequence (prompt + generated)")
     mem.add_argument("--batch", type=int, default=1)
+    mem.add_argument("--block-size", type=int, default=32, help="int8/int4/int2 quantisation block size (as export)")
     mem.add_argument("--device-memory", default=None, help="e.g. 24GB (default: list the common GPUs it fits)")
     mem.set_defaults(func=cmd_memory)
 

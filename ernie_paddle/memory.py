@@ -1,10 +1,11 @@
 """Memory planner: weights, KV cache and working memory of an ERNIE-4.5 model at a precision and context.
 
-Weights follow what each runtime actually stores: Paddle keeps every tensor in the compute dtype (router fp32);
-ONNX Runtime int8/int4/int2 exports keep the embedding fp32, linear layers as MatMulNBits (fp32 block scales),
-routed experts as QMoE (fp16 block scales, per-channel for int8). ONNX Runtime's QMoE prepacking for
-`accuracy_level` 4 adds about half the expert bytes (measured at the 21B-A3B shape: 17.8 GiB of anonymous memory for
-12.5 GiB of int4 weights). Sizes are reported in GiB, as the benchmark's peak RSS.
+Weights follow what each runtime actually holds resident. Paddle keeps every tensor in the compute dtype (router
+fp32). ONNX Runtime int8/int4/int2 exports hold linear layers (MatMulNBits) and routed experts (QMoE) in MLAS's
+prepacked form for `accuracy_level` 4: the packed codes plus about 11 bytes per quantisation block (fp32 scale, block
+sum and alignment; fitted to the 21B-A3B widths with blocks of 32, 64 and 128, every measurement within 2%);
+the exported fp16 scales are dropped. The fp32 embedding table stays memory-mapped from the external data file:
+only the rows of tokens seen become resident. Sizes are reported in GiB, as the benchmark's peak RSS.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .layout import PT, tensor_maps
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4", "int2")
 BITS = {"int8": 8, "int4": 4, "int2": 2}
-PREPACK_OVERHEAD = 0.49  # ONNX Runtime QMoE prepack, fraction of expert bytes (measured, 21B-A3B int4)
+PACKED_BLOCK_BYTES = 11.17  # MLAS prepacked MatMulNBits / QMoE, accuracy_level 4: bytes per block beyond codes
+ORT_RUNTIME = int(0.7 * 2**30)  # the process: ONNX Runtime, Python, numpy, mapped pages while loading (measured)
 GPUS = {"T4": 16, "A10": 24, "L4": 24, "RTX 4090": 24, "A100-40GB": 40, "A100-80GB": 80, "H100": 80, "H200": 141}
 
 
@@ -40,10 +42,11 @@ def fp32_bytes(cfg: ErnieConfig) -> int:
 
 
 def plan(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = 32) -> Plan:
-    """Bytes needed to run `cfg` at `precision` with `batch` sequences of `context` tokens."""
+    """Bytes needed to run `cfg` at `precision` with `batch` sequences of `context` tokens (`block`: the int
+    exports' quantisation block size)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    weights = expert_bytes = 0
+    weights = 0
     for m in tensor_maps(cfg, PT):
         n = 1
         for s in m.shape:
@@ -52,25 +55,25 @@ def plan(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: 
         if precision in ("fp32", "bf16", "fp16"):
             weights += n * (4 if m.keep_fp32 or precision == "fp32" else 2)
             continue
-        bits = BITS[precision]
         if len(m.shape) < 2 or m.keep_fp32:
             weights += 4 * n
-        elif name == "embed_tokens.weight":
-            weights += 4 * n  # Gather table stays fp32
-            if cfg.tie_word_embeddings:  # plus the quantised head
-                weights += n * bits // 8 + 4 * n // block
-        elif ".mlp.experts." in name:
-            b = n * bits // 8 + (2 * m.shape[1] if bits == 8 else 2 * n // block)
-            weights += b
-            expert_bytes += b
-        else:
-            weights += n * bits // 8 + 4 * n // block
+            continue
+        if name == "embed_tokens.weight":  # memory-mapped Gather table: the rows of the tokens seen
+            weights += 4 * m.shape[-1] * min(m.shape[0], batch * context)
+            if not cfg.tie_word_embeddings:
+                continue
+        weights += packed_bytes(n, BITS[precision], block)  # MatMulNBits / QMoE (and the tied head)
     kv_bytes = 2 if precision in ("bf16", "fp16") else 4
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * batch * kv_bytes
-    chunk = min(context, 512)  # prefill activations: logits and attention scores of one chunk dominate
+    chunk = min(context, 512)  # prefill activations: logits and attention scores of one chunk (--prefill-chunk)
     working = 4 * batch * chunk * (cfg.vocab_size + cfg.num_attention_heads * context + 8 * cfg.hidden_size)
-    runtime = int(PREPACK_OVERHEAD * expert_bytes) if precision in BITS else 0
+    runtime = ORT_RUNTIME if precision in BITS else 0
     return Plan(weights, kv, working, runtime)
+
+
+def packed_bytes(n: int, bits: int, block: int) -> int:
+    """Resident bytes of `n` quantised weights once ONNX Runtime has prepacked them (codes + per-block data)."""
+    return n * bits // 8 + int(PACKED_BLOCK_BYTES * -(-n // block))
 
 
 def parse_size(text: str) -> int:
@@ -81,13 +84,16 @@ def parse_size(text: str) -> int:
     return int(float(t))
 
 
-def report(cfg: ErnieConfig, precision: str, context: int, batch: int, device_memory: int | None) -> str:
-    p = plan(cfg, precision, context, batch)
+def report(cfg: ErnieConfig, precision: str, context: int, batch: int, device_memory: int | None,
+           block: int = 32) -> str:
+    p = plan(cfg, precision, context, batch, block)
     gb = lambda b: f"{b / 2**30:8.2f} GiB"  # noqa: E731
-    lines = [f"{precision}, context {context}, batch {batch}:",
+    head = f"{precision}" + (f" (block {block}, accuracy_level 4)" if precision in BITS else "")
+    lines = [f"{head}, context {context}, batch {batch}:",
              f"  weights        {gb(p.weights)}", f"  KV cache       {gb(p.kv_cache)}",
-             f"  working        {gb(p.working)}", f"  runtime        {gb(p.runtime)}  (ONNX Runtime QMoE prepack)"
-             if p.runtime else f"  runtime        {gb(0)}", f"  total          {gb(p.total)}"]
+             f"  working        {gb(p.working)}",
+             f"  runtime        {gb(p.runtime)}" + ("  (ONNX Runtime process)" if p.runtime else ""),
+             f"  total          {gb(p.total)}"]
     if device_memory:
         lines.append(f"  fits {device_memory / 2**30:.0f} GiB: {'yes' if p.total <= device_memory else 'no'}")
     else:
