@@ -34,6 +34,7 @@ class OnnxCache:
     layers: list = field(default_factory=list)
     max_len: int = 0
     length: int = 0
+    shared: bool = False  # layers are [B, nkv, max_len, d] buffers that GQA updates in place (past = present)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class OnnxCausalLM:
         past0 = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
         self.kv_dtype = np.float16 if "float16" in past0.type else np.float32
         self.has_position_ids = "position_ids" in self.input_names
+        self.shares_kv_buffer = self.manifest.get("flavor") == "ort"  # GroupQueryAttention (see allocate_cache)
         n = self.config.num_hidden_layers
         if sum(1 for x in self.input_names if x.startswith("past_key_values.")) != 2 * n:
             raise OnnxFolderError(f"{model_path}: the graph's past_key_values inputs do not match "
@@ -119,12 +121,18 @@ class OnnxCausalLM:
         check_token_ids(ids, self.config.vocab_size)
 
     def allocate_cache(self, batch: int, max_len: int) -> OnnxCache:
+        """The `ort` flavour's GroupQueryAttention writes new keys/values into preallocated [B, nkv, max_len, d]
+        buffers bound as both past and present: no per-step copy of the whole cache (3.8 GB a token at 32K tokens
+        for the 21B model). Other graphs (portable) return a grown copy each step."""
         import onnxruntime as ort
 
         cfg = self.config
-        empty = np.zeros((batch, cfg.num_key_value_heads, 0, cfg.head_dim), self.kv_dtype)
-        layers = [(ort.OrtValue.ortvalue_from_numpy(empty, self.device),) * 2 for _ in range(cfg.num_hidden_layers)]
-        return OnnxCache(layers, max_len)
+        shared = self.shares_kv_buffer
+        shape = (batch, cfg.num_key_value_heads, max_len if shared else 0, cfg.head_dim)
+        layers = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device) if shared else
+                        ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device) for _ in "kv")
+                  for _ in range(cfg.num_hidden_layers)]
+        return OnnxCache(layers, max_len, shared=shared)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: OnnxCache | None = None,
                  last_only: bool = False) -> OnnxOutput:
@@ -137,6 +145,8 @@ class OnnxCausalLM:
         own_cache = cache is None
         cache = cache or self.allocate_cache(b, t)
         total = cache.length + t
+        if cache.shared and total > cache.max_len:
+            raise InputError(f"KV cache holds {cache.max_len} tokens; {total} requested")
         if total > self.config.max_position_embeddings:
             raise InputError(f"sequence length {total} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -159,13 +169,17 @@ class OnnxCausalLM:
         for name in self.output_names:
             if name == "logits":
                 binding.bind_output(name, "cpu")
+            elif cache.shared and name.startswith("present."):
+                i, kv = name.split(".")[1:]
+                binding.bind_ortvalue_output(name, cache.layers[int(i)][kv == "value"])
             else:
                 binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outs = dict(zip(self.output_names, binding.get_outputs()))
         n = self.config.num_hidden_layers
         if not own_cache:
-            cache.layers = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(n)]
+            if not cache.shared:
+                cache.layers = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(n)]
             cache.length = total
         logits = outs["logits"].numpy()
         if last_only:
