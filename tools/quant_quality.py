@@ -1,6 +1,6 @@
 """Quantisation quality on the shipped trained model: held-out perplexity and greedy agreement per precision.
 
-Paddle fp32 is the reference; ONNX Runtime runs fp32, fp16, int8, int4 (block 32 and 128) and int2, with
+Paddle fp32 is the reference; ONNX Runtime runs fp32, fp16, int8, int4 (blocks 32, 64 and 128) and int2, with
 round-to-nearest (RTN) and, for int4 and int2, the GPTQ-style calibrated scheme (`export/gptq.py`, calibrated on
 the training split). Prints a table and writes JSON.
 
@@ -19,7 +19,8 @@ import numpy as np
 
 VARIANTS = [  # (label, precision, block, scheme)
     ("ort fp32", "fp32", 32, "rtn"), ("ort fp16", "fp16", 32, "rtn"), ("ort int8", "int8", 32, "rtn"),
-    ("ort int4 b32 RTN", "int4", 32, "rtn"), ("ort int4 b128 RTN", "int4", 128, "rtn"),
+    ("ort int4 b32 RTN", "int4", 32, "rtn"), ("ort int4 b64 RTN", "int4", 64, "rtn"),
+    ("ort int4 b128 RTN", "int4", 128, "rtn"),
     ("ort int4 b32 GPTQ", "int4", 32, "gptq"), ("ort int2 b32 RTN", "int2", 32, "rtn"),
     ("ort int2 b32 GPTQ", "int2", 32, "gptq"),
 ]
