@@ -62,7 +62,11 @@ def plan(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: 
             weights += 4 * m.shape[-1] * min(m.shape[0], batch * context)
             if not cfg.tie_word_embeddings:
                 continue
-        weights += packed_bytes(n, BITS[precision], block)  # MatMulNBits / QMoE (and the tied head)
+        bits = BITS[precision]
+        if bits == 8 and ".mlp.experts." in name:  # int8 QMoE is per output channel (one block per row)
+            weights += packed_bytes(n, bits, m.shape[0])  # canonical [in, out]: a block is one K-long row
+        else:
+            weights += packed_bytes(n, bits, block)  # MatMulNBits / QMoE (and the tied head)
     kv_bytes = 2 if precision in ("bf16", "fp16") else 4
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * batch * kv_bytes
     chunk = min(context, 512)  # prefill activations: logits and attention scores of one chunk (--prefill-chunk)

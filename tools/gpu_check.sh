@@ -14,3 +14,10 @@ python -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/pytest.log"
 python -m ernie_paddle.tools.bench --preset mid --work "$OUT/work" \
     --engines paddle-gpu,ort-cuda-fp16,ort-int4 --decode-tokens 64 \
     --json "$OUT/bench.json" --plot "$OUT/bench.png" | tee "$OUT/bench.txt"
+# 3. the real 21B-A3B shape in bf16 on one GPU through the fused path: a random checkpoint in the real -Paddle
+#    format (41 GB of bf16 shards; point --model at the downloaded weights for the real model), loaded and run
+python -m ernie_paddle.cli make-checkpoint --preset 21b-a3b --layout paddle --out "$OUT/ckpt-21b" 2>&1 | tail -1
+python -m ernie_paddle.cli generate --model "$OUT/ckpt-21b" --device gpu --dtype bfloat16 \
+    --input-ids 1,2,3,4,5,6,7,8 --max-new-tokens 64 --json | tee "$OUT/generate-21b-bf16.json"
+nvidia-smi --query-gpu=memory.used --format=csv | tee -a "$OUT/generate-21b-bf16.json"
+rm -rf "$OUT/ckpt-21b"
