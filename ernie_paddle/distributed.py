@@ -39,7 +39,7 @@ import paddle.nn as nn
 from . import kernels_gpu
 from .config import ErnieConfig
 from .errors import CheckpointError, InputError
-from .layout import detect_layout, tensor_maps
+from .layout import iter_canonical
 from .modeling import MLP, Ernie4_5_MoeForCausalLM, SparseMoeBlock
 from .safetensors_io import open_checkpoint
 
@@ -212,30 +212,21 @@ def _same_logits_hook(group):
 def load(model: Ernie4_5_MoeForCausalLM, directory: str, allow_pickle: bool = False) -> None:
     """Fill a `build` model with its slices of the checkpoint in `directory` (-Paddle or -PT layout).
 
-    Reads one canonical tensor at a time and slices it; tensors this rank does not hold (other ranks' experts) are
-    never read. Names and shapes follow `layout.tensor_maps`, as in `checkpoint.load_weights`.
+    The whole checkpoint is checked against the config (`layout.iter_canonical`, as `checkpoint.load_weights`), then
+    read one canonical tensor at a time and sliced; tensors this rank does not hold (other ranks' experts) are never
+    read.
     """
     cfg, plan = model.full_config, model.plan
     params = dict(model.named_parameters())
+    elsewhere = (lambda m: ".experts." in m.canonical and m.canonical not in params) if plan.ep > 1 else None
     reader = open_checkpoint(directory, allow_pickle)
+    loaded = set()
     try:
-        layout = detect_layout(reader.names(), directory)
-        loaded = set()
-        for m in tensor_maps(cfg, layout):
+        for m, full in iter_canonical(cfg, reader, skip=elsewhere):
             p = params.get(m.canonical)
             if p is None:
-                if ".experts." in m.canonical and plan.ep > 1:
-                    continue  # held by another rank
                 raise CheckpointError(f"{directory}: the model has no parameter for '{m.canonical}'")
-            for n, shape in m.parts:
-                if n not in reader:
-                    raise CheckpointError(f"{directory}: checkpoint has no tensor '{n}' ({layout} layout)")
-                if tuple(reader.info(n).shape) != tuple(shape):
-                    raise CheckpointError(f"tensor '{n}' in {reader.file_of(n)} has shape {list(reader.info(n).shape)}"
-                                          f", expected {list(shape)} for this config ({layout} layout)")
-            full = m.join([reader.get(n) for n, _ in m.parts])
-            part = np.ascontiguousarray(shard_tensor(m.canonical, full, cfg, plan),
-                                        dtype=np.float16 if full.dtype == np.float16 else np.float32)
+            part = np.ascontiguousarray(shard_tensor(m.canonical, full, cfg, plan))
             if tuple(p.shape) != part.shape:
                 raise CheckpointError(f"{directory}: slice of '{m.canonical}' has shape {list(part.shape)}, rank "
                                       f"{plan.rank} expects {list(p.shape)}")

@@ -146,11 +146,13 @@ def detect_layout(names: list[str], where: str) -> str:
                           f"or 'model.' (-PT); first names: {sample}")
 
 
-def iter_canonical(cfg: ErnieConfig, reader, layout: str | None = None) -> Iterator[tuple[TensorMap, np.ndarray]]:
+def iter_canonical(cfg: ErnieConfig, reader, layout: str | None = None,
+                   skip: Callable[[TensorMap], bool] | None = None) -> Iterator[tuple[TensorMap, np.ndarray]]:
     """Yield (map, canonical float array) one tensor at a time from a `CheckpointReader`, strictly checked.
 
     Missing, unexpected and mis-shaped tensors are all collected and reported by name in one error before any
-    tensor is read, so a bad checkpoint fails fast.
+    tensor is read, so a bad checkpoint fails fast. Tensors whose map `skip` accepts are checked but never read
+    (a rank of a parallel job skips the experts other ranks hold).
     """
     names = reader.names()
     layout = layout or detect_layout(names, reader.directory)
@@ -177,6 +179,8 @@ def iter_canonical(cfg: ErnieConfig, reader, layout: str | None = None) -> Itera
         raise CheckpointError(f"{reader.directory}: checkpoint does not match config.json ({layout} layout): "
                               + "; ".join(problems))
     for m in maps:
+        if skip is not None and skip(m):
+            continue
         arrays = [reader.get(n) for n, _ in m.parts]
         for (n, _), a in zip(m.parts, arrays):
             if a.dtype.kind == "f" and not np.isfinite(a).all():

@@ -10,6 +10,7 @@ only the rows of tokens seen become resident. Sizes are reported in GiB, as the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,9 +42,10 @@ def fp32_bytes(cfg: ErnieConfig) -> int:
     return 4 * sum(int(np.prod(m.shape)) for m in tensor_maps(cfg, PT))
 
 
-def plan(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = 32) -> Plan:
+def plan(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = 32,
+         threads: int | None = None) -> Plan:
     """Bytes needed to run `cfg` at `precision` with `batch` sequences of `context` tokens (`block`: the int
-    exports' quantisation block size)."""
+    exports' quantisation block size; `threads`: ONNX Runtime's, default this machine's cores)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     weights = 0
@@ -69,8 +71,12 @@ def plan(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: 
             weights += packed_bytes(n, bits, block)  # MatMulNBits / QMoE (and the tied head)
     kv_bytes = 2 if precision in ("bf16", "fp16") else 4
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * batch * kv_bytes
-    chunk = min(context, 512)  # prefill activations: logits and attention scores of one chunk (--prefill-chunk)
-    working = 4 * batch * chunk * (cfg.vocab_size + cfg.num_attention_heads * context + 8 * cfg.hidden_size)
+    # prefill activations of one chunk (--prefill-chunk): logits and attention scores. Paddle holds every head's
+    # scores at once; ONNX Runtime's CPU GroupQueryAttention one head per thread (measured at 8K and 32K tokens).
+    chunk = min(context, 512)
+    threads = threads or os.cpu_count() or 1
+    heads = cfg.num_attention_heads if precision not in BITS else min(cfg.num_attention_heads, threads)
+    working = 4 * batch * chunk * (cfg.vocab_size + heads * context + 8 * cfg.hidden_size)
     runtime = ORT_RUNTIME if precision in BITS else 0
     return Plan(weights, kv, working, runtime)
 

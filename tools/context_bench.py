@@ -1,0 +1,115 @@
+"""Long-context cost of an exported folder under ONNX Runtime: time to first token, decode tokens/s and peak RSS.
+
+A real 32K-token prefill of the 21B-A3B model takes over an hour on 2 cores, so for each context length N this
+program measures, in a fresh process: one prefill chunk at the start of the window and one at its end (the cache
+holding N - chunk slots of random keys/values), then `--decode` steps at context N. A chunk's cost grows linearly
+with the slots it attends to, so the full chunked prefill takes about n_chunks x (first + last) / 2: the estimated
+time to first token. `--full` also runs the real prefill, to check that estimate.
+
+    python -m ernie_paddle.tools.context_bench --model ernie-21b-int4 --context 8192,32768 --json ctx.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def measure(folder: str, context: int, chunk: int, decode: int, threads: int | None, full: bool) -> dict:
+    """One context length, in this process (its peak RSS is the run's)."""
+    from ernie_paddle.generation import prefill
+    from ernie_paddle.onnx_runtime import OnnxCausalLM
+    from ernie_paddle.sysinfo import peak_rss
+
+    t0 = time.perf_counter()
+    model = OnnxCausalLM(folder, threads=threads)
+    cfg = model.config
+    load_s = time.perf_counter() - t0
+    if context + decode > cfg.max_position_embeddings:
+        raise SystemExit(f"error: --context {context} + --decode {decode} exceeds max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, (1, context + decode))
+    mask = np.ones((1, context + decode), np.int64)
+    model(ids[:, :8])  # warm-up: the first run of a session pays one-time costs
+    cache = model.allocate_cache(1, context + decode)
+    row = {"context": context, "chunk": chunk, "load_s": round(load_s, 2)}
+    t = time.perf_counter()
+    model(ids[:, :chunk], attention_mask=mask[:, :chunk], cache=cache, last_only=True)
+    first = time.perf_counter() - t
+    # the cache as a long prompt leaves it: random keys/values in every slot before the last chunk
+    shape = (1, cfg.num_key_value_heads, context + decode, cfg.head_dim)
+    for k, v in cache.layers:
+        for buf in (k, v):
+            buf.update_inplace((rng.standard_normal(shape) * 0.5).astype(model.kv_dtype))
+    cache.length = context - chunk
+    t = time.perf_counter()
+    out = model(ids[:, context - chunk:context], attention_mask=mask[:, :context], cache=cache, last_only=True)
+    last = time.perf_counter() - t
+    n_chunks = -(-context // chunk)
+    row.update(first_chunk_s=round(first, 3), last_chunk_s=round(last, 3),
+               ttft_estimate_s=round(n_chunks * (first + last) / 2, 3))
+    token = out.logits[:, -1].argmax(-1)[:, None]
+    t = time.perf_counter()
+    for i in range(decode):
+        out = model(token, attention_mask=mask[:, :context + i + 1], cache=cache, last_only=True)
+        token = out.logits[:, -1].argmax(-1)[:, None]
+    row["decode_tok_s"] = round(decode / (time.perf_counter() - t), 3)
+    if full:
+        cache = model.allocate_cache(1, context)
+        t = time.perf_counter()
+        prefill(model, ids[:, :context], mask[:, :context], np.arange(context)[None], cache, chunk)
+        row["ttft_measured_s"] = round(time.perf_counter() - t, 3)
+    row["peak_rss_gib"] = round(peak_rss() / 2**30, 3)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="exported folder (ernie-paddle export)")
+    p.add_argument("--context", default="8192,32768", help="comma-separated context lengths")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk (as --prefill-chunk)")
+    p.add_argument("--decode", type=int, default=16, help="decode steps timed at each context")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--full", action="store_true", help="also time the real chunked prefill (slow)")
+    p.add_argument("--json", default=None, help="write the rows as JSON")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: one context
+    args = p.parse_args(argv)
+    contexts = [int(x) for x in args.context.split(",") if x]
+    if args.one:
+        print(json.dumps(measure(args.model, contexts[0], args.chunk, args.decode, args.threads, args.full)))
+        return 0
+    rows = []
+    print("| context | load s | first chunk s | last chunk s | TTFT estimate s | TTFT measured s | decode tok/s | "
+          "peak RSS GiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    for n in contexts:
+        cmd = [sys.executable, "-m", "ernie_paddle.tools.context_bench", "--one", "--model", args.model,
+               "--context", str(n), "--chunk", str(args.chunk), "--decode", str(args.decode)]
+        cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--full"] if args.full else [])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            sys.stderr.write(r.stderr)
+            return r.returncode
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"| {n} | {row['load_s']} | {row['first_chunk_s']} | {row['last_chunk_s']} | {row['ttft_estimate_s']} | "
+              f"{row.get('ttft_measured_s', '—')} | {row['decode_tok_s']} | {row['peak_rss_gib']} |", flush=True)
+    if args.json:
+        from ernie_paddle.atomic import atomic_path
+
+        meta = {"model": os.path.abspath(args.model), "threads": args.threads, "cpus": os.cpu_count(),
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with atomic_path(args.json) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"meta": meta, "results": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
