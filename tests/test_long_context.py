@@ -303,3 +303,22 @@ def test_positions_outside_the_window_are_refused(trio):
     # positions equal to the mask's are accepted
     a = ox(np.array([[5, 6]]), position_ids=np.array([[0, 1]])).logits
     assert np.array_equal(a, ox(np.array([[5, 6]])).logits)
+
+
+def test_long_context_program_smoke(tmp_path):
+    """`python -m ernie_paddle.tools.long_context` (the 32K run of the README) on a short prompt: its table and JSON,
+    with the same bound as the tests above."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "lc.json"
+    r = subprocess.run([sys.executable, "-m", "ernie_paddle.tools.long_context", "--tokens", "96", "--chunk", "32",
+                        "--decode", "4", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = {row["runtime"]: row for row in json.load(open(out))["results"]}
+    assert set(rows) == {"paddle", "ort", "hf"}
+    for name in ("ort", "hf"):
+        assert rows[name]["last_chunk_max_abs_diff"] <= TOL and rows[name]["decode_max_abs_diff"] <= TOL
+        assert rows[name]["greedy_identical"] == 4
+    assert "greedy same" in r.stdout

@@ -167,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"tokens": args.tokens, "chunk": args.chunk, "decode": args.decode, "model": args.model or args.preset,
                 "seed": args.seed, "paddle_greedy": ref["greedy"], "peak_rss_gib": peak_gib,
                 "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count()}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
+        from ernie_paddle.atomic import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"meta": meta, "results": rows}, f, indent=2)
     return 0
 
 
