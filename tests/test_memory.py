@@ -23,9 +23,9 @@ def test_planner_matches_measured_sizes():
         assert p.weights / 1e9 == pytest.approx(measured, rel=0.02), (layers, block)
     # `ernie-onnx generate` on the 28-layer block-32 export: 17.96 GiB peak RSS (16 prompt + 64 new tokens)
     assert plan(preset("21b-a3b"), "int4", context=80, threads=2).total / GIB == pytest.approx(17.96, rel=0.03)
-    # block 64 (the README's 21B commands), 2 threads: `ernie-onnx generate` with 16 + 64 and 8176 + 16 tokens, and
-    # `tools/context_bench.py` at 32768 (which reads only ~1K embedding rows: the plan counts 32K, 0.3 GiB more)
-    for context, measured, rel in ((80, 14.196, 0.03), (8192, 16.049, 0.03), (32768, 18.067, 0.04)):
+    # block 64 (the README's 21B commands), 2 threads: `ernie-onnx generate` with 16 + 64, 8176 + 16 and 32752 + 16
+    # tokens
+    for context, measured, rel in ((80, 14.196, 0.03), (8192, 16.049, 0.03), (32768, 19.268, 0.04)):
         p = plan(preset("21b-a3b"), "int4", context=context, block=64, threads=2)
         assert p.total / GIB == pytest.approx(measured, rel=rel), context
     # bf16 weights are 2 bytes per parameter (21.8 B) with the fp32 router island
