@@ -58,16 +58,22 @@ def read_canonical(directory: str, cfg: ErnieConfig | None = None, allow_pickle:
 
 def load_weights(model, directory: str, allow_pickle: bool = False) -> None:
     """Copy the checkpoint's tensors into a `Ernie4_5_MoeForCausalLM`'s parameters (cast to their dtype)."""
+    fill_parameters(model, read_canonical(directory, model.config, allow_pickle), directory)
+
+
+def fill_parameters(model, pairs, directory: str, what: str = "the model") -> None:
+    """Copy canonical (map, array) pairs into `model`'s parameters (cast to their dtype); every parameter must get
+    exactly its shape, and none may be left without a tensor. `what` names the receiver in errors."""
     import paddle
 
     params = dict(model.named_parameters())
     loaded = set()
-    for m, array in read_canonical(directory, model.config, allow_pickle):
+    for m, array in pairs:
         p = params.get(m.canonical)
         if p is None:
             raise CheckpointError(f"{directory}: the model has no parameter for '{m.canonical}'")
         if tuple(p.shape) != array.shape:
-            raise CheckpointError(f"{directory}: '{m.canonical}' has shape {list(array.shape)}, the model "
+            raise CheckpointError(f"{directory}: '{m.canonical}' has shape {list(array.shape)}, {what} "
                                   f"expects {list(p.shape)}")
         t = paddle.to_tensor(array)
         p.set_value(t if t.dtype == p.dtype else t.astype(p.dtype))

@@ -277,11 +277,9 @@ def cmd_parity(args) -> int:
                         log=lambda s: print(s, file=sys.stderr, flush=True))
     print(parity.format_table(report))
     if args.json:
-        from .atomic import atomic_path
+        from .atomic import write_json
 
-        with atomic_path(args.json) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2)
+        write_json(args.json, report)
     if args.plot:
         parity.plot(report, args.plot)
     return 0

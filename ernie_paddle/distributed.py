@@ -38,7 +38,8 @@ import paddle.nn as nn
 
 from . import kernels_gpu
 from .config import ErnieConfig
-from .errors import CheckpointError, InputError
+from .checkpoint import fill_parameters
+from .errors import InputError
 from .layout import iter_canonical
 from .modeling import MLP, Ernie4_5_MoeForCausalLM, SparseMoeBlock
 from .safetensors_io import open_checkpoint
@@ -217,27 +218,15 @@ def load(model: Ernie4_5_MoeForCausalLM, directory: str, allow_pickle: bool = Fa
     read.
     """
     cfg, plan = model.full_config, model.plan
-    params = dict(model.named_parameters())
-    elsewhere = (lambda m: ".experts." in m.canonical and m.canonical not in params) if plan.ep > 1 else None
+    held = {name for name, _ in model.named_parameters()}
+    elsewhere = (lambda m: ".experts." in m.canonical and m.canonical not in held) if plan.ep > 1 else None
     reader = open_checkpoint(directory, allow_pickle)
-    loaded = set()
     try:
-        for m, full in iter_canonical(cfg, reader, skip=elsewhere):
-            p = params.get(m.canonical)
-            if p is None:
-                raise CheckpointError(f"{directory}: the model has no parameter for '{m.canonical}'")
-            part = np.ascontiguousarray(shard_tensor(m.canonical, full, cfg, plan))
-            if tuple(p.shape) != part.shape:
-                raise CheckpointError(f"{directory}: slice of '{m.canonical}' has shape {list(part.shape)}, rank "
-                                      f"{plan.rank} expects {list(p.shape)}")
-            t = paddle.to_tensor(part)
-            p.set_value(t if t.dtype == p.dtype else t.astype(p.dtype))
-            loaded.add(m.canonical)
+        slices = ((m, np.ascontiguousarray(shard_tensor(m.canonical, full, cfg, plan)))
+                  for m, full in iter_canonical(cfg, reader, skip=elsewhere))
+        fill_parameters(model, slices, directory, what=f"rank {plan.rank}")
     finally:
         reader.close()
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise CheckpointError(f"{directory}: no checkpoint tensor for model parameter(s) {', '.join(missing[:8])}")
 
 
 def from_pretrained_parallel(directory: str, plan: Plan | None = None, *, dtype: str = "float32",

@@ -101,13 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {n} | {row['load_s']} | {row['first_chunk_s']} | {row['last_chunk_s']} | {row['ttft_estimate_s']} | "
               f"{row.get('ttft_measured_s', '—')} | {row['decode_tok_s']} | {row['peak_rss_gib']} |", flush=True)
     if args.json:
-        from ernie_paddle.atomic import atomic_path
+        from ernie_paddle.atomic import write_json
 
         meta = {"model": os.path.abspath(args.model), "threads": args.threads, "cpus": os.cpu_count(),
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        with atomic_path(args.json) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"meta": meta, "results": rows}, f, indent=2)
+        write_json(args.json, {"meta": meta, "results": rows})
     return 0
 
 

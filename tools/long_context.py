@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import resource
@@ -167,11 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"tokens": args.tokens, "chunk": args.chunk, "decode": args.decode, "model": args.model or args.preset,
                 "seed": args.seed, "paddle_greedy": ref["greedy"], "peak_rss_gib": peak_gib,
                 "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count()}
-        from ernie_paddle.atomic import atomic_path
+        from ernie_paddle.atomic import write_json
 
-        with atomic_path(args.json) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"meta": meta, "results": rows}, f, indent=2)
+        write_json(args.json, {"meta": meta, "results": rows})
     return 0
 
 
