@@ -1,0 +1,27 @@
+"""Precision names and quantisation rules: the one place the exporter, the planner and the CLIs read them."""
+
+from __future__ import annotations
+
+# Exported ONNX folders (`ernie-paddle export --precision`).
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
+# What the memory planner models: the exports plus Paddle's bf16 on GPU.
+PLAN_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4", "int2")
+# Paddle compute / checkpoint dtypes (`--dtype`).
+DTYPES = ("float32", "bfloat16", "float16")
+# Bits per weight of the integer precisions (MatMulNBits / QMoE).
+BITS = {"int8": 8, "int4": 4, "int2": 2}
+DEFAULT_BLOCK_SIZE = 32
+
+
+def check_block_size(block_size: int) -> None:
+    """MatMulNBits takes blocks that are powers of two of at least 16 elements."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"--block-size must be a power of two >= 16 (MatMulNBits), got {block_size}")
+
+
+def expert_block(bits: int, block_size: int) -> int | None:
+    """Quantisation block of routed-expert weights: int8 QMoE is per output channel (None: one block per row).
+
+    Block-wise int8 QMoE has no exact CPU kernel in ONNX Runtime, so int8 experts are quantised per channel.
+    """
+    return None if bits == 8 else block_size
