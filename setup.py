@@ -25,8 +25,8 @@ setup(
     python_requires=">=3.10",
     packages=["ernie_paddle", "ernie_paddle.export", "ernie_paddle.tools"],
     package_dir={"ernie_paddle": "ernie_paddle", "ernie_paddle.export": "export", "ernie_paddle.tools": "tools"},
-    # the shipped trained model (the default --model): a few MB, installed with the package
-    package_data={"ernie_paddle": ["models/ernie-4.5-shakespeare/*"]},
+    # the shipped trained model (the default --model) and its corpus: a few MB, installed with the package
+    package_data={"ernie_paddle": ["models/ernie-4.5-shakespeare/*", "data/*"]},
     install_requires=[
         "numpy>=1.24",
         "onnx>=1.17",  # the exporter's graph builder

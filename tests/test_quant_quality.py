@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from ernie_paddle.cli import default_model_dir
+from ernie_paddle.corpus import DEFAULT_CORPUS
 from ernie_paddle.tools.quant_quality import run
-
-CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                      "tinyshakespeare.txt")
 
 
 def test_quantised_perplexity_bounds_and_calibration_beats_rtn(tmp_path):
-    report = run(default_model_dir(), CORPUS, str(tmp_path))
+    report = run(default_model_dir(), DEFAULT_CORPUS, str(tmp_path))
     r = {row["variant"]: row for row in report["results"]}
     fp32 = r["paddle fp32"]["perplexity"]
     assert r["ort fp32"]["perplexity"] == pytest.approx(fp32, rel=1e-5)

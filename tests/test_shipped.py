@@ -16,13 +16,12 @@ from ernie_paddle.generation import GenerationConfig, generate
 from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
 from ernie_paddle.onnx_runtime import OnnxCausalLM
 from ernie_paddle.tokenizer import ErnieTokenizer
-from ernie_paddle.tools.train_shipped import evaluate, split_corpus
+from ernie_paddle.corpus import held_out_text
+from ernie_paddle.tools.train_shipped import evaluate
 
 from conftest import run_cli
 
 MODEL = default_model_dir()
-CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                      "tinyshakespeare.txt")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def test_shipped_model_has_the_full_architecture(model):
 
 def test_report_perplexity_and_balance_are_reproduced(model, report):
     tok = ErnieTokenizer(MODEL)
-    _, heldout = split_corpus(open(CORPUS, encoding="utf-8").read())
+    heldout = held_out_text()
     ppl, loads = evaluate(model, np.array(tok.encode(heldout), np.int64), report["seq"])
     assert ppl == pytest.approx(report["heldout_perplexity"], rel=1e-3)
     assert ppl < 60  # far below the 2048-way uniform guess: the model learned the corpus

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from ernie_paddle.tokenizer import ErnieTokenizer, IncrementalDecoder, TokenizerError, chat_prompt
-from ernie_paddle.tools.train_shipped import split_corpus, train_tokenizer
+from ernie_paddle.corpus import split_corpus
+from ernie_paddle.tools.train_shipped import train_tokenizer
 
 from conftest import run_cli
 

@@ -17,6 +17,8 @@ import tempfile
 
 import numpy as np
 
+from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus
+
 VARIANTS = [  # (label, precision, block, scheme)
     ("ort fp32", "fp32", 32, "rtn"), ("ort fp16", "fp16", 32, "rtn"), ("ort int8", "int8", 32, "rtn"),
     ("ort int4 b32 RTN", "int4", 32, "rtn"), ("ort int4 b64 RTN", "int4", 64, "rtn"),
@@ -60,10 +62,9 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
     from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
     from ernie_paddle.onnx_runtime import OnnxCausalLM
     from ernie_paddle.tokenizer import ErnieTokenizer
-    from ernie_paddle.tools.train_shipped import split_corpus
 
     tok = ErnieTokenizer(model_dir)
-    train_text, heldout_text = split_corpus(open(corpus, encoding="utf-8").read())
+    train_text, heldout_text = split_corpus(read_corpus(corpus))
     heldout = np.array(tok.encode(heldout_text), np.int64)
     train = np.array(tok.encode(train_text), np.int64)
     rng = np.random.default_rng(seed)
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=default_model_dir())
-    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                  "tinyshakespeare.txt"))
+    p.add_argument("--data", default=DEFAULT_CORPUS,
+                   help="UTF-8 text whose last 10%% is held out (default: the shipped Tiny Shakespeare)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:

@@ -6,7 +6,7 @@ nudged after each step towards even expert load), and shared experts. Its own Se
 trained on the training split. Deterministic from `--seed` (one thread). Writes a `-Paddle` checkpoint
 folder with `config.json`, `tokenizer.model`, `tokenizer_config.json` and `training_report.json`.
 
-    python -m ernie_paddle.tools.train_shipped --data ../shared/data/tinyshakespeare.txt --out model-dir
+    python -m ernie_paddle.tools.train_shipped --out model-dir   # --data FILE: another corpus
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from ernie_paddle import _runtime  # noqa: E402,F401  (MKL settings before Paddle)
 
 from ernie_paddle.config import ErnieConfig  # noqa: E402
+from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus  # noqa: E402
 from ernie_paddle.tokenizer import MASK_TOKENS, SPECIAL  # noqa: E402
 
 CONFIG = dict(model_type="ernie4_5_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -33,13 +34,6 @@ CONFIG = dict(model_type="ernie4_5_moe", hidden_size=256, intermediate_size=768,
               rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, moe_num_experts=8, moe_k=2,
               moe_intermediate_size=128, moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=-1,
               moe_layer_interval=1, moe_use_aux_free=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def split_corpus(text: str) -> tuple[str, str]:
-    """Training split and held-out split: the last 10% by bytes, cut at a line boundary."""
-    data = text.encode("utf-8")
-    cut = data.rfind(b"\n", 0, int(len(data) * 0.9)) + 1
-    return data[:cut].decode("utf-8"), data[cut:].decode("utf-8")
 
 
 def train_tokenizer(train_text: str, out_dir: str, vocab_size: int) -> None:
@@ -112,8 +106,8 @@ def evaluate(model, ids: np.ndarray, seq: int) -> tuple[float, list[list[float]]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                  "tinyshakespeare.txt"))
+    p.add_argument("--data", default=DEFAULT_CORPUS,
+                   help="UTF-8 training text (default: the shipped Tiny Shakespeare)")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=1400)
     p.add_argument("--batch", type=int, default=16)
@@ -135,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     paddle.seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    with open(args.data, encoding="utf-8") as f:
-        text = f.read()
-    train_text, heldout_text = split_corpus(text)
+    train_text, heldout_text = split_corpus(read_corpus(args.data))
     work = tempfile.mkdtemp(prefix=".train-", dir=os.path.dirname(os.path.abspath(args.out)) or ".")
     train_tokenizer(train_text, work, args.vocab_size)
     tok = ErnieTokenizer(work)
