@@ -37,7 +37,7 @@ setup(
     extras_require={
         # The independent oracle for tests; never imported at run time.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.54", "safetensors>=0.4",
-                 "onnxruntime-genai>=0.18", "matplotlib", "hypothesis>=6"],
+                 "onnxruntime-genai>=0.18", "matplotlib", "hypothesis>=6", "gguf>=0.17"],
         # benchmarks: charts, GGUF files; llama-cpp-python builds llama.cpp from source (see README)
         "bench": ["matplotlib", "gguf>=0.17", "llama-cpp-python>=0.3.16"],
     },

@@ -80,7 +80,7 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
         elif e.startswith("llama-"):
             out = os.path.join(work, f"{preset}-{GGUF_TYPES[e].lower()}.gguf")
             if not os.path.isfile(out):
-                from ernie_paddle.tools.gguf_export import write_gguf
+                from ernie_paddle.export.gguf import write_gguf
 
                 log(f"bench: writing {out}")
                 if direct:

@@ -1,9 +1,4 @@
-"""Write an ERNIE-4.5 MoE checkpoint as a GGUF file for llama.cpp (architecture `ernie4_5-moe`), for benchmarks.
-
-Tensors are read one at a time through the project's layout table and written in two passes (tensor infos,
-then data) with the `gguf` package, so memory holds one layer's stacked experts at most. ERNIE's interleaved
-RoPE is llama.cpp's NORM rope, so q/k need no permutation. Types: F16, Q8_0 or Q4_0 for the matrices; norms,
-the router and its correction bias stay F32.
+"""Write a checkpoint as a GGUF file for llama.cpp (the writer is `ernie_paddle.export.gguf`).
 
     python -m ernie_paddle.tools.gguf_export --model DIR --out model-q4_0.gguf --type Q4_0
 """
@@ -11,197 +6,23 @@ the router and its correction bias stay F32.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Iterator
 
-import numpy as np
-
-from ernie_paddle.checkpoint import TensorStream, read_canonical
-from ernie_paddle.config import ErnieConfig
-
-F32_KINDS = ("norm", "router", "bias")
-
-
-def plan(cfg: ErnieConfig) -> list[tuple[str, tuple[int, ...], str]]:
-    """(GGUF name, numpy shape, kind) of every tensor, in the order `_arrays` yields them."""
-    h, v, d = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
-    out = [("token_embd.weight", (v, h), "matrix")]
-    for i in range(cfg.num_hidden_layers):
-        b = f"blk.{i}"
-        out += [(f"{b}.attn_norm.weight", (h,), "norm"),
-                (f"{b}.attn_q.weight", (cfg.num_attention_heads * d, h), "matrix"),
-                (f"{b}.attn_k.weight", (cfg.num_key_value_heads * d, h), "matrix"),
-                (f"{b}.attn_v.weight", (cfg.num_key_value_heads * d, h), "matrix"),
-                (f"{b}.attn_output.weight", (h, cfg.num_attention_heads * d), "matrix"),
-                (f"{b}.ffn_norm.weight", (h,), "norm")]
-        if cfg.is_moe_layer(i):
-            e, ie, si = cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.shared_intermediate_size
-            out += [(f"{b}.ffn_gate_inp.weight", (e, h), "router")]
-            if cfg.moe_use_aux_free:
-                out += [(f"{b}.exp_probs_b.bias", (e,), "bias")]
-            out += [(f"{b}.ffn_gate_exps.weight", (e, ie, h), "matrix"), (f"{b}.ffn_up_exps.weight", (e, ie, h), "matrix"),
-                    (f"{b}.ffn_down_exps.weight", (e, h, ie), "matrix")]
-            if cfg.moe_num_shared_experts:
-                out += [(f"{b}.ffn_gate_shexp.weight", (si, h), "matrix"), (f"{b}.ffn_up_shexp.weight", (si, h), "matrix"),
-                        (f"{b}.ffn_down_shexp.weight", (h, si), "matrix")]
-        else:
-            ii = cfg.intermediate_size
-            out += [(f"{b}.ffn_gate.weight", (ii, h), "matrix"), (f"{b}.ffn_up.weight", (ii, h), "matrix"),
-                    (f"{b}.ffn_down.weight", (h, ii), "matrix")]
-    out.append(("output_norm.weight", (h,), "norm"))
-    if not cfg.tie_word_embeddings:
-        out.append(("output.weight", (v, h), "matrix"))
-    return out
-
-
-def _arrays(cfg: ErnieConfig, directory: str | None, source=None) -> Iterator[np.ndarray]:
-    """The arrays of `plan(cfg)`, in order, in llama.cpp's (torch [out, in]) orientation.
-
-    From the checkpoint in `directory`, or from `source`: canonical (name, array) pairs."""
-    take = TensorStream(source if source is not None else
-                        ((m.canonical, a) for m, a in read_canonical(directory, cfg))).take
-
-    def split_mlp(prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ug, down = take(f"{prefix}.up_gate_proj.weight"), take(f"{prefix}.down_proj.weight")
-        w = ug.shape[1] // 2
-        return ug[:, :w].T, ug[:, w:].T, down.T
-
-    d = cfg.head_dim
-    yield take("embed_tokens.weight")
-    for i in range(cfg.num_hidden_layers):
-        L = f"layers.{i}"
-        yield take(f"{L}.input_layernorm.weight")
-        qkv = take(f"{L}.self_attn.qkv_proj.weight")
-        q_w, kv_w = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-        yield qkv[:, :q_w].T
-        yield qkv[:, q_w:q_w + kv_w].T
-        yield qkv[:, q_w + kv_w:].T
-        yield take(f"{L}.self_attn.o_proj.weight").T
-        yield take(f"{L}.post_attention_layernorm.weight")
-        if cfg.is_moe_layer(i):
-            yield take(f"{L}.mlp.gate.weight").T
-            if cfg.moe_use_aux_free:
-                yield take(f"{L}.mlp.e_score_correction_bias")
-            parts = [split_mlp(f"{L}.mlp.experts.{j}") for j in range(cfg.moe_num_experts)]
-            for k in range(3):
-                yield np.stack([p[k] for p in parts])
-            del parts
-            if cfg.moe_num_shared_experts:
-                yield from split_mlp(f"{L}.mlp.shared_experts")
-        else:
-            yield from split_mlp(f"{L}.mlp")
-    yield take("norm.weight")
-    if not cfg.tie_word_embeddings:
-        yield take("lm_head.weight").T
-
-
-def _vocab(directory: str, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
-    """Pieces, scores and token types from tokenizer.model, padded to vocab_size (random checkpoints: placeholders)."""
-    pieces, scores, types = [], [], []
-    spm_path = os.path.join(directory, "tokenizer.model")
-    if os.path.isfile(spm_path):
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor()
-        sp.Load(spm_path)
-        for i in range(sp.GetPieceSize()):
-            pieces.append(sp.IdToPiece(i).encode("utf-8"))
-            scores.append(sp.GetScore(i))
-            types.append(2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 1)
-    else:
-        for i, p in enumerate(["<unk>", "<s>", "</s>"]):
-            pieces.append(p.encode())
-            scores.append(0.0)
-            types.append(2 if i == 0 else 3)
-    while len(pieces) < vocab_size:
-        pieces.append(f"<unused{len(pieces)}>".encode())
-        scores.append(-1e4)
-        types.append(5)
-    return pieces, scores, types
-
-
-def write_gguf(directory: str | None, out_path: str, qtype: str = "Q4_0", config: ErnieConfig | None = None,
-               tensors=None) -> None:
-    """Write the checkpoint in `directory` (or `config` + canonical `tensors`) to `out_path`; atomic."""
-    import gguf
-
-    cfg = config or ErnieConfig.from_file(directory)
-    src = tensors
-    if not cfg.is_moe_model:
-        raise ValueError("gguf_export writes the MoE architecture (ernie4_5-moe) only")
-    qt = {"F16": gguf.GGMLQuantizationType.F16, "Q8_0": gguf.GGMLQuantizationType.Q8_0,
-          "Q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]
-    items = plan(cfg)
-    tmp = out_path + ".tmp"
-    w = gguf.GGUFWriter(tmp, "ernie4_5-moe")
-    w.add_name(os.path.basename(os.path.abspath(directory)) if directory else "ernie-4.5-random")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_expert_count(cfg.moe_num_experts)
-    w.add_expert_used_count(cfg.moe_k)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_expert_shared_count(cfg.moe_num_shared_experts)
-    w.add_expert_shared_feed_forward_length(cfg.shared_intermediate_size)
-    w.add_interleave_moe_layer_step(cfg.moe_layer_interval)
-    w.add_leading_dense_block_count(cfg.moe_layer_start_index)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type({"F16": 1, "Q8_0": 7, "Q4_0": 2}[qtype])
-    pieces, scores, types = _vocab(directory or "", cfg.vocab_size)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_ids[0])
-    w.add_unk_token_id(0)
-    w.add_pad_token_id(cfg.pad_token_id)
-    w.add_add_bos_token(False)
-    w.add_add_space_prefix(False)
-    kinds = []
-    for name, shape, kind in items:
-        if kind in F32_KINDS:
-            w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
-            kinds.append(None)
-        elif qt == gguf.GGMLQuantizationType.F16:
-            w.add_tensor_info(name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2)
-            kinds.append(np.float16)
-        else:
-            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qt)
-            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qt)
-            kinds.append(qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for (name, shape, _), kind, arr in zip(items, kinds, _arrays(cfg, directory, src)):
-        assert arr.shape == shape, (name, arr.shape, shape)
-        if kind is None:
-            data = np.ascontiguousarray(arr, dtype=np.float32)
-        elif kind is np.float16:
-            data = np.ascontiguousarray(arr, dtype=np.float16)
-        else:
-            data = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), kind)
-        w.write_tensor_data(data)
-    w.close()
-    os.replace(tmp, out_path)
+from ernie_paddle.errors import ErnieError
+from ernie_paddle.export.gguf import TYPES, write_gguf
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--type", default="Q4_0", choices=["F16", "Q8_0", "Q4_0"])
+    p.add_argument("--model", required=True, help="checkpoint directory (-Paddle or -PT layout)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="Q4_0", choices=TYPES, help="type of the matrices (norms and router: F32)")
     args = p.parse_args(argv)
-    write_gguf(args.model, args.out, args.type)
+    try:
+        write_gguf(args.model, args.out, args.type)
+    except (ErnieError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
