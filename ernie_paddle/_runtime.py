@@ -7,6 +7,8 @@
 * `MKL_DEBUG_CPU_TYPE=5` on AMD CPUs only: Paddle's bundled MKL otherwise takes a slow generic path there (sgemm
   about 40 vs 100 GFLOP/s per core on an AMD EPYC). On Intel it makes the same MoE layer slower (311 vs 252 ms).
 A value the user already exported always wins.
+* SIGTERM: Paddle installs a C++ handler at import that prints a "Termination signal" stack dump; the handler in
+  place before the import (the CLI's, which turns SIGTERM into an exception so cleanup runs) is put back.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import sys
+import threading
 import warnings
 
 
@@ -35,8 +39,11 @@ if "paddle" not in sys.modules:
     # Paddle warns at import that ccache (for compiling custom C++ ops, which we never do) is missing.
     warnings.filterwarnings("ignore", message="No ccache found")
     captured = io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)
     with contextlib.redirect_stderr(captured):
         import paddle  # noqa: F401
+    if sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
     for line in captured.getvalue().splitlines():  # pass on anything but the OMP_NUM_THREADS advice
         if "OMP_NUM_THREADS" not in line:
             print(line, file=sys.stderr)

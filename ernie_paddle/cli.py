@@ -7,6 +7,7 @@ printed as one `error: ...` line on stderr with exit status 2, never as a Python
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ import warnings
 from typing import Callable, Sequence
 
 from .errors import ConfigDefaultWarning, ErnieError
+from .interrupts import run_command
 from .sysinfo import peak_rss
 
 
@@ -394,11 +396,14 @@ _python_showwarning = warnings.showwarning
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command; Ctrl-C, SIGTERM and a closed stdout end it with one line and status 130, 143 or 141."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if parser is None and argv[:1] == ["bench"]:  # the benchmark program parses its own arguments
-        from .tools.bench import main as bench_main
+    return run_command(lambda: _dispatch(argv, parser), parser.prog if parser else "ernie-paddle")
 
-        return bench_main(argv[1:])
+
+def _dispatch(argv: list[str], parser: argparse.ArgumentParser | None) -> int:
+    if parser is None and argv[:1] == ["bench"]:  # the benchmark program parses its own arguments
+        return _run_program("ernie_paddle.tools.bench", argv[1:])
     args = (parser or build_parser()).parse_args(argv)
     warnings.showwarning = _show_warning
     warnings.simplefilter("always", ConfigDefaultWarning)
@@ -407,11 +412,18 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
     except ErnieError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # the reader of stdout has gone: run_command ends quietly
     except (OSError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = _python_showwarning
+
+
+def _run_program(module: str, argv: list[str]) -> int:
+    """Run a program of `ernie_paddle.tools` by name: the library never imports its programs (no import cycle)."""
+    return importlib.import_module(module).main(argv)
 
 
 if __name__ == "__main__":

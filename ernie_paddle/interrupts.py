@@ -1,0 +1,74 @@
+"""Ctrl-C, SIGTERM and a closed pipe end a command with one line and the conventional exit status.
+
+SIGTERM is turned into an exception (`Terminated`) raised in the main thread, as Python does for Ctrl-C with
+KeyboardInterrupt, so every `finally` and context manager runs: temporary folders are removed, nothing
+half-written is kept. Both derive from BaseException, so `except Exception` never swallows them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Callable, Iterator
+
+SIGINT_STATUS = 128 + signal.SIGINT  # 130: what a shell reports for a command killed by Ctrl-C
+SIGTERM_STATUS = 128 + signal.SIGTERM  # 143
+SIGPIPE_STATUS = 128 + signal.SIGPIPE  # 141: as `yes | head` reports
+
+
+class Terminated(BaseException):
+    """The process received SIGTERM (raised in the main thread so that cleanup runs)."""
+
+
+def _first_signal(signum: int, frame) -> None:
+    # Later signals are ignored so the cleanup this one starts is not cut short (SIGKILL still ends it).
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    if signum == signal.SIGTERM:
+        raise Terminated()
+    raise KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """While the block runs, SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated; then as before."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, _first_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _stdout_to_devnull() -> None:
+    """The reader of stdout has gone (`| head`): send what is still buffered nowhere, so exit prints no error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def run_command(command: Callable[[], int], prog: str) -> int:
+    """Run `command` and return its exit status; an interrupt or a closed stdout ends it with one line on stderr
+    (none for the pipe: its reader is gone on purpose) and 130 (Ctrl-C), 143 (SIGTERM) or 141 (closed pipe)."""
+    try:
+        with signals_as_exceptions():
+            status = command()
+            sys.stdout.flush()  # a closed pipe is reported here, not at interpreter exit
+            return status
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return SIGINT_STATUS
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr, flush=True)
+        return SIGTERM_STATUS
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return SIGPIPE_STATUS

@@ -1,0 +1,96 @@
+"""Ctrl-C and SIGTERM in the middle of real work: one line, exit status 130 / 143, nothing half-written left.
+
+Each test starts the CLI as users do (a subprocess), waits until the work has visibly started, then signals it.
+A closed stdout (`... | head`) ends quietly too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+MESSAGE = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "terminated (SIGTERM)"}
+
+
+def start(module: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, bufsize=1)
+
+
+def wait_for(condition, p: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not condition():
+        if p.poll() is not None:
+            pytest.fail(f"the command ended (status {p.returncode}) before {what}: {p.stderr.read()}")
+        if time.time() - t0 > timeout:
+            p.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def wait_for_line(p: subprocess.Popen, text: str) -> list[str]:
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if text in line:
+            return seen
+    pytest.fail(f"no line with {text!r} on stderr (status {p.wait()}): {''.join(seen)}")
+
+
+def assert_ended_cleanly(p: subprocess.Popen, sig: int, prog: str = "ernie-paddle") -> str:
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == STATUS[sig], err
+    assert "Traceback" not in err and "Termination signal" not in err and "Error Message Summary" not in err, err
+    assert err.strip().splitlines()[-1] == f"{prog}: {MESSAGE[sig]}", err
+    return err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_generate_interrupted_after_paddle_started(tiny_ckpt, sig):
+    p = start("ernie_paddle.cli", "generate", "--model", tiny_ckpt[0], "--input-ids", "5,6,7", "--max-new-tokens",
+              "2000")
+    assert p.stdout.read(4)  # tokens are streaming: Paddle is loaded and its signal handler would be installed
+    p.send_signal(sig)
+    err = assert_ended_cleanly(p, sig)
+    assert err.strip().count("\n") == 0  # the interrupt line is all there is on stderr
+
+
+@pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "export: verifying"), (signal.SIGINT, "temporary folder")])
+def test_export_interrupted_leaves_nothing(tiny_ckpt, tmp_path, sig, when):
+    out = tmp_path / "exports" / "tiny"
+    p = start("ernie_paddle.cli", "export", "--model", tiny_ckpt[0], "--out", str(out))
+    if when == "temporary folder":  # while the graph is being built
+        wait_for(lambda: out.parent.is_dir() and os.listdir(out.parent), p, "the temporary folder")
+    else:  # while Paddle is imported and the exported model is compared with it
+        wait_for_line(p, when)
+    p.send_signal(sig)
+    assert_ended_cleanly(p, sig)
+    assert os.listdir(out.parent) == []  # neither the output nor its hidden .tmp-export-* folder
+
+
+def test_make_checkpoint_interrupted_leaves_nothing(tmp_path):
+    out = tmp_path / "ck"
+    # one layer of the 0.3B preset: a 103424 x 1024 embedding, seconds of work once the staging folder exists
+    p = start("ernie_paddle.cli", "make-checkpoint", "--preset", "0.3b", "--num-layers", "1", "--layout", "pt",
+              "--dtype", "float32", "--out", str(out))
+    wait_for(lambda: os.listdir(tmp_path), p, "the staging folder")
+    p.send_signal(signal.SIGTERM)
+    assert_ended_cleanly(p, signal.SIGTERM)
+    assert os.listdir(tmp_path) == []
+
+
+def test_closed_stdout_ends_quietly(tiny_ckpt):
+    """`ernie-paddle generate ... | head -c 8`: no 'Broken pipe' error, and the status a shell gives `yes | head`."""
+    p = start("ernie_paddle.cli", "generate", "--model", tiny_ckpt[0], "--input-ids", "5,6,7", "--max-new-tokens",
+              "2000")
+    assert len(p.stdout.read(8)) == 8
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141
+    assert err == "", err
