@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ernie_paddle.files import onnx_data
+
 INLINE_LIMIT = 1024  # bytes: tensors at most this big are stored inside the .onnx file
 MS = "com.microsoft"
 
@@ -103,5 +105,5 @@ class GraphBuilder:
 
 def data_file_for(onnx_path: str) -> tuple[str, str]:
     """(absolute path, name relative to the model) of the external data file of `onnx_path`."""
-    name = os.path.basename(onnx_path) + ".data"
+    name = onnx_data(os.path.basename(onnx_path))
     return os.path.join(os.path.dirname(onnx_path), name), name

@@ -20,13 +20,11 @@ from onnx import TensorProto, numpy_helper
 from ernie_paddle.checkpoint import TensorStream
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.rope import angle_table
+from ernie_paddle.precisions import BITS, EXPORT_PRECISIONS, expert_block
+from ernie_paddle.rope import cos_sin_tables
 
 from .graph import MS, GraphBuilder
 from .quantize import matmul_nbits_weights, qmoe_weights, rtn
-
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
-BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
 class ErnieOrtBuilder:
@@ -34,8 +32,8 @@ class ErnieOrtBuilder:
 
     def __init__(self, cfg: ErnieConfig, g: GraphBuilder, precision: str, block_size: int = 32,
                  accuracy_level: int = 0, quantizer=None):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in EXPORT_PRECISIONS:
+            raise ValueError(f"precision must be one of {EXPORT_PRECISIONS}, got {precision!r}")
         if cfg.head_dim % 16:
             raise ExportError(f"the ort flavour's GroupQueryAttention needs head_dim to be a multiple of 16, got "
                               f"{cfg.head_dim}; use --flavor portable for this model")
@@ -148,8 +146,8 @@ class ErnieOrtBuilder:
         """cos/sin [max_pos, d/2]: angle = pos_fp32 * inv_freq_fp32, the Paddle model's fp32 arithmetic."""
         cfg = self.cfg
         d = cfg.head_dim
-        angles = angle_table(cfg.max_position_embeddings, d, cfg.rope_theta)
-        return self.w("rope.cos_cache", np.cos(angles)), self.w("rope.sin_cache", np.sin(angles))
+        cos, sin = cos_sin_tables(cfg.max_position_embeddings, d, cfg.rope_theta)
+        return self.w("rope.cos_cache", cos), self.w("rope.sin_cache", sin)
 
     def head_weight(self, embed_v_h: np.ndarray) -> Callable[[str], str]:
         """The LM head from a [vocab, H] matrix (the tied embedding, or the untied head transposed)."""
@@ -200,7 +198,7 @@ class ErnieOrtBuilder:
                 fc1.append(w1.astype(self.np_dtype))
                 fc2.append(w2.astype(self.np_dtype))
             else:
-                block = None if self.bits == 8 else self.block_size  # block-wise int8 has no exact CPU kernel
+                block = expert_block(self.bits, self.block_size)
                 name = f"{L}.mlp.experts.{j}"
                 fc1.append(qmoe_weights(np.ascontiguousarray(ug.T), self.bits, block, self.quantizer,
                                         f"{name}.up_gate_proj.weight", rows=interleave))

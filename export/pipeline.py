@@ -1,7 +1,8 @@
 """`ernie-paddle export`: a checkpoint directory in, a verified ONNX model folder out.
 
-The folder is assembled in a temporary directory beside the destination and renamed into place only after
-the graph is written and (by default) verified, so a failed or interrupted export leaves nothing behind.
+The folder is assembled in a hidden temporary folder beside the destination (`atomic.atomic_dir`) and renamed into
+place only after the graph is written and (by default) verified; a failure, Ctrl-C or SIGTERM removes it, so an
+export that does not finish leaves nothing behind.
 It holds `model.onnx` + `model.onnx.data`, `config.json`, `genai_config.json`, the tokenizer files, and
 `manifest.json` (source checkpoint hash, flavour, precision, parity figures, package versions).
 """
@@ -9,26 +10,25 @@ It holds `model.onnx` + `model.onnx.data`, `config.json`, `genai_config.json`, t
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from typing import Callable
 
-
-from ernie_paddle.checkpoint import SIDE_FILES, read_canonical
+from ernie_paddle.atomic import atomic_dir, check_new_dir, write_json
+from ernie_paddle.checkpoint import TensorStream, read_canonical
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
+from ernie_paddle.files import CONFIG, GENAI_CONFIG, MANIFEST, ONNX_MODEL, SIDE_FILES
 from ernie_paddle.memory import fp32_bytes
+from ernie_paddle.precisions import EXPORT_PRECISIONS, check_block_size
 from ernie_paddle.sysinfo import available_memory
 
 from .genai import genai_config
 from .verify import FP32_LOGIT_TOL, compare, verification_prompts
 
 FLAVORS = ("ort", "portable")
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
-MODEL_FILE = "model.onnx"
 
 Log = Callable[[str], None]
 
@@ -44,7 +44,7 @@ def _sha256(path: str) -> str:
 def source_hash(model_dir: str) -> dict:
     """sha256 of config.json and every weight file, and one digest over them all."""
     files = sorted(f for f in os.listdir(model_dir)
-                   if f == "config.json" or (f.startswith("model") and f.endswith((".safetensors", ".json"))))
+                   if f == CONFIG or (f.startswith("model") and f.endswith((".safetensors", ".json"))))
     per_file = {f: _sha256(os.path.join(model_dir, f)) for f in files}
     total = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in per_file.items()).encode()).hexdigest()
     return {"sha256": total, "files": per_file}
@@ -64,15 +64,46 @@ def _versions() -> dict:
 
 
 def check_options(flavor: str, precision: str, block_size: int) -> None:
+    """Refuse an unknown flavour or precision, a flavour/precision pair that does not exist, or a bad block size."""
     if flavor not in FLAVORS:
         raise ExportError(f"--flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(EXPORT_PRECISIONS)}, got {precision!r}")
     if flavor == "portable" and precision != "fp32":
         raise ExportError(f"the portable flavour (standard ONNX operators) is exported in fp32 only; use "
                           f"--flavor ort for --precision {precision}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ExportError(f"--block-size must be a power of two >= 16 (MatMulNBits), got {block_size}")
+    try:
+        check_block_size(block_size)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+
+def check_out(out_dir: str) -> None:
+    """Refuse an empty --out or one that already exists, before any work starts."""
+    if not out_dir or not out_dir.strip():
+        raise ExportError("--out is empty; give the name of a new folder to create")
+    check_new_dir(out_dir, ExportError)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to export: flavour, precision and the integer precisions' quantisation settings."""
+
+    flavor: str = "ort"
+    precision: str = "fp32"
+    block_size: int = 32
+    accuracy_level: int = 0
+    quantizer: Callable | None = None  # None: round-to-nearest
+    quantizer_name: str = "rtn"
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision.startswith("int")
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the folder is meant for: fp16 is for CUDA, everything else for the CPU."""
+        return "cuda" if self.precision == "fp16" else "cpu"
 
 
 def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precision: str = "fp32",
@@ -86,91 +117,94 @@ def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precisio
     `quantizer` replaces round-to-nearest for int8/int4/int2 (e.g. `export.gptq.GPTQ`), named in the manifest.
     """
     check_options(flavor, precision, block_size)
-    if os.path.exists(out_dir):
-        raise ExportError(f"{out_dir}: output folder already exists; choose a new one")
+    check_out(out_dir)
     if tensors is not None and (config is None or flavor != "ort"):
         raise ExportError("exporting in-memory tensors needs their config and the ort flavour")
+    opts = Options(flavor, precision, block_size, accuracy_level, quantizer, quantizer_name)
     cfg = config or ErnieConfig.from_file(model_dir, strict=strict_config)
-    verify = verify and tensors is None
     t0 = time.time()
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-    try:
-        model_path = os.path.join(tmp, MODEL_FILE)
-        if flavor == "ort":
-            from .graph import GraphBuilder, data_file_for
-            from ernie_paddle.checkpoint import TensorStream
-
-            from .ort_graph import ErnieOrtBuilder
-
-            data_path, data_name = data_file_for(model_path)
-            g = GraphBuilder(data_path, data_name)
-            try:
-                pairs = tensors if tensors is not None else ((m.canonical, a) for m, a in read_canonical(model_dir, cfg))
-                ErnieOrtBuilder(cfg, g, precision, block_size, accuracy_level, quantizer).build(
-                    TensorStream(pairs), progress=lambda s: log(f"export: {s}"))
-                g.save(model_path, "ernie4_5", metadata={"flavor": flavor, "precision": precision})
-            finally:
-                g.close()
-            has_position_ids = False
+    with atomic_dir(out_dir, prefix=".tmp-export-", error=ExportError) as tmp:
+        if tensors is None:
+            tensors = ((m.canonical, a) for m, a in read_canonical(model_dir, cfg))
+            skipped = None if verify else "--no-verify"
         else:
-            from .portable import export_portable
-
-            export_portable(model_dir, cfg, model_path, log=log)
-            has_position_ids = True
-        external = sorted(f for f in os.listdir(tmp) if f.endswith(".data"))
-        if model_dir is None:
-            cfg.save(tmp)
-        else:
-            shutil.copy2(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
-        for f in SIDE_FILES if model_dir else ():
-            if os.path.isfile(os.path.join(model_dir, f)):
-                shutil.copy2(os.path.join(model_dir, f), os.path.join(tmp, f))
-        provider = "cuda" if precision == "fp16" else "cpu"
-        with open(os.path.join(tmp, "genai_config.json"), "w", encoding="utf-8") as f:
-            json.dump(genai_config(cfg, MODEL_FILE, has_position_ids, provider), f, indent=2)
-        manifest = {
-            "format": "ernie-paddle-onnx/1", "flavor": flavor, "precision": precision, "model_file": MODEL_FILE,
-            "external_data": external, "block_size": block_size if precision.startswith("int") else None,
-            "accuracy_level": accuracy_level if precision.startswith("int") else None,
-            "quantization": quantizer_name if precision.startswith("int") else None,
-            "padding": "left", "inputs": ["input_ids", "attention_mask"] + (["position_ids"] if has_position_ids else [])
-            + ["past_key_values.N.key", "past_key_values.N.value"],
-            "outputs": ["logits", "present.N.key", "present.N.value"], "execution_provider": provider,
-            "source": ({"path": os.path.abspath(model_dir), **source_hash(model_dir)} if model_dir
-                       else {"path": None, "generated": "in-memory tensors (no checkpoint)"}),
-            "config": {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
-                       "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size},
-            "versions": _versions(), "export_seconds": None, "verification": None,
-        }
-        _write_manifest(tmp, manifest)
-        if verify:
-            manifest["verification"] = _verify(model_dir, tmp, cfg, precision, provider, log)
-        else:
-            manifest["verification"] = {"skipped": "--no-verify"}
+            skipped = "in-memory tensors: there is no checkpoint to load the Paddle reference from"
+        has_position_ids = write_graph(tmp, model_dir, cfg, opts, tensors, log)
+        copy_checkpoint_files(model_dir, cfg, tmp)
+        write_json(os.path.join(tmp, GENAI_CONFIG), genai_config(cfg, ONNX_MODEL, has_position_ids, opts.provider))
+        manifest = _manifest(tmp, model_dir, cfg, opts, has_position_ids)
+        write_json(os.path.join(tmp, MANIFEST), manifest)  # the runtime reads it during verification
+        manifest["verification"] = {"skipped": skipped} if skipped else _verify(model_dir, tmp, cfg, opts, log)
         manifest["export_seconds"] = round(time.time() - t0, 2)
-        _write_manifest(tmp, manifest)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, out_dir)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(os.path.join(tmp, MANIFEST), manifest)
+    return manifest
 
 
-def _write_manifest(folder: str, manifest: dict) -> None:
-    with open(os.path.join(folder, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
+def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Options, tensors, log: Log) -> bool:
+    """Write `model.onnx` + its external data into `folder`; returns whether the graph takes `position_ids`.
+
+    `tensors`: canonical (name, array) pairs in checkpoint order (the `ort` flavour streams them; the portable
+    flavour loads the Paddle model from `model_dir` instead).
+    """
+    model_path = os.path.join(folder, ONNX_MODEL)
+    if opts.flavor == "portable":
+        from .portable import export_portable
+
+        export_portable(model_dir, cfg, model_path, log=log)
+        return True
+    from .graph import GraphBuilder, data_file_for
+    from .ort_graph import ErnieOrtBuilder
+
+    g = GraphBuilder(*data_file_for(model_path))
+    try:
+        ErnieOrtBuilder(cfg, g, opts.precision, opts.block_size, opts.accuracy_level, opts.quantizer).build(
+            TensorStream(tensors), progress=lambda s: log(f"export: {s}"))
+        g.save(model_path, "ernie4_5", metadata={"flavor": opts.flavor, "precision": opts.precision})
+    finally:
+        g.close()
+    return False
 
 
-def _verify(model_dir: str, folder: str, cfg: ErnieConfig, precision: str, provider: str, log: Log) -> dict:
+def copy_checkpoint_files(model_dir: str | None, cfg: ErnieConfig, folder: str) -> None:
+    """config.json (as the checkpoint has it, or written from `cfg`) and the tokenizer files present."""
+    if model_dir is None:
+        cfg.save(folder)
+        return
+    for f in (CONFIG,) + SIDE_FILES:
+        src = os.path.join(model_dir, f)
+        if f == CONFIG or os.path.isfile(src):
+            shutil.copy2(src, os.path.join(folder, f))
+
+
+def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Options, has_position_ids: bool) -> dict:
+    """What the folder holds and where it came from; `verification` and `export_seconds` are filled in last."""
+    quantized = opts.quantized
+    return {
+        "format": "ernie-paddle-onnx/1", "flavor": opts.flavor, "precision": opts.precision, "model_file": ONNX_MODEL,
+        "external_data": sorted(f for f in os.listdir(folder) if f.endswith(".data")),
+        "block_size": opts.block_size if quantized else None,
+        "accuracy_level": opts.accuracy_level if quantized else None,
+        "quantization": opts.quantizer_name if quantized else None,
+        "padding": "left", "inputs": ["input_ids", "attention_mask"] + (["position_ids"] if has_position_ids else [])
+        + ["past_key_values.N.key", "past_key_values.N.value"],
+        "outputs": ["logits", "present.N.key", "present.N.value"], "execution_provider": opts.provider,
+        "source": ({"path": os.path.abspath(model_dir), **source_hash(model_dir)} if model_dir
+                   else {"path": None, "generated": "in-memory tensors (no checkpoint)"}),
+        "config": {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
+                   "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size},
+        "versions": _versions(), "export_seconds": None, "verification": None,
+    }
+
+
+def _verify(model_dir: str, folder: str, cfg: ErnieConfig, opts: Options, log: Log) -> dict:
+    """Parity figures of the folder against the fp32 Paddle model; an fp32 export that misses them is refused."""
     need = fp32_bytes(cfg)
     if need > 0.6 * available_memory():
         log(f"export: skipping verification: the fp32 Paddle reference needs {need / 2**30:.1f} GiB")
         return {"skipped": f"the fp32 Paddle reference needs {need / 2**30:.1f} GiB, more than this machine has"}
     import onnxruntime as ort
 
+    provider = opts.provider
     if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         provider = "cpu"  # fp16 is meant for CUDA, but ONNX Runtime's CPU kernels run it too
     from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
@@ -185,7 +219,7 @@ def _verify(model_dir: str, folder: str, cfg: ErnieConfig, precision: str, provi
     log(f"export: max |logit diff| {figures['max_abs_logit_diff']:.2e}, decode {figures['decode_max_abs_logit_diff']:.2e}, "
         f"top-1 agreement {figures['top1_agreement']:.3f}, greedy identical "
         f"{figures['greedy_identical_prompts']}/{figures['prompts']}")
-    if precision == "fp32":
+    if opts.precision == "fp32":
         worst = max(figures["max_abs_logit_diff"], figures["decode_max_abs_logit_diff"])
         if worst > FP32_LOGIT_TOL or figures["greedy_identical_prompts"] != figures["prompts"]:
             raise ExportError(f"verification failed: fp32 max |logit diff| {worst:.3e} (limit {FP32_LOGIT_TOL:g}), "

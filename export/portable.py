@@ -22,6 +22,7 @@ import numpy as np
 
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
+from ernie_paddle.memory import fp32_bytes
 from ernie_paddle.rope import inv_freq as rope_inv_freq
 
 OPSET = 21  # paddle2onnx 2.1.0 goes up to 21
@@ -172,8 +173,6 @@ def _finish(onnx_path: str, out_path: str, cfg: ErnieConfig) -> None:
 def export_portable(model_dir: str, cfg: ErnieConfig, out_path: str, log: Callable[[str], None] = lambda s: None
                     ) -> None:
     """Write the standard-operator graph of the checkpoint to `out_path` (plus `<out_path>.data`)."""
-    from .pipeline import fp32_bytes
-
     size = fp32_bytes(cfg)
     if size >= PROTOBUF_LIMIT:
         raise ExportError(f"the portable flavour goes through paddle2onnx, which cannot write models over 2 GiB "

@@ -108,7 +108,7 @@ def test_quantized_export_is_exact_against_dequantized_weights(exported, tmp_pat
     d, cfg, folder = exported("paddle-untied-gqa2", "ort", precision)
     # the Paddle model with every linear weight replaced by its round trip: only fp32 rounding may differ
     ref_dir = str(tmp_path / "dequantized")
-    pairs = ((m.canonical, round_trip(m.canonical, a, bits, 32)) for m, a in read_canonical(d, cfg))
+    pairs = ((m.canonical, round_trip(m, a, bits, 32)) for m, a in read_canonical(d, cfg))
     write_checkpoint(cfg, pairs, ref_dir, dtype="float32")
     reference = Ernie4_5_MoeForCausalLM.from_pretrained(ref_dir)
     figures = compare(reference, OnnxCausalLM(folder), [prompt(12, cfg.vocab_size, seed=3)], greedy_tokens=16)
@@ -268,23 +268,46 @@ def test_folder_mismatch_and_unavailable_provider_are_named(exported, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def _fail_on_call(real, n: int, failure: BaseException):
+    """`real`, except that its n-th call raises `failure`."""
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise failure
+        return real(*args, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("step", ["weights", "genai config", "manifest", "verification"])
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
-def test_disk_full_or_interrupted_export_leaves_nothing(exported, tmp_path, monkeypatch, failure):
+def test_disk_full_or_interrupted_export_leaves_nothing(exported, tmp_path, monkeypatch, failure, step):
+    """Whatever step of the export fails or is interrupted, nothing is left beside --out (no hidden temp folder)."""
     from ernie_paddle.export import graph
 
     d, _, _ = exported("paddle-untied-gqa2", "ort")
-    calls = {"n": 0}
-    real = graph.GraphBuilder._external
-
-    def failing(self, name, array):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise failure
-        return real(self, name, array)
-
-    monkeypatch.setattr(graph.GraphBuilder, "_external", failing)
+    if step == "weights":  # the third tensor written to model.onnx.data
+        monkeypatch.setattr(graph.GraphBuilder, "_external", _fail_on_call(graph.GraphBuilder._external, 3, failure))
+    elif step in ("genai config", "manifest"):  # the first / second JSON file written into the folder
+        n = 1 if step == "genai config" else 2
+        monkeypatch.setattr(pipeline, "write_json", _fail_on_call(pipeline.write_json, n, failure))
+    else:
+        monkeypatch.setattr(pipeline, "compare", _fail_on_call(pipeline.compare, 1, failure))
     with pytest.raises(type(failure)):
         pipeline.export(d, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_empty_out_is_refused_before_any_work(tmp_path):
+    # the model folder does not exist: the --out error comes first, before anything is read
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ExportError, match="^--out is empty; give the name of a new folder to create$"):
+        pipeline.export(missing, "")
+    r = run_cli("export", "--model", missing, "--out", " ")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --out is empty; give the name of a new folder to create"]
     assert os.listdir(tmp_path) == []
 
 
