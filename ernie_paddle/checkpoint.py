@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import ErnieConfig
 from .errors import CheckpointError
-from .layout import LAYOUTS, PADDLE, PT, TensorMap, iter_canonical, tensor_maps
+from .layout import LAYOUTS, PADDLE, PT, Role, TensorMap, iter_canonical, tensor_maps
 from .safetensors_io import ShardedWriter, open_checkpoint
 
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -159,18 +159,18 @@ def random_tensors(cfg: ErnieConfig, seed: int = 0) -> Iterator[tuple[str, np.nd
     """
     rng = np.random.default_rng(seed)
     for m in tensor_maps(cfg, PT):
-        name, shape = m.canonical, m.shape
-        if name.endswith("layernorm.weight") or name == "norm.weight":
+        shape = m.shape
+        if m.role.is_norm:
             a = rng.uniform(0.8, 1.2, shape).astype(np.float32)
-        elif name == "embed_tokens.weight":  # small next to layer outputs, so a tied head does not just copy
+        elif m.role is Role.EMBEDDING:  # small next to layer outputs, so a tied head does not just copy
             a = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.3)
-        elif name.endswith("e_score_correction_bias"):
+        elif m.role is Role.ROUTER_BIAS:
             a = rng.uniform(-0.05, 0.05, shape).astype(np.float32)
-        elif name.endswith("mlp.gate.weight"):
+        elif m.role is Role.ROUTER:
             a = rng.standard_normal(shape, dtype=np.float32) * np.float32(2.0 / np.sqrt(shape[0]))
         else:
             a = rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(shape[0]))
-        yield name, a
+        yield m.canonical, a
 
 
 def make_checkpoint(cfg: ErnieConfig, out_dir: str, *, layout: str = PADDLE, dtype: str = "bfloat16",

@@ -40,7 +40,7 @@ from . import kernels_gpu
 from .config import ErnieConfig
 from .checkpoint import fill_parameters
 from .errors import InputError
-from .layout import iter_canonical
+from .layout import TensorMap, iter_canonical
 from .modeling import MLP, Ernie4_5_MoeForCausalLM, SparseMoeBlock
 from .safetensors_io import open_checkpoint
 
@@ -125,25 +125,18 @@ def local_config(cfg: ErnieConfig, plan: Plan) -> ErnieConfig:
                        moe_intermediate_size=cfg.moe_intermediate_size // n)
 
 
-def shard_tensor(name: str, a: np.ndarray, cfg: ErnieConfig, plan: Plan) -> np.ndarray:
-    """This rank's slice of canonical tensor `name` (Paddle [in, out] layout); replicated tensors come back whole."""
-    n, r = plan.tp, plan.rank
-    if n == 1 or (".experts." in name and plan.ep > 1):  # an expert held whole
+def shard_tensor(m: TensorMap, a: np.ndarray, plan: Plan) -> np.ndarray:
+    """This rank's slice of canonical tensor `a` (map `m`, Paddle [in, out] layout), as `m.role.tp_axis` says;
+    replicated tensors, and experts held whole, come back as they are.
+
+    Columns are sliced block by block ([Q_r | K_r | V_r], [gate_r | up_r]) so that heads and gate/up halves stay
+    together."""
+    n, r, axis = plan.tp, plan.rank, m.role.tp_axis
+    if n == 1 or axis is None or (m.role.routed_expert and plan.ep > 1):
         return a
-
-    def part(x: np.ndarray, axis: int) -> np.ndarray:
-        return np.split(x, n, axis=axis)[r]
-
-    if name.endswith("self_attn.qkv_proj.weight"):  # [H, (nh + 2 nkv) d] -> [Q_r | K_r | V_r]
-        d, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        q, k, v = np.split(a, [nh * d, (nh + nkv) * d], axis=1)
-        return np.concatenate([part(q, 1), part(k, 1), part(v, 1)], axis=1)
-    if name.endswith("up_gate_proj.weight"):  # [H, 2W] -> [gate_r | up_r]
-        gate, up = np.split(a, 2, axis=1)
-        return np.concatenate([part(gate, 1), part(up, 1)], axis=1)
-    if name.endswith(("self_attn.o_proj.weight", "down_proj.weight")):  # rows of the split input
-        return part(a, 0)
-    return a  # embeddings, norms, router, correction bias, lm_head
+    if axis == 0:  # rows of the split input (o_proj, down_proj)
+        return np.split(a, n, axis=0)[r]
+    return np.concatenate([np.split(b, n, axis=1)[r] for b in m.out_blocks(a)], axis=1)
 
 
 class HeldExperts(nn.Layer):
@@ -219,10 +212,10 @@ def load(model: Ernie4_5_MoeForCausalLM, directory: str, allow_pickle: bool = Fa
     """
     cfg, plan = model.full_config, model.plan
     held = {name for name, _ in model.named_parameters()}
-    elsewhere = (lambda m: ".experts." in m.canonical and m.canonical not in held) if plan.ep > 1 else None
+    elsewhere = (lambda m: m.role.routed_expert and m.canonical not in held) if plan.ep > 1 else None
     reader = open_checkpoint(directory, allow_pickle)
     try:
-        slices = ((m, np.ascontiguousarray(shard_tensor(m.canonical, full, cfg, plan)))
+        slices = ((m, np.ascontiguousarray(shard_tensor(m, full, plan)))
                   for m, full in iter_canonical(cfg, reader, skip=elsewhere))
         fill_parameters(model, slices, directory, what=f"rank {plan.rank}")
     finally:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ernie_paddle.layout import TensorMap
+from ernie_paddle.precisions import expert_block
+
 
 def quantize_rows(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """w [N, K] -> (codes uint8 [N, ceil(K/block), block], scales float32 [N, ceil(K/block)])."""
@@ -70,17 +73,18 @@ def qmoe_weights(w_nk: np.ndarray, bits: int, block: int | None, quantizer=rtn, 
     return codes, (scale[:, 0] if block is None else scale)
 
 
-def round_trip(canonical: str, w: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """What a quantised `ort` graph computes with for canonical tensor `canonical` (Paddle layout).
+def round_trip(m: TensorMap, w: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """What a quantised `ort` graph computes with for the canonical tensor of map `m` (Paddle layout).
 
     Linear weights come back dequantised exactly as MatMulNBits / QMoE see them; the embedding, norms and the
-    fp32 router are not quantised. Used to check that a quantised graph differs from Paddle only by rounding.
+    fp32 router are not quantised (`Role.quantised`). Used to check that a quantised graph differs from Paddle only
+    by rounding.
     """
-    if w.ndim != 2 or canonical == "embed_tokens.weight" or canonical.endswith("mlp.gate.weight"):
+    if not m.role.quantised:
         return w
     k = w.shape[0]
-    is_expert = ".mlp.experts." in canonical
-    blk = (None if bits == 8 else block) if is_expert else block
+    is_expert = m.role.routed_expert
+    blk = expert_block(bits, block) if is_expert else block
     q, scale = quantize_rows(np.ascontiguousarray(w.T), bits, blk or k)
     if is_expert:  # QMoE scales are stored in fp16 (see ort_graph.moe)
         scale = scale.astype(np.float16).astype(np.float32)

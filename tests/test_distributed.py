@@ -15,6 +15,7 @@ import pytest
 from conftest import prompt, tiny_config
 from ernie_paddle.distributed import Plan, check_plan, init, local_config, shard_tensor
 from ernie_paddle.errors import InputError
+from ernie_paddle.layout import canonical_maps
 
 TOOL = (sys.executable, "-m", "ernie_paddle.tools.dist_generate")  # the launcher runs a command: the documented form
 TOL = 1e-5
@@ -107,18 +108,19 @@ def test_indivisible_sizes_name_the_field():
 def test_slices_keep_heads_and_gate_up_halves_together():
     cfg = tiny_config()  # nh 4, nkv 2, head_dim 16
     d, h = cfg.head_dim, cfg.hidden_size
+    maps = canonical_maps(cfg)
     heads = np.repeat(np.arange(cfg.num_attention_heads + 2 * cfg.num_key_value_heads), d)[None].repeat(h, 0)
     for r in range(2):
         plan = Plan(tp=2, ep=2, rank=r)
         local = local_config(cfg, plan)
-        q = shard_tensor("layers.0.self_attn.qkv_proj.weight", heads, cfg, plan)
+        q = shard_tensor(maps["layers.0.self_attn.qkv_proj.weight"], heads, plan)
         assert q.shape == (h, (local.num_attention_heads + 2 * local.num_key_value_heads) * d)
         # [Q_r | K_r | V_r]: query heads 2r, 2r+1; key head 4 + r; value head 6 + r
         assert np.unique(q[0]).tolist() == [2 * r, 2 * r + 1, 4 + r, 6 + r]
         up_gate = np.concatenate([np.zeros((h, 160)), np.ones((h, 160))], axis=1)
-        part = shard_tensor("layers.0.mlp.up_gate_proj.weight", up_gate, cfg, plan)
+        part = shard_tensor(maps["layers.0.mlp.up_gate_proj.weight"], up_gate, plan)
         assert part.shape == (h, 160) and (part[:, :80] == 0).all() and (part[:, 80:] == 1).all()
         expert = np.arange(h * 64.0).reshape(h, 64)
-        assert shard_tensor("layers.1.mlp.experts.3.up_gate_proj.weight", expert, cfg, plan) is expert
-        assert shard_tensor("layers.1.mlp.experts.3.up_gate_proj.weight", expert, cfg,
+        assert shard_tensor(maps["layers.1.mlp.experts.3.up_gate_proj.weight"], expert, plan) is expert
+        assert shard_tensor(maps["layers.1.mlp.experts.3.up_gate_proj.weight"], expert,
                             Plan(tp=2, ep=1, rank=r)).shape == (h, 32)

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from ernie_paddle import _runtime  # noqa: E402,F401  (MKL settings before Paddle)
 
 from ernie_paddle.config import ErnieConfig  # noqa: E402
+from ernie_paddle.layout import Role, canonical_maps  # noqa: E402
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus  # noqa: E402
 from ernie_paddle.tokenizer import MASK_TOKENS, SPECIAL  # noqa: E402
 
@@ -63,15 +64,15 @@ def init_weights(model, cfg: ErnieConfig, rng: np.random.Generator) -> None:
     """N(0, 0.02) weights, output projections scaled by 1/sqrt(2L), norms 1, correction bias 0."""
     import paddle
 
+    roles = {name: m.role for name, m in canonical_maps(cfg).items()}
     for name, p in model.named_parameters():
-        shape = tuple(p.shape)
-        if name.endswith("layernorm.weight") or name == "norm.weight":
+        shape, role = tuple(p.shape), roles[name]
+        if role.is_norm:
             a = np.ones(shape, np.float32)
-        elif name.endswith("e_score_correction_bias"):
+        elif role is Role.ROUTER_BIAS:
             a = np.zeros(shape, np.float32)
         else:
-            std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) \
-                else 0.02
+            std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers) if role.residual_output else 0.02
             a = (rng.standard_normal(shape) * std).astype(np.float32)
         p.set_value(paddle.to_tensor(a))
 
