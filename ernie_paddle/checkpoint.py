@@ -1,8 +1,9 @@
-"""Checkpoint directories: load into the Paddle model, save in either layout, convert, make random ones.
+"""Checkpoint directories: read and write them in either layout, convert, make random ones.
 
-All of it streams canonical tensors (see `layout.py`) one at a time, so memory stays bounded by one
-tensor when reading and by one shard when writing. Only numpy here, except `load_weights`, which takes a
-Paddle model (it imports nothing from Paddle itself).
+All of it streams canonical tensors (see `layout.py`) one at a time, so memory stays bounded by one tensor when
+reading and by one shard when writing. Numpy only, so the exporter and the ONNX side never import Paddle through
+it: moving weights in and out of a Paddle model is `paddle_weights.py`, unpickling `.pdparams` is `pdparams.py`
+(imported only when the user allows pickles).
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ import numpy as np
 
 from .config import ErnieConfig
 from .errors import CheckpointError
+from .files import SIDE_FILES
 from .layout import LAYOUTS, PADDLE, PT, Role, TensorMap, iter_canonical, tensor_maps
-from .safetensors_io import ShardedWriter, open_checkpoint
+from .safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointReader, ShardedWriter, pickled_files
 
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-# Files besides the weights that travel with a checkpoint when it is converted.
-SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "generation_config.json", "added_tokens.json")
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -43,6 +42,17 @@ class TensorStream:
         return self._held.pop(name)
 
 
+def open_checkpoint(directory: str, allow_pickle: bool = False):
+    """A reader for `directory`: safetensors (always), or `.pdparams` pickles when `allow_pickle` and there are no
+    safetensors (only then is Paddle imported)."""
+    if allow_pickle and os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, SINGLE_FILE)) \
+            and not os.path.isfile(os.path.join(directory, INDEX_FILE)) and pickled_files(directory):
+        from .pdparams import PickleReader
+
+        return PickleReader(directory)
+    return CheckpointReader(directory)
+
+
 def read_canonical(directory: str, cfg: ErnieConfig | None = None, allow_pickle: bool = False
                    ) -> Iterator[tuple[TensorMap, np.ndarray]]:
     """Canonical tensors of the checkpoint in `directory` (either layout), strictly checked, one at a time.
@@ -54,33 +64,6 @@ def read_canonical(directory: str, cfg: ErnieConfig | None = None, allow_pickle:
         yield from iter_canonical(cfg, reader)
     finally:
         reader.close()
-
-
-def load_weights(model, directory: str, allow_pickle: bool = False) -> None:
-    """Copy the checkpoint's tensors into a `Ernie4_5_MoeForCausalLM`'s parameters (cast to their dtype)."""
-    fill_parameters(model, read_canonical(directory, model.config, allow_pickle), directory)
-
-
-def fill_parameters(model, pairs, directory: str, what: str = "the model") -> None:
-    """Copy canonical (map, array) pairs into `model`'s parameters (cast to their dtype); every parameter must get
-    exactly its shape, and none may be left without a tensor. `what` names the receiver in errors."""
-    import paddle
-
-    params = dict(model.named_parameters())
-    loaded = set()
-    for m, array in pairs:
-        p = params.get(m.canonical)
-        if p is None:
-            raise CheckpointError(f"{directory}: the model has no parameter for '{m.canonical}'")
-        if tuple(p.shape) != array.shape:
-            raise CheckpointError(f"{directory}: '{m.canonical}' has shape {list(array.shape)}, {what} "
-                                  f"expects {list(p.shape)}")
-        t = paddle.to_tensor(array)
-        p.set_value(t if t.dtype == p.dtype else t.astype(p.dtype))
-        loaded.add(m.canonical)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise CheckpointError(f"{directory}: no checkpoint tensor for model parameter(s) {', '.join(missing[:8])}")
 
 
 def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, *,
@@ -126,22 +109,6 @@ def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]]
         raise
 
 
-def save_pretrained(model, out_dir: str, *, layout: str = PADDLE, dtype: str = "float32",
-                    max_shard_bytes: int = 5 * 1024**3) -> list[str]:
-    """Write a Paddle model's weights as a `-Paddle` or `-PT` checkpoint directory (sharded when large)."""
-    import paddle
-
-    params = dict(model.named_parameters())
-
-    def tensors():
-        for m in tensor_maps(model.config, layout):
-            p = params[m.canonical]
-            yield m.canonical, (p if p.dtype == paddle.float32 else p.astype("float32")).numpy()
-
-    return write_checkpoint(model.config, tensors(), out_dir, layout=layout, dtype=dtype,
-                            max_shard_bytes=max_shard_bytes, overwrite=True)  # as transformers' save_pretrained
-
-
 def convert(src: str, out_dir: str, *, layout: str, dtype: str = "bfloat16", max_shard_bytes: int = 5 * 1024**3,
             strict_config: bool = False, progress: Progress | None = None, allow_pickle: bool = False) -> list[str]:
     """Convert a checkpoint between layouts (and dtypes), streaming; tokenizer files are copied along."""
@@ -180,5 +147,15 @@ def make_checkpoint(cfg: ErnieConfig, out_dir: str, *, layout: str = PADDLE, dty
                             max_shard_bytes=max_shard_bytes, progress=progress)
 
 
-__all__ = ["read_canonical", "load_weights", "write_checkpoint", "save_pretrained", "convert", "random_tensors",
+def __getattr__(name: str):
+    """`load_weights` and `save_pretrained` moved to `paddle_weights` (they need Paddle); importing them from here
+    keeps working, and imports Paddle only then."""
+    if name in ("load_weights", "save_pretrained"):
+        from . import paddle_weights
+
+        return getattr(paddle_weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["open_checkpoint", "read_canonical", "write_checkpoint", "convert", "random_tensors",
            "make_checkpoint", "PADDLE", "PT"]

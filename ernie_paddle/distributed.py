@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from . import _runtime  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +36,12 @@ import paddle.distributed as dist
 import paddle.nn as nn
 
 from . import kernels_gpu
+from .checkpoint import open_checkpoint
 from .config import ErnieConfig
-from .checkpoint import fill_parameters
 from .errors import InputError
 from .layout import TensorMap, iter_canonical
-from .modeling import MLP, Ernie4_5_MoeForCausalLM, SparseMoeBlock
-from .safetensors_io import open_checkpoint
+from .modeling import MLP, Ernie4_5_MoeForCausalLM, SparseMoeBlock, default_dtype
+from .paddle_weights import fill_parameters
 
 
 @dataclass(frozen=True)
@@ -159,23 +158,23 @@ class HeldExperts(nn.Layer):
         return iter(self._sub_layers.values())
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: str):
-    paddle.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        paddle.set_default_dtype("float32")
+class RankModel(Ernie4_5_MoeForCausalLM):
+    """One rank's slice of the model: `config` is the slice's (see `local_config`), `full_config` the whole
+    model's, and `plan` says which slice this is."""
+
+    def __init__(self, full_config: ErnieConfig, plan: Plan, dtype: str = "float32"):
+        super().__init__(local_config(full_config, plan), dtype)
+        self.full_config, self.plan = full_config, plan
 
 
-def build(cfg: ErnieConfig, plan: Plan, dtype: str = "float32") -> Ernie4_5_MoeForCausalLM:
+def build(cfg: ErnieConfig, plan: Plan, dtype: str = "float32") -> RankModel:
     """This rank's slice of the model, parameters not yet allocated (`paddle.LazyGuard`); `load` fills them."""
     check_plan(cfg, plan.tp, plan.ep)
     with paddle.LazyGuard():
-        model = Ernie4_5_MoeForCausalLM(local_config(cfg, plan), dtype)
+        model = RankModel(cfg, plan, dtype)
         for layer in model.layers:
             if isinstance(layer.mlp, SparseMoeBlock) and plan.ep > 1:  # whole experts, only this rank's
-                with _default_dtype(dtype):
+                with default_dtype(dtype):
                     layer.mlp.experts = HeldExperts({e: MLP(cfg.hidden_size, cfg.moe_intermediate_size)
                                                      for e in plan.experts_held(cfg)})
             if plan.tp > 1:
@@ -183,7 +182,6 @@ def build(cfg: ErnieConfig, plan: Plan, dtype: str = "float32") -> Ernie4_5_MoeF
                 layer.mlp.register_forward_post_hook(_all_reduce_hook(plan.group))
     if plan.tp > 1:
         model.register_forward_post_hook(_same_logits_hook(plan.group))
-    model.full_config, model.plan = cfg, plan
     return model
 
 
@@ -203,7 +201,7 @@ def _same_logits_hook(group):
     return hook
 
 
-def load(model: Ernie4_5_MoeForCausalLM, directory: str, allow_pickle: bool = False) -> None:
+def load(model: RankModel, directory: str, allow_pickle: bool = False) -> None:
     """Fill a `build` model with its slices of the checkpoint in `directory` (-Paddle or -PT layout).
 
     The whole checkpoint is checked against the config (`layout.iter_canonical`, as `checkpoint.load_weights`), then
@@ -224,7 +222,7 @@ def load(model: Ernie4_5_MoeForCausalLM, directory: str, allow_pickle: bool = Fa
 
 def from_pretrained_parallel(directory: str, plan: Plan | None = None, *, dtype: str = "float32",
                              strict_config: bool = False, fused: bool | None = None,
-                             allow_pickle: bool = False) -> Ernie4_5_MoeForCausalLM:
+                             allow_pickle: bool = False) -> RankModel:
     """This rank's slice of the checkpoint in `directory`, ready for `forward` / `generation.generate` (run them on
     every rank with the same inputs; every rank gets the full logits). `plan` defaults to `init()`."""
     plan = plan or init()
@@ -236,4 +234,4 @@ def from_pretrained_parallel(directory: str, plan: Plan | None = None, *, dtype:
     return model
 
 
-__all__ = ["Plan", "init", "check_plan", "local_config", "shard_tensor", "build", "load", "from_pretrained_parallel"]
+__all__ = ["Plan", "RankModel", "init", "check_plan", "local_config", "shard_tensor", "build", "load", "from_pretrained_parallel"]

@@ -51,15 +51,6 @@ def logits_numpy(out) -> np.ndarray:
     return np.asarray(out.logits.numpy() if hasattr(out.logits, "numpy") else out.logits)
 
 
-def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
-    """Every id must index the embedding: the error names the first bad id and its position."""
-    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
-    if len(bad):
-        pos = tuple(int(i) for i in bad[0])
-        raise InputError(f"token id {int(ids[pos])} at position {pos[-1]} is out of range for vocab_size "
-                         f"{vocab_size}")
-
-
 def process_logits(logits: np.ndarray, history: list[np.ndarray], gen: GenerationConfig) -> np.ndarray:
     """Apply repetition penalty, temperature, top-k and top-p to logits [B, V]; filtered entries become -inf."""
     x = logits.astype(np.float32, copy=True)

@@ -1,8 +1,9 @@
 """ERNIE-4.5 text models (MoE `ernie4_5_moe` and dense `ernie4_5`) in Paddle dynamic graph.
 
-Reads top to bottom as the math of the architecture notes: RMSNorm (fp32 statistics), interleaved RoPE
-(fp32), grouped-query attention over a preallocated KV cache with explicit positions, SwiGLU MLPs, and the
-sparse MoE block (fp32 router, selection-only correction bias, shared experts added after the routed sum).
+Reads top to bottom as ERNIE-4.5's math (as transformers' `modeling_ernie4_5_moe` computes it): RMSNorm (fp32
+statistics), interleaved RoPE (fp32), grouped-query attention over a preallocated KV cache with explicit positions,
+SwiGLU MLPs, and the sparse MoE block (routing in `moe.py`, shared experts added after the routed sum). This
+unfused code is the reference and the CPU path; on a GPU `use_fused_kernels()` swaps in `kernels_gpu`'s ops.
 Shapes: B batch, T new tokens, S cached + new tokens, H hidden, nh/nkv heads, d head_dim, E experts.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 from . import _runtime  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
+import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import paddle
@@ -20,11 +23,22 @@ import paddle.nn.functional as F
 
 from .config import ErnieConfig
 from .errors import InputError
-from .generation import check_token_ids
 from . import kernels_gpu, rope
+from .token_ids import check_token_ids
 from .moe import EXPERT_PASSES, route
 
 _NEG = float(np.finfo(np.float32).min)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: str) -> Iterator[None]:
+    """Paddle's default dtype set to `dtype` inside the block, and the previous one restored after it."""
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        paddle.set_default_dtype(previous)
 
 
 def _param(layer: nn.Layer, shape: list[int], dtype: str) -> paddle.Tensor:
@@ -45,7 +59,7 @@ class RMSNorm(nn.Layer):
         super().__init__()
         self.eps = eps
         self.weight = _param(self, [hidden], dtype)
-        self.fused = False  # GPU: Paddle's fused_rms_norm (same math)
+        self.fused = False  # True on a GPU: Paddle's fused_rms_norm (same math)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self.fused:
@@ -60,6 +74,21 @@ def rope_cos_sin(position_ids: paddle.Tensor, head_dim: int, theta: float) -> tu
     angles = position_ids.astype("float32").unsqueeze(-1) * paddle.to_tensor(rope.inv_freq(head_dim, theta))
     angles = angles.unsqueeze(2)  # [B, T, 1, d/2]
     return paddle.cos(angles), paddle.sin(angles)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """The rotary angles of one forward pass: fp32 cos/sin [B, T, 1, d/2] for the unfused path, and the position
+    ids [B, T] they come from (Paddle's fused GPU RoPE reads its own tables at these positions)."""
+
+    cos: paddle.Tensor
+    sin: paddle.Tensor
+    positions: paddle.Tensor
+
+    @classmethod
+    def at(cls, positions: paddle.Tensor, head_dim: int, theta: float) -> "Rotary":
+        cos, sin = rope_cos_sin(positions, head_dim, theta)
+        return cls(cos, sin, positions)
 
 
 def apply_rope(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
@@ -96,26 +125,32 @@ class Attention(nn.Layer):
         self.scale = self.d ** -0.5
         self.qkv_proj = _linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.d)
         self.o_proj = _linear(self.nh * self.d, cfg.hidden_size)
-        self.fused: tuple | None = None  # GPU: (cos table, sin table) for Paddle's fused RoPE + flash attention
+        # set on a GPU by `use_fused_kernels`: full-width (cos, sin) tables for Paddle's fused RoPE
+        self.fused_rope_tables: tuple[paddle.Tensor, paddle.Tensor] | None = None
 
-    def forward(self, x: paddle.Tensor, rot: tuple, mask: paddle.Tensor,
-                cache: tuple[paddle.Tensor, paddle.Tensor] | None, start: int, plain: bool) -> paddle.Tensor:
-        """rot = (cos, sin, position_ids); `plain`: no padding in the batch (fused attention allowed)."""
+    @property
+    def fused(self) -> bool:
+        """Paddle's fused RoPE and (where its causal mask is right) flash attention."""
+        return self.fused_rope_tables is not None
+
+    def forward(self, x: paddle.Tensor, rotary: Rotary, mask: paddle.Tensor,
+                cache: tuple[paddle.Tensor, paddle.Tensor] | None, start: int, padded: bool) -> paddle.Tensor:
+        """x [B, T, H] written at cache slots start..start+T; mask [B, 1, T, S] additive; `padded`: some row of
+        the batch has padding (then flash attention, which takes no mask, is not used)."""
         b, t, _ = x.shape
         nh, nkv, d = self.nh, self.nkv, self.d
         qkv = self.qkv_proj(x).reshape([b, t, nh + 2 * nkv, d])
         q, k, v = paddle.split(qkv, [nh, nkv, nkv], axis=2)
-        cos, sin, pos = rot
-        if self.fused is not None:
-            q, k = kernels_gpu.rope(q, k, self.fused[0], self.fused[1], pos)
+        if self.fused:
+            q, k = kernels_gpu.rope(q, k, *self.fused_rope_tables, rotary.positions)
         else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, rotary.cos, rotary.sin), apply_rope(k, rotary.cos, rotary.sin)
         if cache is not None:
             ck, cv = cache
             ck[:, start:start + t] = k
             cv[:, start:start + t] = v
             k, v = ck[:, :start + t], cv[:, :start + t]
-        if self.fused is not None and plain and (start == 0 or t == 1):  # flash: causal only when q_len == kv_len
+        if self.fused and not padded and (start == 0 or t == 1):  # flash: causal only when q_len == kv_len
             out = kernels_gpu.flash_attention(q, k, v, causal=start == 0 and t > 1)
             return self.o_proj(out.reshape([b, t, nh * d]))
         s = k.shape[1]
@@ -156,8 +191,18 @@ class SparseMoeBlock(nn.Layer):
                                      for _ in range(cfg.moe_num_experts)])
         self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_intermediate_size)
                                if cfg.moe_num_shared_experts > 0 else None)
-        self.expert_pass = "sorted"
+        self.expert_pass = "sorted"  # a name in moe.EXPERT_PASSES, or "fused" (GPU, after `stack_experts`)
+        self.w_up_gate: paddle.Tensor | None = None  # stacked expert weights [E, H, 2I] / [E, I, H] (fused pass)
+        self.w_down: paddle.Tensor | None = None
         self.last_experts: paddle.Tensor | None = None  # [N, k] choices of the last call (for parity checks)
+
+    def stack_experts(self) -> None:
+        """Replace the per-expert MLPs by stacked weights [E, H, 2I] / [E, I, H] (the grouped-GEMM layout)."""
+        if self.w_up_gate is not None:
+            return
+        self.w_up_gate = paddle.stack([e.up_gate_proj.weight for e in self.experts])
+        self.w_down = paddle.stack([e.down_proj.weight for e in self.experts])
+        self.experts = None  # free the per-expert copies
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         shape = x.shape
@@ -184,8 +229,10 @@ class DecoderLayer(nn.Layer):
         self.mlp = SparseMoeBlock(cfg, dtype) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size,
                                                                                    cfg.intermediate_size)
 
-    def forward(self, x, rot, mask, cache, start, plain):
-        h = x + self.self_attn(self.input_layernorm(x), rot, mask, cache, start, plain)
+    def forward(self, x: paddle.Tensor, rotary: Rotary, mask: paddle.Tensor,
+                cache: tuple[paddle.Tensor, paddle.Tensor] | None, start: int, padded: bool) -> paddle.Tensor:
+        """See `Attention.forward`."""
+        h = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache, start, padded)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -210,8 +257,7 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
             raise InputError(f"dtype {dtype} needs a GPU: Paddle's CPU kernels compute in float32 only "
                              f"(use --dtype float32, or Paddle's GPU build)")
         self.config, self.compute_dtype = cfg, dtype
-        paddle.set_default_dtype(dtype)
-        try:
+        with default_dtype(dtype):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, weight_attr=paddle.ParamAttr(
                 initializer=nn.initializer.Constant(0.0)))
             self.layers = nn.LayerList([DecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers)])
@@ -221,8 +267,6 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
                 if isinstance(layer.mlp, SparseMoeBlock):
                     layer.mlp.gate.weight = _param(layer.mlp.gate, [cfg.hidden_size, cfg.moe_num_experts],
                                                    "float32")
-        finally:
-            paddle.set_default_dtype("float32")
         self.eval()
 
     # ---- construction -------------------------------------------------------------------------------
@@ -230,12 +274,12 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
     def from_pretrained(cls, directory: str, *, dtype: str = "float32", strict_config: bool = False,
                         config: ErnieConfig | None = None, fused: bool | None = None,
                         allow_pickle: bool = False) -> "Ernie4_5_MoeForCausalLM":
-        """Load a `-Paddle` or `-PT` checkpoint directory (see `ernie_paddle.checkpoint.load_weights`).
+        """Load a `-Paddle` or `-PT` checkpoint directory (see `ernie_paddle.paddle_weights.load_weights`).
 
         `fused`: use Paddle's fused GPU kernels (default: when running on a GPU). `allow_pickle`: also read
         pickled `.pdparams` weights (off by default: unpickling can run code).
         """
-        from .checkpoint import load_weights
+        from .paddle_weights import load_weights
 
         cfg = config or ErnieConfig.from_file(os.path.join(directory, "config.json"), strict=strict_config)
         model = cls(cfg, dtype)
@@ -255,9 +299,9 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
             if isinstance(m, RMSNorm):
                 m.fused = True
             elif isinstance(m, Attention):
-                m.fused = tables
+                m.fused_rope_tables = tables
             elif isinstance(m, SparseMoeBlock) and (m.experts is None or len(m.experts) == m.num_experts):
-                kernels_gpu.stack_experts(m)  # (a rank holding some experts, expert-parallel: sorted pass)
+                m.stack_experts()  # (a rank holding some experts, expert-parallel: sorted pass)
                 m.expert_pass = "fused"
 
     def set_expert_pass(self, name: str) -> None:
@@ -318,15 +362,15 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
             allowed = allowed & am[:, None, :]
         mask = paddle.to_tensor(np.where(allowed, 0.0, _NEG).astype(np.float32)).unsqueeze(1)
 
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
-        plain = attention_mask is None or bool(np.asarray(attention_mask).all())
+        rotary = Rotary.at(pos, self.config.head_dim, self.config.rope_theta)
+        padded = attention_mask is not None and not bool(np.asarray(attention_mask).all())
         x = self.embed_tokens(paddle.to_tensor(ids))
         out = ForwardOutput(logits=None)
         if output_hidden_states:
             out.hidden_states.append(x)
         for i, layer in enumerate(self.layers):
             kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x = layer(x, (cos, sin, pos), mask, kv, start, plain)
+            x = layer(x, rotary, mask, kv, start, padded)
             if output_router and isinstance(layer.mlp, SparseMoeBlock):
                 out.router_experts.append(layer.mlp.last_experts)
             if output_hidden_states:

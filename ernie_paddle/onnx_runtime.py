@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import ErnieConfig
 from .errors import ErnieError, InputError
-from .generation import check_token_ids
+from .token_ids import check_token_ids
 from .rope import check_position_ids
 
 MANIFEST = "manifest.json"

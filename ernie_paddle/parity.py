@@ -205,7 +205,7 @@ def paddle_trace_streaming(model_dir: str, cfg, seqs: list[list[int]]) -> tuple[
     import paddle
 
     from .checkpoint import read_canonical
-    from .modeling import DecoderLayer, RMSNorm, SparseMoeBlock, rope_cos_sin
+    from .modeling import DecoderLayer, RMSNorm, Rotary, SparseMoeBlock
 
     tensors = read_canonical(model_dir, cfg)
     _, embed = next(tensors)
@@ -216,8 +216,7 @@ def paddle_trace_streaming(model_dir: str, cfg, seqs: list[list[int]]) -> tuple[
     for p in seqs:
         t = len(p)
         pos = paddle.to_tensor(np.arange(t, dtype=np.int64)[None])
-        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
-        rots.append((cos, sin, pos))
+        rots.append(Rotary.at(pos, cfg.head_dim, cfg.rope_theta))
         allowed = np.tril(np.ones((t, t), bool))
         masks.append(paddle.to_tensor(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))[None, None])
     with paddle.no_grad():
@@ -231,7 +230,7 @@ def paddle_trace_streaming(model_dir: str, cfg, seqs: list[list[int]]) -> tuple[
             moe = isinstance(layer.mlp, SparseMoeBlock)
             captured, _ = _capture_router_inputs([layer.mlp] if moe else [])
             for j in range(len(seqs)):
-                xs[j] = layer(xs[j], rots[j], masks[j], None, 0, True)
+                xs[j] = layer(xs[j], rots[j], masks[j], None, 0, padded=False)
                 traces[j].hidden.append(xs[j].numpy()[0])
                 if moe:
                     chosen = layer.mlp.last_experts.numpy()

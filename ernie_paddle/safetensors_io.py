@@ -26,6 +26,12 @@ _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16":
 _MAX_HEADER = 100 * 1024 * 1024
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+PDPARAMS_SUFFIX = ".pdparams"  # Paddle's pickled weights: read by `pdparams.PickleReader`, only when allowed
+
+
+def pickled_files(directory: str) -> list[str]:
+    """The `.pdparams` files in `directory`, sorted."""
+    return sorted(f for f in os.listdir(directory) if f.endswith(PDPARAMS_SUFFIX))
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -113,9 +119,6 @@ class SafetensorsFile:
             return bf16_to_f32(arr)
         return arr
 
-    def close(self) -> None:
-        pass
-
 
 class CheckpointReader:
     """All tensors of a checkpoint directory: `model.safetensors`, or an index plus shards."""
@@ -159,7 +162,7 @@ class CheckpointReader:
         else:
             if not os.path.isdir(directory):
                 raise CheckpointError(f"{directory}: no such checkpoint directory")
-            pickled = sorted(f for f in os.listdir(directory) if f.endswith(".pdparams"))
+            pickled = pickled_files(directory)
             if pickled:
                 raise CheckpointError(f"{os.path.join(directory, pickled[0])}: pickled Paddle weights are not loaded "
                                       f"by default (unpickling a file can run code); if you trust it, pass "
@@ -185,8 +188,8 @@ class CheckpointReader:
         return self._files[self._where[name]].get(name)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
+        """Nothing is held open (each `get` is one positioned read); here for the reader interface that
+        `pdparams.PickleReader` shares."""
 
 
 def _encode(a: np.ndarray, dtype: str) -> tuple[str, bytes]:
@@ -290,58 +293,3 @@ class ShardedWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
-
-    def __enter__(self) -> "ShardedWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-
-
-class PickleReader:
-    """`.pdparams` weights (Paddle's pickle format), read only when the user allows it explicitly."""
-
-    def __init__(self, directory: str):
-        import paddle
-
-        files = sorted(f for f in os.listdir(directory) if f.endswith(".pdparams"))
-        self.directory = directory
-        self._arrays: dict[str, np.ndarray] = {}
-        self._where: dict[str, str] = {}
-        for f in files:
-            path = os.path.join(directory, f)
-            state = paddle.load(path, return_numpy=True)
-            for name, a in state.items():
-                if name in self._arrays:
-                    raise CheckpointError(f"{path}: duplicate tensor '{name}' (also in {self._where[name]})")
-                self._arrays[name] = np.asarray(a)
-                self._where[name] = path
-
-    def names(self) -> list[str]:
-        return list(self._arrays)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._arrays
-
-    def info(self, name: str) -> TensorInfo:
-        return TensorInfo(str(self._arrays[name].dtype), tuple(self._arrays[name].shape), 0, 0)
-
-    def file_of(self, name: str) -> str:
-        return self._where[name]
-
-    def get(self, name: str) -> np.ndarray:
-        a = self._arrays[name]
-        return a.astype(np.float32) if a.dtype != np.float16 and a.dtype.kind == "f" else a
-
-    def close(self) -> None:
-        self._arrays.clear()
-
-
-def open_checkpoint(directory: str, allow_pickle: bool = False):
-    """A reader for `directory`: safetensors (always), or `.pdparams` pickles when `allow_pickle`."""
-    if allow_pickle and os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, SINGLE_FILE)) \
-            and not os.path.isfile(os.path.join(directory, INDEX_FILE)) \
-            and any(f.endswith(".pdparams") for f in os.listdir(directory)):
-        return PickleReader(directory)
-    return CheckpointReader(directory)

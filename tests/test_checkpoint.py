@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from ernie_paddle.checkpoint import convert, make_checkpoint, random_tensors, save_pretrained, write_checkpoint
+from ernie_paddle.checkpoint import convert, make_checkpoint, random_tensors, write_checkpoint
 from ernie_paddle.errors import CheckpointError
 from ernie_paddle.layout import PT_FUSED
 from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.paddle_weights import save_pretrained
 from ernie_paddle.safetensors_io import CheckpointReader, SafetensorsFile, bf16_to_f32, f32_to_bf16, write_file
 
 from conftest import prompt
@@ -43,7 +44,7 @@ def test_paddle_and_pt_layouts_convert_both_ways_exactly(tiny_ckpt, tmp_path):
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     pt = disk_tensors(str(tmp_path / "pt"))
-    # the -PT names and torch [out, in] shapes of the architecture notes (§3.1)
+    # the -PT names and torch [out, in] shapes of the released ERNIE-4.5-21B-A3B-PT checkpoint
     h, e, ie = cfg.hidden_size, cfg.moe_num_experts, cfg.moe_intermediate_size
     assert pt["model.layers.1.mlp.gate.weight"].shape == (e, h)
     assert pt["model.layers.1.mlp.moe_statics.e_score_correction_bias"].shape == (1, e)
@@ -256,3 +257,20 @@ def test_duplicate_tensor_is_named(sharded):
                + [(dup, CheckpointReader(d).get(dup), "F32")])
     with pytest.raises(CheckpointError, match=rf"{first}: tensor '{dup}' is not listed in|duplicate tensor '{dup}'"):
         CheckpointReader(d)
+
+
+def test_checkpoint_io_is_numpy_only(tiny_ckpt):
+    """The exporter and the ONNX side read and write checkpoints without importing Paddle; the moved Paddle
+    helpers stay importable from `checkpoint` (the README's `save_pretrained`)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ernie_paddle.checkpoint import read_canonical; "
+            f"n = sum(1 for _ in read_canonical({tiny_ckpt[0]!r})); "
+            "print(n, sorted(m for m in sys.modules if m == 'paddle' or m.startswith('paddle.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == str(sum(1 for _ in random_tensors(tiny_ckpt[1]))) and out[1:] == ["[]"]
+    from ernie_paddle import checkpoint, paddle_weights
+
+    assert checkpoint.save_pretrained is paddle_weights.save_pretrained
+    assert checkpoint.load_weights is paddle_weights.load_weights

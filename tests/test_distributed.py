@@ -124,3 +124,21 @@ def test_slices_keep_heads_and_gate_up_halves_together():
         assert shard_tensor(maps["layers.1.mlp.experts.3.up_gate_proj.weight"], expert, plan) is expert
         assert shard_tensor(maps["layers.1.mlp.experts.3.up_gate_proj.weight"], expert,
                             Plan(tp=2, ep=1, rank=r)).shape == (h, 32)
+
+
+def test_a_rank_model_holds_its_plan_and_restores_the_default_dtype():
+    import paddle
+
+    from ernie_paddle.distributed import RankModel, build
+
+    cfg = tiny_config()
+    before = paddle.get_default_dtype()
+    paddle.set_default_dtype("float64")
+    try:
+        model = build(cfg, Plan(tp=2, ep=2, rank=1))  # experts held whole: built under the compute dtype
+        assert paddle.get_default_dtype() == "float64"
+    finally:
+        paddle.set_default_dtype(before)
+    assert isinstance(model, RankModel) and model.full_config == cfg and model.plan == Plan(tp=2, ep=2, rank=1)
+    assert model.config == local_config(cfg, model.plan)
+    assert sorted(int(e) for e in model.layers[1].mlp.experts._sub_layers) == [4, 5, 6, 7]

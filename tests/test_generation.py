@@ -140,3 +140,16 @@ def test_bad_prompts(model):
         generate(model, [[]])
     with pytest.raises(InputError, match="prompt length 3 \\+ max_new_tokens 2046 exceeds max_position_embeddings 2048"):
         generate(model, [1, 2, 3], GenerationConfig(max_new_tokens=2046))
+
+
+def test_building_the_model_restores_the_callers_default_dtype(tiny_ckpt):
+    import paddle
+
+    before = paddle.get_default_dtype()
+    paddle.set_default_dtype("float64")
+    try:
+        model = Ernie4_5_MoeForCausalLM(tiny_ckpt[1])
+        assert paddle.get_default_dtype() == "float64"
+        assert {str(p.dtype) for p in model.parameters()} == {"paddle.float32"}
+    finally:
+        paddle.set_default_dtype(before)
