@@ -3,9 +3,12 @@
 Weights follow what each runtime actually holds resident. Paddle keeps every tensor in the compute dtype (router
 fp32). ONNX Runtime int8/int4/int2 exports hold linear layers (MatMulNBits) and routed experts (QMoE) in MLAS's
 prepacked form for `accuracy_level` 4: the packed codes plus about 11 bytes per quantisation block (fp32 scale, block
-sum and alignment; fitted to the 21B-A3B widths with blocks of 32, 64 and 128, every measurement within 2%);
-the exported fp16 scales are dropped. The fp32 embedding table stays memory-mapped from the external data file:
-only the rows of tokens seen become resident. Sizes are reported in GiB, as the benchmark's peak RSS.
+sum and alignment); the exported fp16 scales are dropped. The fp32 embedding table stays memory-mapped from the
+external data file: only the rows of tokens seen become resident. Which tensor is which comes from the layout
+table's roles. Sizes are reported in GiB, as the benchmark's peak RSS.
+
+The two fitted constants, and the measurements they were fitted to, are stated in tests/test_memory.py, which checks
+the planner against measurements held out of the fit.
 """
 
 from __future__ import annotations
@@ -16,17 +19,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ErnieConfig
-from .layout import PT, tensor_maps
+from .errors import InputError
+from .layout import PT, Role, TensorMap, tensor_maps
+from .precisions import BITS, PLAN_PRECISIONS, check_block_size, expert_block
+from .sizes import parse_size as _parse_size
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4", "int2")
-BITS = {"int8": 8, "int4": 4, "int2": 2}
-PACKED_BLOCK_BYTES = 11.17  # MLAS prepacked MatMulNBits / QMoE, accuracy_level 4: bytes per block beyond codes
-ORT_RUNTIME = int(0.7 * 2**30)  # the process: ONNX Runtime, Python, numpy, mapped pages while loading (measured)
-GPUS = {"T4": 16, "A10": 24, "L4": 24, "RTX 4090": 24, "A100-40GB": 40, "A100-80GB": 80, "H100": 80, "H200": 141}
+# MLAS prepacked MatMulNBits / QMoE, accuracy_level 4: bytes per block beyond the codes. Least squares over the four
+# weight-only measurements of tests/test_memory.py (FIT_WEIGHTS).
+PACKED_BLOCK_BYTES = 11.20
+# The ONNX Runtime process beyond the planned tensors (runtime, Python, numpy, pages mapped while loading): the one
+# measured peak of tests/test_memory.py's FIT_PEAK, rounded.
+ORT_RUNTIME = int(0.7 * 2**30)
+# Memory of common GPUs as sold, in decimal GB (1 GB = 1e9 bytes, as sizes.parse_size reads "16GB").
+GPUS = {name: _parse_size(size) for name, size in (
+    ("T4", "16GB"), ("A10", "24GB"), ("L4", "24GB"), ("RTX 4090", "24GB"), ("A100-40GB", "40GB"),
+    ("A100-80GB", "80GB"), ("H100", "80GB"), ("H200", "141GB"))}
+GIB = 2**30
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
+    """Bytes one process needs, by what holds them."""
+
     weights: int
     kv_cache: int
     working: int
@@ -42,33 +56,25 @@ def fp32_bytes(cfg: ErnieConfig) -> int:
     return 4 * sum(int(np.prod(m.shape)) for m in tensor_maps(cfg, PT))
 
 
-def plan(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = 32,
-         threads: int | None = None) -> Plan:
+def check_plan_args(precision: str, context: int, batch: int, block: int) -> None:
+    """Raise InputError naming the argument the planner cannot take."""
+    if precision not in PLAN_PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PLAN_PRECISIONS)}, got {precision!r}")
+    for flag, value in (("--context", context), ("--batch", batch)):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{flag} must be a positive integer, got {value!r}")
+    try:
+        check_block_size(block)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def plan_memory(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = 32,
+                threads: int | None = None) -> MemoryPlan:
     """Bytes needed to run `cfg` at `precision` with `batch` sequences of `context` tokens (`block`: the int
     exports' quantisation block size; `threads`: ONNX Runtime's, default this machine's cores)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    weights = 0
-    for m in tensor_maps(cfg, PT):
-        n = 1
-        for s in m.shape:
-            n *= s
-        name = m.canonical
-        if precision in ("fp32", "bf16", "fp16"):
-            weights += n * (4 if m.keep_fp32 or precision == "fp32" else 2)
-            continue
-        if len(m.shape) < 2 or m.keep_fp32:
-            weights += 4 * n
-            continue
-        if name == "embed_tokens.weight":  # memory-mapped Gather table: the rows of the tokens seen
-            weights += 4 * m.shape[-1] * min(m.shape[0], batch * context)
-            if not cfg.tie_word_embeddings:
-                continue
-        bits = BITS[precision]
-        if bits == 8 and ".mlp.experts." in name:  # int8 QMoE is per output channel (one block per row)
-            weights += packed_bytes(n, bits, m.shape[0])  # canonical [in, out]: a block is one K-long row
-        else:
-            weights += packed_bytes(n, bits, block)  # MatMulNBits / QMoE (and the tied head)
+    check_plan_args(precision, context, batch, block)
+    weights = sum(_weight_bytes(cfg, m, precision, batch * context, block) for m in tensor_maps(cfg, PT))
     kv_bytes = 2 if precision in ("bf16", "fp16") else 4
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * batch * kv_bytes
     # prefill activations of one chunk (--prefill-chunk): logits and attention scores. Paddle holds every head's
@@ -78,7 +84,23 @@ def plan(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: 
     heads = cfg.num_attention_heads if precision not in BITS else min(cfg.num_attention_heads, threads)
     working = 4 * batch * chunk * (cfg.vocab_size + heads * context + 8 * cfg.hidden_size)
     runtime = ORT_RUNTIME if precision in BITS else 0
-    return Plan(weights, kv, working, runtime)
+    return MemoryPlan(weights, kv, working, runtime)
+
+
+def _weight_bytes(cfg: ErnieConfig, m: TensorMap, precision: str, tokens: int, block: int) -> int:
+    """Resident bytes of one canonical tensor at `precision` when `tokens` tokens have been seen."""
+    n = int(np.prod(m.shape))
+    if precision not in BITS:  # Paddle / float exports: the compute dtype, the router island in fp32
+        return n * (4 if m.keep_fp32 or precision == "fp32" else 2)
+    bits = BITS[precision]
+    if m.role is Role.EMBEDDING:  # memory-mapped Gather table: the rows of the tokens seen (+ a tied quantised head)
+        rows = 4 * m.shape[-1] * min(m.shape[0], tokens)
+        return rows + (packed_bytes(n, bits, block) if cfg.tie_word_embeddings else 0)
+    if not m.role.quantised:  # norms, router, correction bias
+        return 4 * n
+    if m.role.routed_expert:  # QMoE; canonical [in, out]: a block of None is one K-long row (per channel)
+        return packed_bytes(n, bits, expert_block(bits, block) or m.shape[0])
+    return packed_bytes(n, bits, block)  # MatMulNBits
 
 
 def packed_bytes(n: int, bits: int, block: int) -> int:
@@ -86,18 +108,11 @@ def packed_bytes(n: int, bits: int, block: int) -> int:
     return n * bits // 8 + int(PACKED_BLOCK_BYTES * -(-n // block))
 
 
-def parse_size(text: str) -> int:
-    t = text.strip().upper().replace("IB", "B")
-    for unit, mult in (("TB", 1024**4), ("GB", 1024**3), ("MB", 1024**2)):
-        if t.endswith(unit):
-            return int(float(t[:-2]) * mult)
-    return int(float(t))
-
-
 def report(cfg: ErnieConfig, precision: str, context: int, batch: int, device_memory: int | None,
            block: int = 32) -> str:
-    p = plan(cfg, precision, context, batch, block)
-    gb = lambda b: f"{b / 2**30:8.2f} GiB"  # noqa: E731
+    """The plan as the `memory` command prints it, and whether it fits `device_memory` bytes (else which GPUs)."""
+    p = plan_memory(cfg, precision, context, batch, block)
+    gb = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     head = f"{precision}" + (f" (block {block}, accuracy_level 4)" if precision in BITS else "")
     lines = [f"{head}, context {context}, batch {batch}:",
              f"  weights        {gb(p.weights)}", f"  KV cache       {gb(p.kv_cache)}",
@@ -105,8 +120,10 @@ def report(cfg: ErnieConfig, precision: str, context: int, batch: int, device_me
              f"  runtime        {gb(p.runtime)}" + ("  (ONNX Runtime process)" if p.runtime else ""),
              f"  total          {gb(p.total)}"]
     if device_memory:
-        lines.append(f"  fits {device_memory / 2**30:.0f} GiB: {'yes' if p.total <= device_memory else 'no'}")
+        lines.append(f"  fits {device_memory / 1e9:.4g} GB ({device_memory / GIB:.4g} GiB): "
+                     f"{'yes' if p.total <= device_memory else 'no'}")
     else:
-        fits = [name for name, g in GPUS.items() if p.total <= g * 1e9]  # GPU sizes are marketed in GB
-        lines.append("  fits: " + (", ".join(fits) if fits else "none of " + ", ".join(GPUS)))
+        fits = [name for name, size in GPUS.items() if p.total <= size]
+        lines.append("  fits: " + (", ".join(fits) if fits else "none of " + ", ".join(GPUS))
+                     + "  (GPU memory as sold: 1 GB = 1e9 bytes)")
     return "\n".join(lines)

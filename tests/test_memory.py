@@ -1,50 +1,131 @@
-"""The memory planner against sizes measured in this project's runs."""
+"""The memory planner: its two fitted constants against the measurements they were fitted to, and the planner against
+measurements held out of that fit.
+
+Every figure is a measurement made in this project (2 cores, 24 GB, ONNX Runtime, int4 exports at the 21B-A3B
+widths, `accuracy_level` 4, 2 threads). The git history fixes which came first: PACKED_BLOCK_BYTES and ORT_RUNTIME
+were set (commit ddf2ae7) from FIT_WEIGHTS and FIT_PEAK; the block-64 runs were measured afterwards (eaa4bfd, 032ed58)
+and changed no constant. The 8K run did shape one rule (ONNX Runtime's attention scores: one head per thread), so it
+is checked with the fit set, not counted as held out.
+"""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
+from ernie_paddle import memory
 from ernie_paddle.cli import default_model_dir
-from ernie_paddle.config import preset
-from ernie_paddle.memory import plan
+from ernie_paddle.config import ErnieConfig, preset
+from ernie_paddle.errors import InputError
+from ernie_paddle.memory import GPUS, plan_memory, report
+from ernie_paddle.sizes import parse_size
 
 from conftest import run_cli
 
 GIB = 2**30
 
+# Resident weights (RssAnon, GB, after load): (layers, block, GB). PACKED_BLOCK_BYTES is their least-squares fit.
+FIT_WEIGHTS = ((4, 32, 2.374), (4, 64, 1.871), (4, 128, 1.628), (28, 32, 18.56))
+# `ernie-onnx generate`, 28 layers, block 32, 16 prompt + 64 new tokens: peak RSS, GiB. ORT_RUNTIME is what it leaves
+# beyond the planned weights, KV cache and working memory.
+FIT_PEAK = (32, 80, 17.96)
+# Shaped the working-memory rule (see the module docstring): block 64, 8176 + 16 tokens, GiB.
+SHAPED_PEAK = (64, 8192, 16.049)
+# Held out: `ernie-onnx generate` on the block-64 export, 16 + 64 and 32752 + 16 tokens, peak RSS GiB.
+HELD_OUT = ((64, 80, 14.196), (64, 32768, 19.268))
 
-def test_planner_matches_measured_sizes():
-    # ONNX Runtime resident memory after prepacking, measured (RssAnon, GB) on exports at the 21B-A3B widths, int4,
-    # accuracy_level 4: 4 layers with blocks of 32 / 64 / 128, and all 28 layers with blocks of 32
-    for layers, block, measured in ((4, 32, 2.374), (4, 64, 1.871), (4, 128, 1.628), (28, 32, 18.56)):
-        p = plan(preset("21b-a3b", num_hidden_layers=layers), "int4", context=16, block=block)
-        assert p.weights / 1e9 == pytest.approx(measured, rel=0.02), (layers, block)
-    # `ernie-onnx generate` on the 28-layer block-32 export: 17.96 GiB peak RSS (16 prompt + 64 new tokens)
-    assert plan(preset("21b-a3b"), "int4", context=80, threads=2).total / GIB == pytest.approx(17.96, rel=0.03)
-    # block 64 (the README's 21B commands), 2 threads: `ernie-onnx generate` with 16 + 64, 8176 + 16 and 32752 + 16
-    # tokens
-    for context, measured, rel in ((80, 14.196, 0.03), (8192, 16.049, 0.03), (32768, 19.268, 0.04)):
-        p = plan(preset("21b-a3b"), "int4", context=context, block=64, threads=2)
-        assert p.total / GIB == pytest.approx(measured, rel=rel), context
+
+def _counts(layers: int, block: int) -> tuple[int, int]:
+    """(planned weight bytes without the per-block term, number of quantisation blocks) of a FIT_WEIGHTS export."""
+    cfg = preset("21b-a3b", num_hidden_layers=layers)
+    saved = memory.PACKED_BLOCK_BYTES
+    try:
+        memory.PACKED_BLOCK_BYTES = 0.0
+        base = plan_memory(cfg, "int4", 16, block=block).weights
+        memory.PACKED_BLOCK_BYTES = 1.0
+        blocks = plan_memory(cfg, "int4", 16, block=block).weights - base
+    finally:
+        memory.PACKED_BLOCK_BYTES = saved
+    return base, blocks
+
+
+def _fit_residual() -> float:
+    """The largest relative residual of the planned weights over FIT_WEIGHTS."""
+    return max(abs(plan_memory(preset("21b-a3b", num_hidden_layers=layers), "int4", 16, block=block).weights
+                   / (gb * 1e9) - 1) for layers, block, gb in FIT_WEIGHTS)
+
+
+def test_constants_are_their_fit_to_the_named_measurements():
+    counts = [_counts(layers, block) for layers, block, _ in FIT_WEIGHTS]
+    x = np.array([n for _, n in counts], float)
+    y = np.array([gb * 1e9 - base for (_, _, gb), (base, _) in zip(FIT_WEIGHTS, counts)])
+    assert memory.PACKED_BLOCK_BYTES == pytest.approx(x @ y / (x @ x), abs=0.005)  # least squares: 11.197
+    assert _fit_residual() < 0.012  # 1.17% (4 layers, block 32); the others within 0.4%
+    block, context, gib = FIT_PEAK
+    p = plan_memory(preset("21b-a3b"), "int4", context=context, block=block, threads=2)
+    implied = gib * GIB - (p.total - p.runtime)  # 0.63 GiB
+    assert abs(memory.ORT_RUNTIME - implied) < 0.1 * GIB  # stated as 0.7 GiB
+    block, context, gib = SHAPED_PEAK
+    p = plan_memory(preset("21b-a3b"), "int4", context=context, block=block, threads=2)
+    assert p.total / GIB == pytest.approx(gib, rel=0.03)  # -2.5%
+
+
+def test_planner_predicts_held_out_measurements():
+    # Weights are 95% of the short-context peak. Out of sample we allow twice the fit's largest residual on the total
+    # (2.3%): the held-out 80-token run is +2.0% off, a block size (64) and depth (28) no fitted point combines.
+    bound = 2 * _fit_residual()
+    assert bound <= 0.03  # never looser than the bound this test had before the fit was separated
+    (block, context, gib), (block32k, context32k, gib32k) = HELD_OUT
+    p = plan_memory(preset("21b-a3b"), "int4", context=context, block=block, threads=2)
+    assert p.total / GIB == pytest.approx(gib, rel=bound)
+    # At 32K the KV cache and attention working memory (arithmetic, no fitted constant) are a quarter of the peak, and
+    # the planner underestimates their growth (80 -> 32K tokens: planned 4.1 GiB, measured 5.1 GiB). The fit cannot
+    # justify a bound here: 4% is the bound the README states ("planner within 4%"); measured -3.4%.
+    p32k = plan_memory(preset("21b-a3b"), "int4", context=context32k, block=block32k, threads=2)
+    assert p32k.total / GIB == pytest.approx(gib32k, rel=0.04)
+    assert p32k.total - p.total < (gib32k - gib) * GIB  # the known underestimate: if it turns, revisit the bound
+
+
+def test_planner_arithmetic_no_fitted_constant():
     # bf16 weights are 2 bytes per parameter (21.8 B) with the fp32 router island
-    assert plan(preset("21b-a3b"), "bf16", 1).weights / 1e9 == pytest.approx(43.66, rel=0.01)
-    # the shipped model's fp32 safetensors file is its fp32 weights
+    assert plan_memory(preset("21b-a3b"), "bf16", 1).weights / 1e9 == pytest.approx(43.66, rel=0.01)
+    # the shipped model's fp32 safetensors file is its fp32 weights (plus a small header)
     shipped = os.path.join(default_model_dir(), "model.safetensors")
-    from ernie_paddle.config import ErnieConfig
-
     cfg = ErnieConfig.from_file(default_model_dir())
-    assert plan(cfg, "fp32", 1).weights == pytest.approx(os.path.getsize(shipped), rel=0.001)
+    assert plan_memory(cfg, "fp32", 1).weights == pytest.approx(os.path.getsize(shipped), rel=0.001)
     # KV cache: layers x 2 x kv heads x head_dim x tokens x 4 bytes
-    k = plan(preset("21b-a3b"), "fp32", 8192).kv_cache
-    assert k == 28 * 2 * 4 * 128 * 8192 * 4
+    assert plan_memory(preset("21b-a3b"), "fp32", 8192).kv_cache == 28 * 2 * 4 * 128 * 8192 * 4
+    # int8 routed experts are per channel (precisions.expert_block): one block per K-long row, not per 32 weights
+    one = preset("21b-a3b", num_hidden_layers=2)
+    per_channel = plan_memory(one, "int8", 16, block=32).weights
+    assert plan_memory(one, "int8", 16, block=16).weights - per_channel < \
+        plan_memory(one, "int4", 16, block=16).weights - plan_memory(one, "int4", 16, block=32).weights
+
+
+@pytest.mark.parametrize("kwargs,flag", [(dict(context=0), "--context"), (dict(context=-5), "--context"),
+                                         (dict(batch=0), "--batch"), (dict(block=7), "--block-size"),
+                                         (dict(block=48), "--block-size"), (dict(precision="int3"), "--precision")])
+def test_planner_refuses_bad_arguments_by_name(kwargs, flag):
+    args = dict(precision="int4", context=16, batch=1, block=32) | kwargs
+    with pytest.raises(InputError, match=f"^{flag} "):
+        plan_memory(preset("tiny"), **args)
+
+
+def test_report_says_its_units():
+    cfg = preset("21b-a3b")
+    text = report(cfg, "int4", 8192, 1, parse_size("24GB"), block=64)
+    assert "fits 24 GB (22.35 GiB): yes" in text  # 24GB is 24e9 bytes (sizes.parse_size), 15.7 GiB planned
+    assert "fits 16 GB (14.9 GiB): no" in report(cfg, "int4", 8192, 1, parse_size("16GB"), block=64)
+    assert GPUS["A100-80GB"] == 80 * 10**9 and GPUS["T4"] == parse_size("16GB")
+    assert "(GPU memory as sold: 1 GB = 1e9 bytes)" in report(cfg, "bf16", 8192, 1, None)
 
 
 def test_memory_cli():
     r = run_cli("memory", "--preset", "21b-a3b", "--precision", "int4", "--context", "8192",
-                "--device-memory", "24GB")
-    assert r.returncode == 0 and "fits 24 GiB: yes" in r.stdout and "KV cache" in r.stdout
+                "--device-memory", "24GiB")
+    assert r.returncode == 0 and "fits 25.77 GB (24 GiB): yes" in r.stdout and "KV cache" in r.stdout
     r = run_cli("memory", "--preset", "21b-a3b", "--precision", "bf16", "--context", "8192")
     assert "fits: A100-80GB, H100, H200" in r.stdout
     r = run_cli("memory", "--precision", "int4", "--context", "16")
