@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigDefaultWarning, ConfigError
@@ -28,33 +28,23 @@ ARCHITECTURE_TO_TYPE = {
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads")
 REQUIRED_MOE = ("moe_num_experts", "moe_k", "moe_intermediate_size")
+# Fields that must be > 0 (besides the MoE sizes of a MoE model, REQUIRED_MOE).
+POSITIVE = REQUIRED + ("max_position_embeddings",)
 
-# Fields on whose default frameworks disagree: missing -> transformers' default plus a warning (strict: error).
-DISPUTED_DEFAULTS: dict[str, Any] = {
-    "rope_theta": 500000.0,
-    "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": True,
-}
-DISPUTED_MOE_DEFAULTS: dict[str, Any] = {
-    "moe_layer_start_index": 1,
-    "moe_layer_end_index": -1,
-    "moe_layer_interval": 1,
-    "moe_num_shared_experts": 2,
-    "moe_use_aux_free": True,
-}
-# Fields on whose default every implementation agrees: filled silently.
-AGREED_DEFAULTS: dict[str, Any] = {
-    "hidden_act": "silu", "use_bias": False, "moe_norm_min": 1e-12,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-}
+# Every default lives on its `ErnieConfig` field. A field made with `_disputed` is one on whose default frameworks
+# disagree: a config.json missing it gets the value named here (transformers' default, the released 21B-A3B value)
+# and a ConfigDefaultWarning, or with strict=True a ConfigError. Plain defaults are agreed by every implementation
+# and filled silently.
+_DISPUTED, _MOE_ONLY = "disputed", "moe_only"
 
-_INT_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_num_experts", "moe_k",
-               "moe_intermediate_size", "moe_num_shared_experts", "moe_layer_start_index", "moe_layer_end_index",
-               "moe_layer_interval", "bos_token_id", "pad_token_id"}
-_FLOAT_FIELDS = {"rope_theta", "rms_norm_eps", "moe_norm_min"}
-_BOOL_FIELDS = {"tie_word_embeddings", "use_bias", "moe_use_aux_free"}
+
+def _disputed(value: Any) -> Any:
+    return field(default=value, metadata={_DISPUTED: value})
+
+
+def _disputed_moe(value: Any, *, dense: Any) -> Any:
+    """Disputed for MoE configs only; `dense` is what a dense model (which has no such setting) holds."""
+    return field(default=dense, metadata={_DISPUTED: value, _MOE_ONLY: True})
 
 
 @dataclass(frozen=True)
@@ -69,10 +59,10 @@ class ErnieConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    max_position_embeddings: int = 131072
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    tie_word_embeddings: bool = True
+    max_position_embeddings: int = _disputed(131072)
+    rms_norm_eps: float = _disputed(1e-5)
+    rope_theta: float = _disputed(500000.0)
+    tie_word_embeddings: bool = _disputed(True)
     use_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: int = 1
@@ -81,13 +71,23 @@ class ErnieConfig:
     moe_num_experts: int = 0
     moe_k: int = 0
     moe_intermediate_size: int = 0
-    moe_num_shared_experts: int = 0
-    moe_layer_start_index: int = 1
-    moe_layer_end_index: int = -1
-    moe_layer_interval: int = 1
+    moe_num_shared_experts: int = _disputed_moe(2, dense=0)
+    moe_layer_start_index: int = _disputed_moe(1, dense=1)
+    moe_layer_end_index: int = _disputed_moe(-1, dense=-1)  # -1: the last layer
+    moe_layer_interval: int = _disputed_moe(1, dense=1)
     moe_norm_min: float = 1e-12
-    moe_use_aux_free: bool = True
+    moe_use_aux_free: bool = _disputed_moe(True, dense=True)
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # keys we keep but do not use
+
+    def __post_init__(self) -> None:
+        """However a config is made (`replace`, the constructor), its values hold; `from_dict` checks them first,
+        naming the file."""
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"ErnieConfig: unknown model_type {self.model_type!r}; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        _check_geometry(values, self.is_moe_model, "ErnieConfig")
+        _check_settings(values, self.is_moe_model, "ErnieConfig")
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -172,7 +172,24 @@ class ErnieConfig:
 
 
 def _parse(raw: dict, *, strict: bool, source: str) -> ErnieConfig:
+    """Validate a parsed config.json: every message names `source` and the field at fault."""
     raw = dict(raw)
+    model_type = _model_type(raw, source)
+    is_moe = model_type == MOE_TYPE
+    _normalise(raw, source)
+    values = _collect(raw, model_type, strict, source)
+    _check_types(values, source)
+    _check_geometry(values, is_moe, source)
+    _check_settings(values, is_moe, source)
+    if is_moe and values["moe_layer_end_index"] == -1:
+        values["moe_layer_end_index"] = values["num_hidden_layers"] - 1
+    known = {f.name for f in fields(ErnieConfig)}
+    extra = {k: v for k, v in raw.items() if k not in known and k not in ("architectures", "rope_parameters")}
+    return ErnieConfig(**{k: v for k, v in values.items() if k in known}, extra=extra)
+
+
+def _model_type(raw: dict, source: str) -> str:
+    """`model_type`, or the one type the `architectures` list names (the Paddle variant has no model_type)."""
     model_type = raw.get("model_type")
     if model_type is None:
         archs = raw.get("architectures") or []
@@ -184,9 +201,12 @@ def _parse(raw: dict, *, strict: bool, source: str) -> ErnieConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"{source}: unknown model_type {model_type!r}; supported: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    is_moe = model_type == MOE_TYPE
+    return model_type
 
-    # rope_theta may be top-level (4.x, Paddle) or inside rope_parameters (transformers 5).
+
+def _normalise(raw: dict, source: str) -> None:
+    """Bring the variants to one shape, in place: rope_theta top-level (transformers 5 nests it in
+    rope_parameters), text-model MoE sizes (VL configs give per-modality lists, text first)."""
     rope = raw.get("rope_parameters") or raw.get("rope_scaling")
     if rope is not None:
         if not isinstance(rope, dict):
@@ -200,56 +220,69 @@ def _parse(raw: dict, *, strict: bool, source: str) -> ErnieConfig:
     if float(raw.get("compression_ratio", 1.0) or 1.0) != 1.0:
         raise ConfigError(f"{source}: field 'compression_ratio' is {raw['compression_ratio']!r}; only 1.0 "
                           f"(text models) is supported")
-
-    # MoE sizes may be per-modality lists in VL configs; the text value is the first.
     for k in ("moe_num_experts", "moe_intermediate_size"):
         if isinstance(raw.get(k), list) and raw[k]:
             raw[k] = raw[k][0]
 
+
+def disputed_defaults(moe: bool) -> dict[str, Any]:
+    """The disputed fields of a dense (or, `moe`, a MoE) config and the value a config missing one gets."""
+    return {f.name: f.metadata[_DISPUTED] for f in fields(ErnieConfig)
+            if _DISPUTED in f.metadata and (moe or not f.metadata.get(_MOE_ONLY))}
+
+
+def _collect(raw: dict, model_type: str, strict: bool, source: str) -> dict[str, Any]:
+    """The values the config will hold: required fields (missing: error), disputed ones (missing: warning or,
+    strict, error), agreed ones (missing: left to the dataclass default), and head_dim if given."""
+    is_moe = model_type == MOE_TYPE
     required = REQUIRED + (REQUIRED_MOE if is_moe else ())
     for k in required:
         if raw.get(k) is None:
             raise ConfigError(f"{source}: missing required field '{k}'")
-
-    values: dict[str, Any] = {"model_type": model_type}
-    disputed = dict(DISPUTED_DEFAULTS, **(DISPUTED_MOE_DEFAULTS if is_moe else {}))
-    for k, default in disputed.items():
-        if raw.get(k) is None:
-            msg = (f"{source}: field '{k}' is missing; using {default!r} (the transformers default, the "
-                   f"released ERNIE-4.5-21B-A3B value); other frameworks default differently")
-            if strict:
-                raise ConfigError(msg + " (strict config)")
-            warnings.warn(msg, ConfigDefaultWarning, stacklevel=3)
-            values[k] = default
-        else:
+    values: dict[str, Any] = {"model_type": model_type, "head_dim": raw.get("head_dim")}
+    values.update({k: raw[k] for k in required})
+    for k, default in disputed_defaults(is_moe).items():
+        if raw.get(k) is not None:
             values[k] = raw[k]
-    for k, default in AGREED_DEFAULTS.items():
-        values[k] = raw[k] if raw.get(k) is not None else default
-    for k in required:
-        values[k] = raw[k]
-    values["head_dim"] = raw.get("head_dim")
+            continue
+        msg = (f"{source}: field '{k}' is missing; using {default!r} (the transformers default, the "
+               f"released ERNIE-4.5-21B-A3B value); other frameworks default differently")
+        if strict:
+            raise ConfigError(msg + " (strict config)")
+        warnings.warn(msg, ConfigDefaultWarning, stacklevel=4)
+        values[k] = default
+    for f in fields(ErnieConfig):  # agreed defaults, filled silently; a dense model has no MoE settings
+        if f.name in values or f.default is MISSING or (f.name.startswith("moe_") and not is_moe):
+            continue
+        values[f.name] = raw[f.name] if raw.get(f.name) is not None else f.default
+    return values
 
-    # Types: ints must be ints (bool is not an int here), floats numbers, bools bools.
+
+def _check_types(values: dict[str, Any], source: str) -> None:
+    """Ints must be ints (bool is not an int here; 2.0 becomes 2), floats numbers, bools bools (in place)."""
+    kinds = {f.name: f.type for f in fields(ErnieConfig)}
     for k, v in list(values.items()):
         if v is None:
             continue
-        if k in _INT_FIELDS and (isinstance(v, bool) or not isinstance(v, int)):
+        if kinds.get(k) == "int" and (isinstance(v, bool) or not isinstance(v, int)):
             if isinstance(v, float) and v.is_integer():
                 values[k] = int(v)
             else:
                 raise ConfigError(f"{source}: field '{k}' must be an integer, got {v!r}")
-        elif k in _FLOAT_FIELDS:
+        elif kinds.get(k) == "float":
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"{source}: field '{k}' must be a number, got {v!r}")
             values[k] = float(v)
-        elif k in _BOOL_FIELDS and not isinstance(v, bool):
+        elif kinds.get(k) == "bool" and not isinstance(v, bool):
             raise ConfigError(f"{source}: field '{k}' must be true or false, got {v!r}")
     eos = values["eos_token_id"]
     if not (isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(e, int) for e in eos))):
         raise ConfigError(f"{source}: field 'eos_token_id' must be an integer or a list of integers, got {eos!r}")
 
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "max_position_embeddings") + (REQUIRED_MOE if is_moe else ()):
+
+def _check_geometry(values: dict[str, Any], is_moe: bool, source: str) -> None:
+    """Sizes positive, heads grouping evenly, head_dim even (derived from hidden_size when not given)."""
+    for k in POSITIVE + (REQUIRED_MOE if is_moe else ()):
         if values[k] <= 0:
             raise ConfigError(f"{source}: field '{k}' must be positive, got {values[k]}")
     nh, nkv, hidden = values["num_attention_heads"], values["num_key_value_heads"], values["hidden_size"]
@@ -262,29 +295,28 @@ def _parse(raw: dict, *, strict: bool, source: str) -> ErnieConfig:
         values["head_dim"] = hidden // nh
     if values["head_dim"] <= 0 or values["head_dim"] % 2:
         raise ConfigError(f"{source}: field 'head_dim' must be a positive even number, got {values['head_dim']}")
-    if values["rope_theta"] <= 0 or values["rms_norm_eps"] <= 0:
-        bad = "rope_theta" if values["rope_theta"] <= 0 else "rms_norm_eps"
-        raise ConfigError(f"{source}: field '{bad}' must be positive, got {values[bad]}")
+
+
+def _check_settings(values: dict[str, Any], is_moe: bool, source: str) -> None:
+    """RoPE and norm constants, the activation and biases this model has, and the MoE layer rule."""
+    for k in ("rope_theta", "rms_norm_eps"):
+        if values[k] <= 0:
+            raise ConfigError(f"{source}: field '{k}' must be positive, got {values[k]}")
     if values["hidden_act"] != "silu":
         raise ConfigError(f"{source}: field 'hidden_act' is {values['hidden_act']!r}; ERNIE-4.5 uses 'silu'")
     if values["use_bias"]:
         raise ConfigError(f"{source}: field 'use_bias' is true; linear biases are not supported (no released "
                           f"ERNIE-4.5 text model uses them)")
-    if is_moe:
-        if values["moe_k"] > values["moe_num_experts"]:
-            raise ConfigError(f"{source}: moe_k ({values['moe_k']}) exceeds moe_num_experts "
-                              f"({values['moe_num_experts']})")
-        if values["moe_layer_interval"] <= 0:
-            raise ConfigError(f"{source}: field 'moe_layer_interval' must be positive, got "
-                              f"{values['moe_layer_interval']}")
-        if values["moe_num_shared_experts"] < 0:
-            raise ConfigError(f"{source}: field 'moe_num_shared_experts' must be >= 0")
-        if values["moe_layer_end_index"] == -1:
-            values["moe_layer_end_index"] = values["num_hidden_layers"] - 1
-
-    known = {f.name for f in fields(ErnieConfig)}
-    extra = {k: v for k, v in raw.items() if k not in known and k not in ("architectures", "rope_parameters")}
-    return ErnieConfig(**{k: v for k, v in values.items() if k in known}, extra=extra)
+    if not is_moe:
+        return
+    if values["moe_k"] > values["moe_num_experts"]:
+        raise ConfigError(f"{source}: moe_k ({values['moe_k']}) exceeds moe_num_experts "
+                          f"({values['moe_num_experts']})")
+    if values["moe_layer_interval"] <= 0:
+        raise ConfigError(f"{source}: field 'moe_layer_interval' must be positive, got "
+                          f"{values['moe_layer_interval']}")
+    if values["moe_num_shared_experts"] < 0:
+        raise ConfigError(f"{source}: field 'moe_num_shared_experts' must be >= 0")
 
 
 # Named presets: the released shapes, and small ones for tests. `make-checkpoint --preset` uses these.
@@ -314,11 +346,9 @@ def preset(name: str, **overrides: Any) -> ErnieConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     d = dict(PRESETS[name])
     d.update(overrides)
-    if "moe_layer_end_index" in d and "num_hidden_layers" in overrides and d["model_type"] == MOE_TYPE:
-        d["moe_layer_end_index"] = -1
-    d.setdefault("rope_theta", 500000.0)
-    d.setdefault("rms_norm_eps", 1e-5)
-    d.setdefault("tie_word_embeddings", True)
-    if d["model_type"] == MOE_TYPE:
-        d.setdefault("moe_use_aux_free", True)
+    moe = d["model_type"] == MOE_TYPE
+    if "num_hidden_layers" in overrides and "moe_layer_end_index" not in overrides and moe:
+        d["moe_layer_end_index"] = -1  # the preset's last MoE layer was its last layer: keep it so
+    for k, v in disputed_defaults(moe).items():  # a preset states its shape; the rest are the usual values
+        d.setdefault(k, v)
     return ErnieConfig.from_dict(d, strict=True, source=f"preset {name}")

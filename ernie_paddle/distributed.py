@@ -45,7 +45,7 @@ from .paddle_weights import fill_parameters
 
 
 @dataclass(frozen=True)
-class Plan:
+class ParallelPlan:
     """How the model is split: `tp` ranks in the model-parallel `group`; this process is `rank` in it.
 
     `ep` is `tp` (routed experts split by expert id) or 1 (every expert split by width, like the dense MLP).
@@ -90,7 +90,7 @@ def check_plan(cfg: ErnieConfig, tp: int, ep: int) -> None:
                          f"{ep}; use ep=1 (experts split by width) or a degree dividing {cfg.moe_num_experts}")
 
 
-def init(tp_degree: int | None = None, ep_degree: int | None = None) -> Plan:
+def init(tp_degree: int | None = None, ep_degree: int | None = None) -> ParallelPlan:
     """Join the job started by `python -m paddle.distributed.launch` and set up fleet's hybrid topology.
 
     Every process of the job is one model-parallel rank: `tp_degree` (default: the job's size) must equal the number
@@ -105,17 +105,17 @@ def init(tp_degree: int | None = None, ep_degree: int | None = None) -> Plan:
                          f"GPUs)")
     check_degrees(tp, ep)
     if tp == 1:
-        return Plan()
+        return ParallelPlan()
     from paddle.distributed import fleet
 
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": tp, "pp_degree": 1}
     fleet.init(is_collective=True, strategy=strategy)  # also selects this process's GPU on a GPU build
     hcg = fleet.get_hybrid_communicate_group()
-    return Plan(tp=tp, ep=ep, rank=hcg.get_model_parallel_rank(), group=hcg.get_model_parallel_group())
+    return ParallelPlan(tp=tp, ep=ep, rank=hcg.get_model_parallel_rank(), group=hcg.get_model_parallel_group())
 
 
-def local_config(cfg: ErnieConfig, plan: Plan) -> ErnieConfig:
+def local_config(cfg: ErnieConfig, plan: ParallelPlan) -> ErnieConfig:
     """The config of one rank's slice: nh/N query and nkv/N KV heads, MLP widths divided by N (the shared experts'
     too, and the routed experts' when ep == 1; with ep > 1 `build` gives the held experts their full width)."""
     n = plan.tp
@@ -124,7 +124,7 @@ def local_config(cfg: ErnieConfig, plan: Plan) -> ErnieConfig:
                        moe_intermediate_size=cfg.moe_intermediate_size // n)
 
 
-def shard_tensor(m: TensorMap, a: np.ndarray, plan: Plan) -> np.ndarray:
+def shard_tensor(m: TensorMap, a: np.ndarray, plan: ParallelPlan) -> np.ndarray:
     """This rank's slice of canonical tensor `a` (map `m`, Paddle [in, out] layout), as `m.role.tp_axis` says;
     replicated tensors, and experts held whole, come back as they are.
 
@@ -162,12 +162,12 @@ class RankModel(Ernie4_5_MoeForCausalLM):
     """One rank's slice of the model: `config` is the slice's (see `local_config`), `full_config` the whole
     model's, and `plan` says which slice this is."""
 
-    def __init__(self, full_config: ErnieConfig, plan: Plan, dtype: str = "float32"):
+    def __init__(self, full_config: ErnieConfig, plan: ParallelPlan, dtype: str = "float32"):
         super().__init__(local_config(full_config, plan), dtype)
         self.full_config, self.plan = full_config, plan
 
 
-def build(cfg: ErnieConfig, plan: Plan, dtype: str = "float32") -> RankModel:
+def build(cfg: ErnieConfig, plan: ParallelPlan, dtype: str = "float32") -> RankModel:
     """This rank's slice of the model, parameters not yet allocated (`paddle.LazyGuard`); `load` fills them."""
     check_plan(cfg, plan.tp, plan.ep)
     with paddle.LazyGuard():
@@ -220,7 +220,7 @@ def load(model: RankModel, directory: str, allow_pickle: bool = False) -> None:
         reader.close()
 
 
-def from_pretrained_parallel(directory: str, plan: Plan | None = None, *, dtype: str = "float32",
+def from_pretrained_parallel(directory: str, plan: ParallelPlan | None = None, *, dtype: str = "float32",
                              strict_config: bool = False, fused: bool | None = None,
                              allow_pickle: bool = False) -> RankModel:
     """This rank's slice of the checkpoint in `directory`, ready for `forward` / `generation.generate` (run them on
@@ -234,4 +234,5 @@ def from_pretrained_parallel(directory: str, plan: Plan | None = None, *, dtype:
     return model
 
 
-__all__ = ["Plan", "RankModel", "init", "check_plan", "local_config", "shard_tensor", "build", "load", "from_pretrained_parallel"]
+__all__ = ["ParallelPlan", "RankModel", "init", "check_plan", "local_config", "shard_tensor", "build", "load",
+           "from_pretrained_parallel"]

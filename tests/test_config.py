@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 
-from ernie_paddle.config import ErnieConfig, preset
+from ernie_paddle.config import ErnieConfig, disputed_defaults, preset
 from ernie_paddle.errors import ConfigDefaultWarning, ConfigError
 
-# The released ERNIE-4.5-21B-A3B config, every key written (architecture notes §1.1).
+# The released ERNIE-4.5-21B-A3B(-PT) config.json, every key written.
 PT_21B = {
     "architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "vocab_size": 103424,
     "hidden_size": 2560, "intermediate_size": 12288, "num_hidden_layers": 28, "num_attention_heads": 20,
@@ -116,3 +116,22 @@ def test_saved_config_round_trips_for_both_layouts(tmp_path):
     for layout in ("pt", "paddle"):
         cfg.save(str(tmp_path), layout)
         assert parse(json.loads((tmp_path / "config.json").read_text()), strict=True) == cfg
+
+
+def test_missing_disputed_fields_read_as_the_released_model():
+    """The defaults a config.json may leave out are the released 21B-A3B values, declared once on the dataclass."""
+    d = {k: v for k, v in PT_21B.items() if k not in disputed_defaults(moe=True)}
+    assert len(PT_21B) - len(d) == 9
+    with pytest.warns(ConfigDefaultWarning):
+        assert ErnieConfig.from_dict(d) == preset("21b-a3b")
+    assert set(disputed_defaults(moe=False)) == {"rope_theta", "rms_norm_eps", "max_position_embeddings",
+                                                 "tie_word_embeddings"}
+
+
+def test_zero_layers_is_refused_however_the_config_is_made():
+    with pytest.raises(ConfigError, match="preset tiny: field 'num_hidden_layers' must be positive, got 0"):
+        preset("tiny", num_hidden_layers=0)
+    with pytest.raises(ConfigError, match="ErnieConfig: field 'num_hidden_layers' must be positive, got -1"):
+        preset("tiny").replace(num_hidden_layers=-1)
+    with pytest.raises(ConfigError, match=r"ErnieConfig: moe_k \(9\) exceeds moe_num_experts \(8\)"):
+        preset("tiny").replace(moe_k=9)

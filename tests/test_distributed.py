@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import prompt, tiny_config
-from ernie_paddle.distributed import Plan, check_plan, init, local_config, shard_tensor
+from ernie_paddle.distributed import ParallelPlan, check_plan, init, local_config, shard_tensor
 from ernie_paddle.errors import InputError
 from ernie_paddle.layout import canonical_maps
 
@@ -111,7 +111,7 @@ def test_slices_keep_heads_and_gate_up_halves_together():
     maps = canonical_maps(cfg)
     heads = np.repeat(np.arange(cfg.num_attention_heads + 2 * cfg.num_key_value_heads), d)[None].repeat(h, 0)
     for r in range(2):
-        plan = Plan(tp=2, ep=2, rank=r)
+        plan = ParallelPlan(tp=2, ep=2, rank=r)
         local = local_config(cfg, plan)
         q = shard_tensor(maps["layers.0.self_attn.qkv_proj.weight"], heads, plan)
         assert q.shape == (h, (local.num_attention_heads + 2 * local.num_key_value_heads) * d)
@@ -123,7 +123,7 @@ def test_slices_keep_heads_and_gate_up_halves_together():
         expert = np.arange(h * 64.0).reshape(h, 64)
         assert shard_tensor(maps["layers.1.mlp.experts.3.up_gate_proj.weight"], expert, plan) is expert
         assert shard_tensor(maps["layers.1.mlp.experts.3.up_gate_proj.weight"], expert,
-                            Plan(tp=2, ep=1, rank=r)).shape == (h, 32)
+                            ParallelPlan(tp=2, ep=1, rank=r)).shape == (h, 32)
 
 
 def test_a_rank_model_holds_its_plan_and_restores_the_default_dtype():
@@ -135,10 +135,10 @@ def test_a_rank_model_holds_its_plan_and_restores_the_default_dtype():
     before = paddle.get_default_dtype()
     paddle.set_default_dtype("float64")
     try:
-        model = build(cfg, Plan(tp=2, ep=2, rank=1))  # experts held whole: built under the compute dtype
+        model = build(cfg, ParallelPlan(tp=2, ep=2, rank=1))  # experts held whole: built under the compute dtype
         assert paddle.get_default_dtype() == "float64"
     finally:
         paddle.set_default_dtype(before)
-    assert isinstance(model, RankModel) and model.full_config == cfg and model.plan == Plan(tp=2, ep=2, rank=1)
+    assert isinstance(model, RankModel) and model.full_config == cfg and model.plan == ParallelPlan(tp=2, ep=2, rank=1)
     assert model.config == local_config(cfg, model.plan)
     assert sorted(int(e) for e in model.layers[1].mlp.experts._sub_layers) == [4, 5, 6, 7]
