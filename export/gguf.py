@@ -11,6 +11,8 @@ when complete (`atomic_path`): an error or an interrupt leaves nothing behind.
 from __future__ import annotations
 
 import os
+from collections import Counter
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -19,84 +21,95 @@ from ernie_paddle.atomic import atomic_path
 from ernie_paddle.checkpoint import TensorStream, read_canonical
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
+from ernie_paddle.layout import PT, Role, TensorMap, tensor_maps
 
 ARCH = "ernie4_5-moe"
 TYPES = ("F32", "F16", "Q8_0", "Q4_0")  # the matrices' type, as `--type` names it
 FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / ...
-F32_KINDS = ("norm", "router", "bias")
+# llama.cpp's tensor names for each role, one per output block (qkv -> q, k, v; up_gate -> gate, up); inside a
+# layer they are prefixed `blk.{i}.`. A layer's routed experts are stacked into one tensor per name.
+NAMES = {Role.EMBEDDING: ("token_embd",), Role.INPUT_NORM: ("attn_norm",), Role.QKV: ("attn_q", "attn_k", "attn_v"),
+         Role.ATTN_OUT: ("attn_output",), Role.POST_ATTN_NORM: ("ffn_norm",), Role.ROUTER: ("ffn_gate_inp",),
+         Role.ROUTER_BIAS: ("exp_probs_b",), Role.MLP_UP_GATE: ("ffn_gate", "ffn_up"), Role.MLP_DOWN: ("ffn_down",),
+         Role.EXPERT_UP_GATE: ("ffn_gate_exps", "ffn_up_exps"), Role.EXPERT_DOWN: ("ffn_down_exps",),
+         Role.SHARED_UP_GATE: ("ffn_gate_shexp", "ffn_up_shexp"), Role.SHARED_DOWN: ("ffn_down_shexp",),
+         Role.FINAL_NORM: ("output_norm",), Role.LM_HEAD: ("output",)}
 
 
-def gguf_tensors(cfg: ErnieConfig) -> list[tuple[str, tuple[int, ...], str]]:
-    """(GGUF name, numpy shape, kind) of every tensor, in the order `_arrays` yields them."""
-    h, v, d = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
-    out = [("token_embd.weight", (v, h), "matrix")]
-    for i in range(cfg.num_hidden_layers):
-        b = f"blk.{i}"
-        out += [(f"{b}.attn_norm.weight", (h,), "norm"),
-                (f"{b}.attn_q.weight", (cfg.num_attention_heads * d, h), "matrix"),
-                (f"{b}.attn_k.weight", (cfg.num_key_value_heads * d, h), "matrix"),
-                (f"{b}.attn_v.weight", (cfg.num_key_value_heads * d, h), "matrix"),
-                (f"{b}.attn_output.weight", (h, cfg.num_attention_heads * d), "matrix"),
-                (f"{b}.ffn_norm.weight", (h,), "norm")]
-        if cfg.is_moe_layer(i):
-            e, ie, si = cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.shared_intermediate_size
-            out += [(f"{b}.ffn_gate_inp.weight", (e, h), "router")]
-            if cfg.moe_use_aux_free:
-                out += [(f"{b}.exp_probs_b.bias", (e,), "bias")]
-            out += [(f"{b}.ffn_gate_exps.weight", (e, ie, h), "matrix"), (f"{b}.ffn_up_exps.weight", (e, ie, h), "matrix"),
-                    (f"{b}.ffn_down_exps.weight", (e, h, ie), "matrix")]
-            if cfg.moe_num_shared_experts:
-                out += [(f"{b}.ffn_gate_shexp.weight", (si, h), "matrix"), (f"{b}.ffn_up_shexp.weight", (si, h), "matrix"),
-                        (f"{b}.ffn_down_shexp.weight", (h, si), "matrix")]
+@dataclass
+class GGUFTensor:
+    """One tensor of the file: its GGUF name and numpy shape, and how it is made from canonical tensors."""
+
+    name: str
+    shape: tuple[int, ...]
+    f32: bool  # always F32 whatever the type asked (norms, the router and its correction bias)
+    maps: list[TensorMap]  # one canonical tensor, or every routed expert of a layer (stacked)
+    block: int | None  # which output block of each (q, k or v; gate or up); None: the whole tensor
+
+    def array(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """This tensor from the canonical arrays of `maps`, in llama.cpp's (torch [out, in]) orientation."""
+        role = self.maps[0].role
+        parts = [a if self.block is None else m.out_blocks(a)[self.block] for m, a in zip(self.maps, arrays)]
+        if parts[0].ndim == 2 and role is not Role.EMBEDDING:  # canonical Linear weights are [in, out]
+            parts = [p.T for p in parts]
+        return np.stack(parts) if role.routed_expert else parts[0]
+
+
+def _gguf_tensor(maps: list[TensorMap], k: int) -> GGUFTensor:
+    """The `k`-th GGUF tensor (output block) made of `maps` (all of one role and layer)."""
+    m = maps[0]
+    prefix = "" if m.layer is None else f"blk.{m.layer}."
+    name = prefix + NAMES[m.role][k] + (".bias" if m.role is Role.ROUTER_BIAS else ".weight")
+    block = k if m.blocks else None
+    if len(m.shape) == 1 or m.role is Role.EMBEDDING:
+        shape = m.shape
+    else:
+        shape = (m.blocks[k] if m.blocks else m.shape[1], m.shape[0])
+    if m.role.routed_expert:
+        shape = (len(maps), *shape)
+    return GGUFTensor(name, shape, m.role.is_norm or m.role.keep_fp32, maps, block)
+
+
+def gguf_tensors(cfg: ErnieConfig) -> list[GGUFTensor]:
+    """Every tensor of the file, from the layout table's roles, in its order; a layer's routed experts are stacked
+    where the first of them stands (gate, up, then down)."""
+    out, stacked = [], set()
+    maps = tensor_maps(cfg, PT)
+    for m in maps:
+        if m.role.routed_expert:
+            if (m.layer, m.role) in stacked:
+                continue
+            group = [x for x in maps if x.layer == m.layer and x.role is m.role]
+            stacked.add((m.layer, m.role))
         else:
-            ii = cfg.intermediate_size
-            out += [(f"{b}.ffn_gate.weight", (ii, h), "matrix"), (f"{b}.ffn_up.weight", (ii, h), "matrix"),
-                    (f"{b}.ffn_down.weight", (h, ii), "matrix")]
-    out.append(("output_norm.weight", (h,), "norm"))
-    if not cfg.tie_word_embeddings:
-        out.append(("output.weight", (v, h), "matrix"))
+            group = [m]
+        out += [_gguf_tensor(group, k) for k in range(len(NAMES[m.role]))]
     return out
 
 
-def _arrays(cfg: ErnieConfig, directory: str | None, source=None) -> Iterator[np.ndarray]:
-    """The arrays of `gguf_tensors(cfg)`, in order, in llama.cpp's (torch [out, in]) orientation.
+def _arrays(cfg: ErnieConfig, directory: str | None, source=None) -> Iterator[tuple[GGUFTensor, np.ndarray]]:
+    """Each tensor of `gguf_tensors(cfg)` with its array, in order.
 
-    From the checkpoint in `directory`, or from `source`: canonical (name, array) pairs."""
+    From the checkpoint in `directory`, or from `source`: canonical (name, array) pairs. A canonical array used by
+    several GGUF tensors (qkv, up_gate, the experts' stacks) is held until its last use, so memory holds one layer's
+    experts at most."""
+    tensors = gguf_tensors(cfg)
     take = TensorStream(source if source is not None else
                         ((m.canonical, a) for m, a in read_canonical(directory, cfg))).take
+    uses = Counter(m.canonical for t in tensors for m in t.maps)
+    held: dict[str, np.ndarray] = {}
 
-    def split_mlp(prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ug, down = take(f"{prefix}.up_gate_proj.weight"), take(f"{prefix}.down_proj.weight")
-        w = ug.shape[1] // 2
-        return ug[:, :w].T, ug[:, w:].T, down.T
-
-    d = cfg.head_dim
-    yield take("embed_tokens.weight")
-    for i in range(cfg.num_hidden_layers):
-        L = f"layers.{i}"
-        yield take(f"{L}.input_layernorm.weight")
-        qkv = take(f"{L}.self_attn.qkv_proj.weight")
-        q_w, kv_w = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-        yield qkv[:, :q_w].T
-        yield qkv[:, q_w:q_w + kv_w].T
-        yield qkv[:, q_w + kv_w:].T
-        yield take(f"{L}.self_attn.o_proj.weight").T
-        yield take(f"{L}.post_attention_layernorm.weight")
-        if cfg.is_moe_layer(i):
-            yield take(f"{L}.mlp.gate.weight").T
-            if cfg.moe_use_aux_free:
-                yield take(f"{L}.mlp.e_score_correction_bias")
-            parts = [split_mlp(f"{L}.mlp.experts.{j}") for j in range(cfg.moe_num_experts)]
-            for k in range(3):
-                yield np.stack([p[k] for p in parts])
-            del parts
-            if cfg.moe_num_shared_experts:
-                yield from split_mlp(f"{L}.mlp.shared_experts")
+    def fetch(name: str) -> np.ndarray:
+        a = held[name] if name in held else take(name)
+        uses[name] -= 1
+        if uses[name]:
+            held[name] = a
         else:
-            yield from split_mlp(f"{L}.mlp")
-    yield take("norm.weight")
-    if not cfg.tie_word_embeddings:
-        yield take("lm_head.weight").T
+            held.pop(name, None)
+        return a
+
+    for t in tensors:
+        yield t, t.array([fetch(m.canonical) for m in t.maps])
 
 
 def _vocab(directory: str, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
@@ -160,25 +173,27 @@ def _add_metadata(w, cfg: ErnieConfig, qtype: str, directory: str | None) -> Non
     w.add_add_space_prefix(False)
 
 
-def _add_tensor_infos(w, items: Iterable[tuple[str, tuple[int, ...], str]], qtype: str) -> list:
-    """Declare every tensor (name, shape, type); returns per tensor how its data is encoded: a numpy float
-    dtype, or a GGML quantisation type."""
+def _encoding(t: GGUFTensor, qtype: str):
+    """How the data of `t` is stored: a numpy float dtype, or a GGML quantisation type."""
     import gguf
 
-    encodings = []
-    for name, shape, kind in items:
-        if kind in F32_KINDS or qtype == "F32":
-            w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
-            encodings.append(np.float32)
-        elif qtype == "F16":
-            w.add_tensor_info(name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2)
-            encodings.append(np.float16)
+    if t.f32 or qtype == "F32":
+        return np.float32
+    return np.float16 if qtype == "F16" else gguf.GGMLQuantizationType[qtype]
+
+
+def _add_tensor_infos(w, tensors: Iterable[GGUFTensor], qtype: str) -> None:
+    """Declare every tensor (name, shape, type)."""
+    import gguf
+
+    for t in tensors:
+        encoding = _encoding(t, qtype)
+        if encoding in (np.float32, np.float16):
+            nbytes = int(np.prod(t.shape)) * np.dtype(encoding).itemsize
+            w.add_tensor_info(t.name, t.shape, np.dtype(encoding), nbytes)
         else:
-            qt = gguf.GGMLQuantizationType[qtype]
-            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qt)
-            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qt)
-            encodings.append(qt)
-    return encodings
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, encoding)
+            w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=encoding)
 
 
 def _encode(arr: np.ndarray, encoding) -> np.ndarray:
@@ -200,17 +215,15 @@ def write_gguf(directory: str | None, out_path: str, qtype: str = "Q4_0", config
     if not cfg.is_moe_model:
         raise ExportError(f"the GGUF writer writes the MoE architecture ({ARCH}) only; "
                           f"{directory or 'this config'} is a dense {cfg.model_type} model")
-    items = gguf_tensors(cfg)
     with atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         try:
             _add_metadata(w, cfg, qtype, directory)
-            encodings = _add_tensor_infos(w, items, qtype)
+            _add_tensor_infos(w, gguf_tensors(cfg), qtype)
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            for (name, shape, _), encoding, arr in zip(items, encodings, _arrays(cfg, directory, tensors)):
-                assert arr.shape == shape, (name, arr.shape, shape)
-                w.write_tensor_data(_encode(arr, encoding))
+            for t, arr in _arrays(cfg, directory, tensors):
+                w.write_tensor_data(_encode(arr, _encoding(t, qtype)))
         finally:
             w.close()
