@@ -116,6 +116,19 @@ class KVCache:
                    max_len)
 
 
+def attention_bias(b: int, t: int, start: int, attention_mask: np.ndarray | None) -> paddle.Tensor:
+    """Additive fp32 mask [B, 1, T, S] for T new tokens at cache slots start..start+T: bottom-right causal over the
+    slots, plus key padding from `attention_mask` [B, S] (1 = real token)."""
+    s = start + t
+    allowed = np.broadcast_to(np.arange(s)[None, :] <= np.arange(start, s)[:, None], (b, t, s))
+    if attention_mask is not None:
+        am = np.asarray(attention_mask, dtype=bool)
+        if am.shape != (b, s):
+            raise InputError(f"attention_mask has shape {list(am.shape)}, expected [{b}, {s}]")
+        allowed = allowed & am[:, None, :]
+    return paddle.to_tensor(np.where(allowed, 0.0, _NEG).astype(np.float32)).unsqueeze(1)
+
+
 class Attention(nn.Layer):
     """GQA: query head j reads kv head j // (nh / nkv); q, k, v from one fused [Q | K | V] projection."""
 
@@ -351,18 +364,8 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
             position_ids = np.broadcast_to(np.arange(start, s, dtype=np.int64), (b, t))
         position_ids = np.asarray(position_ids, dtype=np.int64)
         rope.check_position_ids(position_ids, self.config.max_position_embeddings)
-        pos = paddle.to_tensor(position_ids)
-        # bottom-right causal mask over slots, plus key padding: [B, T, S] additive fp32
-        allowed = np.arange(s)[None, :] <= np.arange(start, s)[:, None]  # [T, S]
-        allowed = np.broadcast_to(allowed, (b, t, s))
-        if attention_mask is not None:
-            am = np.asarray(attention_mask, dtype=bool)
-            if am.shape != (b, s):
-                raise InputError(f"attention_mask has shape {list(am.shape)}, expected [{b}, {s}]")
-            allowed = allowed & am[:, None, :]
-        mask = paddle.to_tensor(np.where(allowed, 0.0, _NEG).astype(np.float32)).unsqueeze(1)
-
-        rotary = Rotary.at(pos, self.config.head_dim, self.config.rope_theta)
+        mask = attention_bias(b, t, start, attention_mask)
+        rotary = Rotary.at(paddle.to_tensor(position_ids), self.config.head_dim, self.config.rope_theta)
         padded = attention_mask is not None and not bool(np.asarray(attention_mask).all())
         x = self.embed_tokens(paddle.to_tensor(ids))
         out = ForwardOutput(logits=None)
