@@ -1,7 +1,8 @@
 """The one table of checkpoint names and layouts: `-PT` (torch), `-PT` fused-name, and `-Paddle`.
 
-Everything inside the project works on *canonical* tensors, named as the Paddle model's parameters (Paddle's `[in, out]` Linear layout, fused
-`qkv` = [Q | K | V] and `up_gate` = [gate | up] on the output axis, one tensor per routed expert).
+Everything inside the project works on *canonical* tensors, named as the Paddle model's parameters (Paddle's
+`[in, out]` Linear layout, fused `qkv` = [Q | K | V] and `up_gate` = [gate | up] on the output axis, one tensor per
+routed expert).
 Each canonical tensor is assembled from one or more on-disk tensors and split back on save; the Paddle
 loader, the saver and the ONNX builder all go through this module. Each tensor also carries its `Role` (embedding,
 norm, qkv, routed expert, router, ...) and its layer and expert index: what is quantised, kept in fp32, sliced for
