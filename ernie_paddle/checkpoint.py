@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from .errors import CheckpointError
 from .files import SIDE_FILES
 from .layout import LAYOUTS, PADDLE, PT, Role, TensorMap, iter_canonical, tensor_maps
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointReader, ShardedWriter, pickled_files
+
+if TYPE_CHECKING:
+    from .pdparams import PickleReader
 
 DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -42,7 +45,7 @@ class TensorStream:
         return self._held.pop(name)
 
 
-def open_checkpoint(directory: str, allow_pickle: bool = False):
+def open_checkpoint(directory: str, allow_pickle: bool = False) -> CheckpointReader | PickleReader:
     """A reader for `directory`: safetensors (always), or `.pdparams` pickles when `allow_pickle` and there are no
     safetensors (only then is Paddle imported)."""
     if allow_pickle and os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, SINGLE_FILE)) \
