@@ -260,7 +260,7 @@ def _collect(raw: dict, model_type: str, strict: bool, source: str) -> dict[str,
 
 def _check_types(values: dict[str, Any], source: str) -> None:
     """Ints must be ints (bool is not an int here; 2.0 becomes 2), floats numbers, bools bools (in place)."""
-    kinds = {f.name: f.type for f in fields(ErnieConfig)}
+    kinds = {f.name: f.type for f in fields(ErnieConfig)}  # the annotations as written ("int", "float", ...)
     for k, v in list(values.items()):
         if v is None:
             continue
