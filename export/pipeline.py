@@ -21,9 +21,8 @@ from ernie_paddle.checkpoint import TensorStream, read_canonical
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 from ernie_paddle.files import CONFIG, GENAI_CONFIG, MANIFEST, ONNX_MODEL, SIDE_FILES
-from ernie_paddle.memory import fp32_bytes
+from ernie_paddle.memory import fp32_bytes, fp32_reference_fits
 from ernie_paddle.precisions import EXPORT_PRECISIONS, check_block_size
-from ernie_paddle.sysinfo import available_memory
 
 from .genai import genai_config
 from .verify import FP32_LOGIT_TOL, compare, verification_prompts
@@ -199,7 +198,7 @@ def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Option
 def _verify(model_dir: str, folder: str, cfg: ErnieConfig, opts: Options, log: Log) -> dict:
     """Parity figures of the folder against the fp32 Paddle model; an fp32 export that misses them is refused."""
     need = fp32_bytes(cfg)
-    if need > 0.6 * available_memory():
+    if not fp32_reference_fits(cfg):
         log(f"export: skipping verification: the fp32 Paddle reference needs {need / 2**30:.1f} GiB")
         return {"skipped": f"the fp32 Paddle reference needs {need / 2**30:.1f} GiB, more than this machine has"}
     import onnxruntime as ort

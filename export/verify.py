@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ernie_paddle.generation import GenerationConfig, generate
+from ernie_paddle.metrics import shared_prefix
 
 FP32_LOGIT_TOL = 1e-4
 
@@ -34,8 +35,7 @@ def compare(reference, candidate, prompts: list[list[int]], greedy_tokens: int =
             steps.append(candidate(np.array([[t]]), cache=cache).logits[0])
         decode_diff = max(decode_diff, float(np.abs(np.concatenate(steps) - ref[:-1]).max()))
         a, b = generate(reference, p, gen), generate(candidate, p, gen)
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        same_prefix.append(n)
+        same_prefix.append(shared_prefix(a, b))
         identical += int(a == b)
     return {"prompts": len(prompts), "max_abs_logit_diff": max_diff, "decode_max_abs_logit_diff": decode_diff,
             "top1_agreement": top1_same / top1_total, "greedy_tokens": greedy_tokens,

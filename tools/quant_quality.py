@@ -10,14 +10,15 @@ the training split). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 
 import numpy as np
 
+from ernie_paddle.atomic import write_json
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus
+from ernie_paddle.metrics import perplexity, shared_prefix
 
 VARIANTS = [  # (label, precision, block, scheme)
     ("ort fp32", "fp32", 32, "rtn"), ("ort fp16", "fp16", 32, "rtn"), ("ort int8", "int8", 32, "rtn"),
@@ -28,20 +29,6 @@ VARIANTS = [  # (label, precision, block, scheme)
 ]
 
 
-def perplexity(model, ids: np.ndarray, seq: int = 128, batch: int = 8) -> float:
-    """Per-token perplexity over non-overlapping windows; `model.logits(ids [B, T])` -> [B, T, V]."""
-    n = (len(ids) - 1) // seq
-    nll, count = 0.0, 0
-    for i in range(0, n, batch):
-        rows = np.stack([ids[j * seq:(j + 1) * seq + 1] for j in range(i, min(n, i + batch))])
-        logits = np.asarray(model.logits(rows[:, :-1]), dtype=np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= np.take_along_axis(logp, rows[:, 1:, None], axis=-1).sum()
-        count += rows[:, 1:].size
-    return float(np.exp(nll / count))
-
-
 def greedy_agreement(reference, candidate, prompts: list[list[int]], tokens: int) -> float:
     """Mean share of the first `tokens` greedy tokens that match before the first difference."""
     from ernie_paddle.generation import GenerationConfig, generate
@@ -49,9 +36,7 @@ def greedy_agreement(reference, candidate, prompts: list[list[int]], tokens: int
     gen = GenerationConfig(max_new_tokens=tokens, eos_token_ids=[])
     shares = []
     for p in prompts:
-        a, b = generate(reference, p, gen), generate(candidate, p, gen)
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        shares.append(same / tokens)
+        shares.append(shared_prefix(generate(reference, p, gen), generate(candidate, p, gen)) / tokens)
     return float(np.mean(shares))
 
 
@@ -72,7 +57,7 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
     calib = [np.stack([train[s:s + 128] for s in starts[i:i + 8]]) for i in range(0, calib_windows, 8)]
     prompts = [heldout[i:i + 16].tolist() for i in range(0, 4 * 997, 997)]
     reference = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir)
-    rows = [{"variant": "paddle fp32", "perplexity": perplexity(reference, heldout), "greedy_agreement": 1.0}]
+    rows = [{"variant": "paddle fp32", "perplexity": perplexity(reference.logits, heldout), "greedy_agreement": 1.0}]
     log(f"quality: paddle fp32 perplexity {rows[0]['perplexity']:.3f}")
     hessians = None
     for label, precision, block, scheme in variants:
@@ -85,7 +70,7 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
                quantizer_name=scheme)
         cand = OnnxCausalLM(out)
         row = {"variant": label, "precision": precision, "block_size": block, "scheme": scheme,
-               "perplexity": perplexity(cand, heldout),
+               "perplexity": perplexity(cand.logits, heldout),
                "greedy_agreement": greedy_agreement(reference, cand, prompts, greedy_tokens),
                "weights_mib": round(os.path.getsize(os.path.join(out, "model.onnx.data")) / 2**20, 2)}
         if quantizer is not None:
@@ -115,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['variant']} | {r['perplexity']:.3f} | {r.get('perplexity_vs_fp32', 0):+.2%} | "
               f"{r['greedy_agreement']:.3f} | {r.get('weights_mib', '')} |")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
     return 0
 
 

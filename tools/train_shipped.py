@@ -25,9 +25,12 @@ import numpy as np  # noqa: E402
 
 from ernie_paddle import _runtime  # noqa: E402,F401  (MKL settings before Paddle)
 
+from ernie_paddle.atomic import check_new_dir, write_json  # noqa: E402
 from ernie_paddle.config import ErnieConfig  # noqa: E402
 from ernie_paddle.layout import Role, canonical_maps  # noqa: E402
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus  # noqa: E402
+from ernie_paddle.errors import ErnieError  # noqa: E402
+from ernie_paddle.metrics import perplexity  # noqa: E402
 from ernie_paddle.tokenizer import MASK_TOKENS, SPECIAL  # noqa: E402
 
 CONFIG = dict(model_type="ernie4_5_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -87,29 +90,27 @@ def batches(ids: np.ndarray, seq: int, batch: int, rng: np.random.Generator):
 def evaluate(model, ids: np.ndarray, seq: int) -> tuple[float, list[list[float]]]:
     """Held-out perplexity over non-overlapping windows, and each MoE layer's share of routed slots per expert."""
     import paddle
-    import paddle.nn.functional as F
+
+    loads: list[np.ndarray] = []
+
+    def logits(rows: np.ndarray) -> np.ndarray:
+        with paddle.no_grad():
+            out = model(rows, output_router=True)
+        counts = [np.bincount(e.numpy().reshape(-1), minlength=model.config.moe_num_experts) for e in out.router_experts]
+        loads[:] = counts if not loads else [a + b for a, b in zip(loads, counts)]
+        return out.logits.numpy()
 
     model.eval()
-    nll, count, loads = 0.0, 0, None
-    n = (len(ids) - 1) // seq
-    for i in range(0, n, 8):
-        rows = np.stack([ids[j * seq:(j + 1) * seq + 1] for j in range(i, min(n, i + 8))])
-        out = model(rows[:, :-1], output_router=True)
-        loss = F.cross_entropy(out.logits.reshape([-1, out.logits.shape[-1]]),
-                               paddle.to_tensor(rows[:, 1:].reshape(-1, 1)), reduction="sum")
-        nll += float(loss)
-        count += rows[:, 1:].size
-        counts = [np.bincount(e.numpy().reshape(-1), minlength=model.config.moe_num_experts) for e in out.router_experts]
-        loads = counts if loads is None else [a + b for a, b in zip(loads, counts)]
+    ppl = perplexity(logits, ids, seq)
     model.train()
-    return math.exp(nll / count), [(c / c.sum()).round(4).tolist() for c in loads]
+    return ppl, [(c / c.sum()).round(4).tolist() for c in loads]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=DEFAULT_CORPUS,
                    help="UTF-8 training text (default: the shipped Tiny Shakespeare)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="new output folder")
     p.add_argument("--steps", type=int, default=1400)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
@@ -118,41 +119,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bias-update-rate", type=float, default=1e-3, help="aux-free balancing step (ERNIE/DeepSeek u)")
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--log-every", type=int, default=50)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def _optimizer(model, args: argparse.Namespace):
+    """AdamW with warm-up and cosine decay over every parameter but the correction biases (not trained by
+    gradient: `_balance` moves them). Returns (optimizer, schedule, biases)."""
     import paddle
-    import paddle.nn.functional as F
 
-    from ernie_paddle.checkpoint import save_pretrained
-    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM, SparseMoeBlock
-    from ernie_paddle.tokenizer import ErnieTokenizer
+    from ernie_paddle.modeling import SparseMoeBlock
 
-    t0 = time.time()
-    paddle.seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    train_text, heldout_text = split_corpus(read_corpus(args.data))
-    work = tempfile.mkdtemp(prefix=".train-", dir=os.path.dirname(os.path.abspath(args.out)) or ".")
-    train_tokenizer(train_text, work, args.vocab_size)
-    tok = ErnieTokenizer(work)
-    train_ids = np.array(tok.encode(train_text), np.int64)
-    heldout_ids = np.array(tok.encode(heldout_text), np.int64)
-    print(f"tokenizer: {tok.vocab_size} pieces; train {len(train_ids)} tokens, held-out {len(heldout_ids)}",
-          file=sys.stderr, flush=True)
-
-    cfg = ErnieConfig.from_dict(dict(CONFIG, vocab_size=tok.vocab_size), strict=True)
-    model = Ernie4_5_MoeForCausalLM(cfg)
-    init_weights(model, cfg, rng)
-    model.train()
-    moe_blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
-    biases = [b.e_score_correction_bias for b in moe_blocks]
-    trainable = [q for n, q in model.named_parameters() if not n.endswith("e_score_correction_bias")]
+    biases = [layer.mlp.e_score_correction_bias for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
     for b in biases:
         b.stop_gradient = True
+    trainable = [q for n, q in model.named_parameters() if not n.endswith("e_score_correction_bias")]
     warmup = max(1, args.steps // 20)
     sched = paddle.optimizer.lr.LambdaDecay(args.lr, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
     opt = paddle.optimizer.AdamW(learning_rate=sched, parameters=trainable, beta1=0.9, beta2=0.95, weight_decay=0.1,
                                  grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
+    return opt, sched, biases
+
+
+def _balance(biases, router_experts, num_experts: int, rate: float) -> None:
+    """Aux-free balancing: raise the bias of under-loaded experts, lower the overloaded ones'."""
+    import paddle
+
+    with paddle.no_grad():
+        for b, experts in zip(biases, router_experts):
+            load = paddle.bincount(experts.reshape([-1]), minlength=num_experts).astype("float32")
+            b.set_value(b + rate * paddle.sign(load.mean() - load))
+
+
+def _train(model, cfg: ErnieConfig, train_ids: np.ndarray, args: argparse.Namespace, rng: np.random.Generator,
+           t0: float) -> tuple[list[dict], list]:
+    """The training loop; returns the loss log and the correction biases."""
+    import paddle
+    import paddle.nn.functional as F
+
+    opt, sched, biases = _optimizer(model, args)
+    model.train()
     data = batches(train_ids, args.seq, args.batch, rng)
     log = []
     for step in range(1, args.steps + 1):
@@ -163,39 +169,71 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         opt.clear_grad()
         sched.step()
-        with paddle.no_grad():  # aux-free balancing: raise the bias of under-loaded experts, lower overloaded
-            for b, experts in zip(biases, out.router_experts):
-                load = paddle.bincount(experts.reshape([-1]), minlength=cfg.moe_num_experts).astype("float32")
-                b.set_value(b + args.bias_update_rate * paddle.sign(load.mean() - load))
+        _balance(biases, out.router_experts, cfg.moe_num_experts, args.bias_update_rate)
         if step % args.log_every == 0 or step == 1:
             log.append({"step": step, "loss": round(float(loss), 4), "seconds": round(time.time() - t0, 1)})
             print(f"step {step}/{args.steps} loss {float(loss):.4f} lr {sched.get_lr():.2e} "
                   f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    train_seconds = time.time() - t0
-    model.eval()
-    ppl, loads = evaluate(model, heldout_ids, args.seq)
-    balance = [round(max(l) / (1.0 / cfg.moe_num_experts), 3) for l in loads]
-    print(f"held-out perplexity {ppl:.2f}; max expert load / mean per MoE layer {balance}", file=sys.stderr)
-    tmp_ckpt = os.path.join(work, "ckpt")
-    save_pretrained(model, tmp_ckpt, layout="paddle", dtype="float32")
-    for f in ("tokenizer.model", "tokenizer_config.json"):
-        os.replace(os.path.join(work, f), os.path.join(tmp_ckpt, f))
-    report = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
-              "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(heldout_ids)),
-              "tokens_seen": args.steps * args.batch * args.seq, "train_seconds": round(train_seconds, 1),
-              "threads": os.environ.get("OMP_NUM_THREADS"), "heldout_perplexity": round(ppl, 3),
-              "expert_load_share": loads, "max_over_mean_load": balance,
-              "correction_bias": [b.numpy().round(4).tolist() for b in biases], "loss_log": log,
-              "parameters": int(sum(int(np.prod(q.shape)) for q in model.parameters())),
-              "paddle": paddle.__version__}
-    with open(os.path.join(tmp_ckpt, "training_report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    if os.path.exists(args.out):
-        raise SystemExit(f"error: {args.out} exists; choose a new output folder")
-    os.rename(tmp_ckpt, args.out)
-    os.rmdir(work)
-    print(f"wrote {args.out} in {time.time() - t0:.0f}s", file=sys.stderr)
+    return log, biases
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        check_new_dir(args.out)  # before an hour of training, not after
+        _train_and_save(args)
+    except ErnieError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _train_and_save(args: argparse.Namespace) -> None:
+    """Tokenizer, training, evaluation and the checkpoint folder at `args.out` (all or nothing)."""
+    import paddle
+
+    from ernie_paddle.checkpoint import save_pretrained
+    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.tokenizer import ErnieTokenizer
+
+    t0 = time.time()
+    paddle.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    train_text, heldout_text = split_corpus(read_corpus(args.data))
+    # the work folder (tokenizer, then the checkpoint) goes away on any failure or interrupt
+    with tempfile.TemporaryDirectory(prefix=".train-", dir=os.path.dirname(os.path.abspath(args.out))) as work:
+        train_tokenizer(train_text, work, args.vocab_size)
+        tok = ErnieTokenizer(work)
+        train_ids = np.array(tok.encode(train_text), np.int64)
+        heldout_ids = np.array(tok.encode(heldout_text), np.int64)
+        print(f"tokenizer: {tok.vocab_size} pieces; train {len(train_ids)} tokens, held-out {len(heldout_ids)}",
+              file=sys.stderr, flush=True)
+
+        cfg = ErnieConfig.from_dict(dict(CONFIG, vocab_size=tok.vocab_size), strict=True)
+        model = Ernie4_5_MoeForCausalLM(cfg)
+        init_weights(model, cfg, rng)
+        log, biases = _train(model, cfg, train_ids, args, rng, t0)
+        train_seconds = time.time() - t0
+        model.eval()
+        ppl, loads = evaluate(model, heldout_ids, args.seq)
+        balance = [round(max(l) / (1.0 / cfg.moe_num_experts), 3) for l in loads]
+        print(f"held-out perplexity {ppl:.2f}; max expert load / mean per MoE layer {balance}", file=sys.stderr)
+        ckpt = os.path.join(work, "ckpt")
+        save_pretrained(model, ckpt, layout="paddle", dtype="float32")
+        for f in ("tokenizer.model", "tokenizer_config.json"):
+            os.replace(os.path.join(work, f), os.path.join(ckpt, f))
+        report = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
+                  "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(heldout_ids)),
+                  "tokens_seen": args.steps * args.batch * args.seq, "train_seconds": round(train_seconds, 1),
+                  "threads": os.environ.get("OMP_NUM_THREADS"), "heldout_perplexity": round(ppl, 3),
+                  "expert_load_share": loads, "max_over_mean_load": balance,
+                  "correction_bias": [b.numpy().round(4).tolist() for b in biases], "loss_log": log,
+                  "parameters": int(sum(int(np.prod(q.shape)) for q in model.parameters())),
+                  "paddle": paddle.__version__}
+        write_json(os.path.join(ckpt, "training_report.json"), report)
+        check_new_dir(args.out)  # nothing appeared there meanwhile
+        os.rename(ckpt, args.out)
+    print(f"wrote {args.out} in {time.time() - t0:.0f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":
