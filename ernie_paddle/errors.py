@@ -25,3 +25,11 @@ class ConfigDefaultWarning(UserWarning):
 
 class ExportError(ErnieError):
     """An export cannot be done as asked (bad options, a limit of the toolchain, or failed verification)."""
+
+
+class TokenizerError(ErnieError):
+    """A tokenizer file is missing, unreadable or corrupt."""
+
+
+class OnnxFolderError(ErnieError):
+    """An exported folder is incomplete, corrupt, or does not match its manifest."""

@@ -9,7 +9,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from .cli import generate_args, logits_args, main as _main, run_generate, run_logits
+from . import cli_commands
+from .cli_args import folder, generate_args, logits_args, positive_int
+from .onnx_runtime import PROVIDERS
 
 
 def _load(args):
@@ -18,29 +20,29 @@ def _load(args):
     return OnnxCausalLM(args.model, provider=args.provider, threads=args.threads)
 
 
+def _common(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--model", required=True, type=folder, help="exported folder (ernie-paddle export)")
+    sp.add_argument("--provider", default="cpu", choices=list(PROVIDERS), help="ONNX Runtime execution provider")
+    sp.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: ONNX Runtime's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie-onnx", description="Run an exported ERNIE-4.5 ONNX folder with "
                                 "ONNX Runtime (no Paddle needed).")
     sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp):
-        sp.add_argument("--model", required=True, help="exported folder (ernie-paddle export)")
-        sp.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="ONNX Runtime execution provider")
-        sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
-
-    g = sub.add_parser("generate", help="generate tokens from a prompt of token ids")
-    common(g)
+    g = sub.add_parser("generate", help="generate tokens from a prompt (text or token ids)")
+    _common(g)
     generate_args(g)
-    g.set_defaults(func=lambda a: run_generate(_load(a), a))
+    g.set_defaults(func=lambda a: cli_commands.generate(_load, a))
     lg = sub.add_parser("logits", help="write float32 [T, vocab] logits of one forward pass (no cache)")
-    common(lg)
+    _common(lg)
     logits_args(lg)
-    lg.set_defaults(func=lambda a: run_logits(_load(a), a))
+    lg.set_defaults(func=lambda a: cli_commands.logits(_load, a))
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return _main(argv, build_parser())
+    return cli_commands.run(sys.argv[1:] if argv is None else argv, build_parser())
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Run an exported ERNIE-4.5 ONNX folder with ONNX Runtime: no Paddle, only `onnxruntime` and `numpy`.
+"""Run an exported ERNIE-4.5 ONNX folder with ONNX Runtime: no Paddle, only `onnxruntime` and `numpy` (and
+`onnx` to check the external data file before a session reads it).
 
 `OnnxCausalLM` offers the same small interface as the Paddle model (`config`, `check_ids`, `allocate_cache`,
 a call returning logits), so `ernie_paddle.generation` drives both: greedy and sampling, streaming, and
-left-padded batches. The KV cache is the graph's `present.N.*` outputs fed back as `past_key_values.N.*`,
-kept as OrtValues on the execution provider's device through IOBinding.
+left-padded batches. The KV cache lives in OrtValues on the execution provider's device, bound through IOBinding:
+for the `ort` flavour one preallocated [B, kv_heads, max_len, head_dim] buffer per layer that GroupQueryAttention
+updates in place (bound as both `past_key_values.N.*` and `present.N.*`); for the portable flavour the
+`present.N.*` outputs, which are the grown cache, are fed back as the next step's past.
 """
 
 from __future__ import annotations
@@ -14,17 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import files
 from .config import ErnieConfig
-from .errors import ErnieError, InputError
+from .errors import InputError, OnnxFolderError  # noqa: F401  (OnnxFolderError: importable from here as before)
 from .token_ids import check_token_ids
 from .rope import check_position_ids
 
-MANIFEST = "manifest.json"
-MODEL_FILE = "model.onnx"
-
-
-class OnnxFolderError(ErnieError):
-    """An exported folder is incomplete, corrupt, or does not match its manifest."""
+MANIFEST = files.MANIFEST
+MODEL_FILE = files.ONNX_MODEL
 
 
 @dataclass
@@ -49,9 +49,40 @@ def load_manifest(folder: str) -> dict:
                               f"`ernie-paddle export`")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OnnxFolderError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise OnnxFolderError(f"{path}: corrupt manifest (expected a JSON object)")
+    return manifest
+
+
+def check_external_data(model_path: str, data_dir: str | None = None) -> None:
+    """Every external-data file the graph names must exist and hold the bytes its tensors need, so a missing or
+    truncated file is named itself (ONNX Runtime's own error names the .onnx file). They are looked for in
+    `data_dir` (default: beside the graph)."""
+    import onnx
+
+    try:
+        graph = onnx.load(model_path, load_external_data=False).graph
+    except Exception:  # protobuf's DecodeError and friends: the session will name the .onnx file itself
+        return
+    need: dict[str, int] = {}
+    for t in graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        length = int(info["length"]) if "length" in info else \
+            int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        end = int(info.get("offset", 0)) + length
+        need[info["location"]] = max(need.get(info["location"], 0), end)
+    for name, end in need.items():
+        path = os.path.join(data_dir or os.path.dirname(model_path), name)
+        if not os.path.isfile(path):
+            raise OnnxFolderError(f"{path}: missing (the external data of {os.path.basename(model_path)})")
+        if os.path.getsize(path) < end:
+            raise OnnxFolderError(f"{path}: truncated: {os.path.getsize(path)} bytes, the graph's tensors need "
+                                  f"{end}")
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -75,7 +106,7 @@ class OnnxCausalLM:
 
         self.folder = folder
         self.manifest = load_manifest(folder)
-        self.config = ErnieConfig.from_file(os.path.join(folder, "config.json"))
+        self.config = ErnieConfig.from_file(os.path.join(folder, files.CONFIG))
         model_path = model_file or os.path.join(folder, self.manifest.get("model_file", MODEL_FILE))
         if not os.path.isfile(model_path):
             raise OnnxFolderError(f"{model_path}: missing model file")
@@ -90,6 +121,7 @@ class OnnxCausalLM:
             raise InputError(f"{folder}: a {precision} export holds QMoE/MatMulNBits weights in the CPU layout; "
                              f"CUDA needs its own prepacked layout, not produced yet: run it with --provider cpu, "
                              f"or export fp16 for CUDA")
+        check_external_data(model_path, folder)
         ep = PROVIDERS[provider]
         if ep not in ort.get_available_providers():
             raise InputError(f"provider {provider} ({ep}) is not available in this onnxruntime build "
@@ -97,9 +129,12 @@ class OnnxCausalLM:
                              f"for CUDA")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3  # errors only
+        so.log_severity_level = 3  # errors only, and those come back as the exception below
+        ort.set_default_logger_severity(3)
         if threads:
             so.intra_op_num_threads = threads
+        # a graph kept outside the folder (the parity report's copy) reads its weights from the folder
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", os.path.abspath(folder))
         try:
             self.session = ort.InferenceSession(model_path, so, providers=[ep])
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files

@@ -15,8 +15,10 @@ def proc_kib(path: str, key: str) -> int | None:
     return None
 
 
-def available_memory() -> int:
-    return proc_kib("/proc/meminfo", "MemAvailable") or 16 * 1024**3
+def available_memory() -> int | None:
+    """Bytes of memory available without swapping (MemAvailable), or None when /proc does not say: callers then
+    skip their memory checks rather than decide on a made-up number."""
+    return proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def peak_rss() -> int:

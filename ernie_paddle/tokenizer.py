@@ -13,15 +13,12 @@ import json
 import os
 from typing import Iterable, Sequence
 
-from .errors import ErnieError
+from . import files
+from .errors import ErnieError, TokenizerError  # noqa: F401  (TokenizerError: importable from here as before)
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<unk>", "cls": "<|begin_of_sentence|>",
            "sep": "<|end_of_sentence|>", "mask": "<mask:1>"}
 MASK_TOKENS = [f"<mask:{i}>" for i in range(8)]  # <mask:4>/<mask:5> sys start/end, <mask:6>/<mask:7> header
-
-
-class TokenizerError(ErnieError):
-    """A tokenizer file is missing or unreadable."""
 
 
 def chat_prompt(messages: Sequence[dict], add_generation_prompt: bool = True, cls: str = SPECIAL["cls"],
@@ -47,8 +44,8 @@ class ErnieTokenizer:
     """Encode/decode with a SentencePiece model (preferred) or a `tokenizer.json`."""
 
     def __init__(self, directory: str):
-        spm_path = os.path.join(directory, "tokenizer.model")
-        json_path = os.path.join(directory, "tokenizer.json")
+        spm_path = os.path.join(directory, files.SPM_MODEL)
+        json_path = os.path.join(directory, files.TOKENIZER_JSON)
         self.directory = directory
         if os.path.isfile(spm_path):
             import sentencepiece as spm
@@ -72,15 +69,10 @@ class ErnieTokenizer:
             self.vocab_size = self._hf.get_vocab_size()
             self._id = self._hf.token_to_id
         else:
-            raise TokenizerError(f"{directory}: no tokenizer.model or tokenizer.json (prompts as text need one; "
-                                 f"use --input-ids otherwise)")
-        cfg_path = os.path.join(directory, "tokenizer_config.json")
+            raise TokenizerError(f"{directory}: no {files.SPM_MODEL} or {files.TOKENIZER_JSON} (prompts as text need "
+                                 f"one; use --input-ids otherwise)")
         self.chat_template_kind = "ernie"
-        if os.path.isfile(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                self.init_kwargs = json.load(f)
-        else:
-            self.init_kwargs = {}
+        self.init_kwargs = _read_json_object(os.path.join(directory, files.TOKENIZER_CONFIG))
         self.special_ids = {name: self._id(piece) for name, piece in SPECIAL.items()}
         self.all_special_ids = {i for i in (self._id(p) for p in list(SPECIAL.values()) + MASK_TOKENS)
                                 if i is not None}
@@ -136,6 +128,20 @@ class ErnieTokenizer:
     def stop_ids(self) -> list[int]:
         """Ids that end a generation: </s> and <|end_of_sentence|>."""
         return [i for i in (self.eos_token_id, self.sep_token_id) if i is not None]
+
+
+def _read_json_object(path: str) -> dict:
+    """A JSON object file of the tokenizer ({} when absent); a corrupt one is named."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{path}: expected a JSON object at the top level")
+    return obj
 
 
 class IncrementalDecoder:

@@ -113,8 +113,8 @@ def test_token_id_out_of_range_and_bad_ids(tiny_ckpt):
     d, cfg = tiny_ckpt
     r = run_cli("generate", "--model", d, "--input-ids", f"1,{cfg.vocab_size + 5}", "--max-new-tokens", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"error: token id {cfg.vocab_size + 5} at position 1 is out of range for vocab_size {cfg.vocab_size}" \
-        in r.stderr
+    assert r.stderr == (f"error: --input-ids: token id {cfg.vocab_size + 5} at position 1 is out of range for "
+                        f"vocab_size {cfg.vocab_size}\n")  # checked against config.json before the weights load
     r = run_cli("generate", "--model", d, "--input-ids", "1,x", "--max-new-tokens", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "expected comma-separated integers" in r.stderr
 

@@ -19,7 +19,8 @@ import os
 import sys
 from typing import Sequence
 
-from ernie_paddle.cli import generate_args, logits_args, main as _main, run_generate, run_logits
+from ernie_paddle import cli_commands
+from ernie_paddle.cli_args import dtype_arg, folder, generate_args, logits_args, positive_int
 
 
 def _load(args):
@@ -49,14 +50,13 @@ def _shared_seed(seed: int | None, plan) -> int | None:
 
 
 def cmd_generate(args) -> int:
-    model, _ = _load(args)
-    return run_generate(model, args)
+    return cli_commands.generate(lambda a: _load(a)[0], args)
 
 
 def cmd_logits(args) -> int:
     model, plan = _load(args)
     if plan.rank == 0:
-        return run_logits(model, args)
+        return cli_commands.logits(lambda a: model, args)
     import numpy as np
 
     model.logits(np.asarray(args.input_ids, dtype=np.int64))  # the same collectives as rank 0
@@ -69,10 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("--model", required=True, help="checkpoint directory (-Paddle or -PT layout)")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="compute dtype (CPU computes in float32 only)")
-        sp.add_argument("--ep", type=int, default=None,
+        sp.add_argument("--model", required=True, type=folder, help="checkpoint folder (-Paddle or -PT layout)")
+        dtype_arg(sp, "float32", "compute dtype (CPU computes in float32 only)")
+        sp.add_argument("--ep", type=positive_int, default=None,
                         help="expert-parallel degree: the number of processes (default; experts split by id) "
                              "or 1 (every expert split by width)")
         sp.add_argument("--strict-config", action="store_true")
@@ -90,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return _main(argv, build_parser())
+    return cli_commands.run(sys.argv[1:] if argv is None else argv, build_parser())
 
 
 if __name__ == "__main__":

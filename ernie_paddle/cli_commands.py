@@ -1,0 +1,201 @@
+"""The generate and logits commands, and the runner that turns bad input into one `error:` line.
+
+Shared by `ernie-paddle`, `ernie-onnx` and `tools/dist_generate`: each passes the function that loads its model.
+Everything the arguments decide (token ids against config.json's vocabulary, sampling values, the prompt and its
+tokenizer) is checked before that function runs, so bad input never waits for a model to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .cli_args import SAMPLING_DEFAULTS, sampling_given
+from .errors import ConfigDefaultWarning, ErnieError, InputError
+from .interrupts import run_command
+from .sysinfo import peak_rss
+
+Load = Callable[[argparse.Namespace], Any]  # the model for these arguments (Paddle, ONNX Runtime, distributed)
+
+
+# ---- the runner ----------------------------------------------------------------------------------------------------
+def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    """Parse `argv` and run the chosen command: bad input is one `error:` line and status 2, an unreadable or
+    unwritable file status 1; Ctrl-C, SIGTERM and a closed stdout end with status 130, 143 and 141."""
+    return run_command(lambda: _run(list(argv), parser), parser.prog)
+
+
+def _run(argv: list[str], parser: argparse.ArgumentParser) -> int:
+    args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", ConfigDefaultWarning)
+    try:
+        return args.func(args)
+    except ErnieError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        raise  # the reader of stdout has gone: run_command ends quietly
+    except (OSError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = _python_showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Config-default warnings as one plain line; others as Python prints them."""
+    if issubclass(category, ConfigDefaultWarning):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
+# ---- checks before loading -----------------------------------------------------------------------------------------
+def folder_config(args: argparse.Namespace):
+    """config.json of --model, read without its default-value warnings (the model's own load reports them)."""
+    from .config import ErnieConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigDefaultWarning)
+        return ErnieConfig.from_file(args.model, strict=getattr(args, "strict_config", False))
+
+
+def check_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
+    """Every id must index the embedding of config.json's vocabulary; the error names the argument."""
+    from .token_ids import check_token_ids
+    import numpy as np
+
+    try:
+        check_token_ids(np.asarray(ids, dtype=np.int64), vocab_size)
+    except InputError as e:
+        raise InputError(f"{what}: {e}") from None
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    tokenizer: Any = None  # ErnieTokenizer for text prompts (the output is streamed as text)
+    echo: str | None = None  # printed before the continuation: a short --prompt, never ids, files or --json
+
+
+def read_prompt(args: argparse.Namespace, vocab_size: int) -> Prompt:
+    """The prompt's token ids, from --input-ids, --prompt or --prompt-file (with --chat: in the chat template)."""
+    text = args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from None
+    if text is None:
+        if args.chat:
+            raise InputError("--chat needs --prompt (the chat template is text)")
+        check_ids(args.input_ids, vocab_size, "--input-ids")
+        return Prompt(list(args.input_ids))
+    from .tokenizer import ErnieTokenizer
+
+    tok = ErnieTokenizer(args.model)
+    ids = tok.apply_chat_template([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
+    if not ids:
+        raise InputError(f"{'--prompt-file' if args.prompt_file else '--prompt'} is empty: give some text to continue")
+    echo = None if args.json or args.prompt_file is not None else ("" if args.chat else text)
+    return Prompt(ids, tok, echo)
+
+
+def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
+    """The validated GenerationConfig of the arguments; sampling flags without --do-sample get a warning."""
+    from .generation import GenerationConfig
+
+    stops = list(args.stop_ids or ())
+    check_ids(stops, cfg.vocab_size, "--stop-ids")
+    usable = None
+    if prompt.tokenizer is not None:
+        stops += prompt.tokenizer.stop_ids()
+        # embedding rows past the tokenizer's vocabulary are padding: never sample them (as FastDeploy does)
+        usable = prompt.tokenizer.vocab_size if prompt.tokenizer.vocab_size < cfg.vocab_size else None
+    given = sampling_given(args)
+    if given and not args.do_sample:
+        print(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --do-sample "
+              f"(decoding is greedy)", file=sys.stderr)
+    sampling = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in SAMPLING_DEFAULTS.items()}
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else (128 if prompt.tokenizer else 32)
+    gen = GenerationConfig(max_new_tokens=max_new, do_sample=args.do_sample, seed=args.seed,
+                           repetition_penalty=args.repetition_penalty, stop_token_ids=tuple(stops),
+                           vocab_limit=usable, prefill_chunk=args.prefill_chunk, **sampling)
+    gen.validate()
+    return gen
+
+
+# ---- the commands --------------------------------------------------------------------------------------------------
+def generate(load: Load, args: argparse.Namespace) -> int:
+    """Generate from --input-ids (prints the new ids) or text (streams text); --json: one object at the end, whose
+    "token_ids" holds the new tokens only (and "text" the decoded continuation of a text prompt)."""
+    cfg = folder_config(args)
+    prompt = read_prompt(args, cfg.vocab_size)
+    gen = generation_config(args, prompt, cfg)
+    model = load(args)
+    new, first, seconds = _stream(model, prompt, gen, args.json)
+    if args.json:
+        print(json.dumps(_summary(prompt, new, first, seconds)))
+    else:
+        print(flush=True)
+        print(f"[prompt {len(prompt.ids)} tokens, generated {len(new)} tokens, "
+              f"{len(new) / max(seconds, 1e-9):.2f} tokens/s, first token after {first:.2f}s, "
+              f"peak RSS {peak_rss() / 2**30:.2f} GiB]", file=sys.stderr)
+    return 0
+
+
+def _stream(model, prompt: Prompt, gen, quiet: bool) -> tuple[list[int], float, float]:
+    """Run generation, printing tokens (or text) as they come unless `quiet`; returns (new ids, TTFT, seconds).
+
+    The prompt is echoed with the first token, so an error raised before it (a prompt too long for the model)
+    stands on its own line."""
+    from .generation import stream
+    from .tokenizer import IncrementalDecoder
+
+    decoder = IncrementalDecoder(prompt.tokenizer, prompt.ids) if prompt.tokenizer and not quiet else None
+    t0, new, first = time.time(), [], None
+    for t in stream(model, prompt.ids, gen):
+        if first is None:
+            first = time.time() - t0
+            print(prompt.echo or "", end="", flush=True)
+        new.append(t)
+        if not quiet:
+            print(decoder.push(t) if decoder else t, end="" if decoder else " ", flush=True)
+    if first is None:  # no new token (--max-new-tokens 0)
+        print(prompt.echo or "", end="", flush=True)
+    return new, first or 0.0, time.time() - t0
+
+
+def _summary(prompt: Prompt, new: list[int], first: float, seconds: float) -> dict:
+    out = {"token_ids": new, "prompt_tokens": len(prompt.ids), "generated_tokens": len(new),
+           "seconds": round(seconds, 4), "first_token_seconds": round(first, 4),
+           "decode_tokens_per_s": round((len(new) - 1) / (seconds - first), 3) if len(new) > 1 else None,
+           "peak_rss_gib": round(peak_rss() / 2**30, 3)}
+    if prompt.tokenizer is not None:
+        out["text"] = prompt.tokenizer.decode(new, skip_special_tokens=True)
+    return out
+
+
+def logits(load: Load, args: argparse.Namespace) -> int:
+    """Write float32 [T, vocab] logits of one forward pass (no cache) to --out, all or nothing."""
+    import numpy as np
+
+    from .atomic import atomic_path
+
+    check_ids(args.input_ids, folder_config(args).vocab_size, "--input-ids")
+    values = load(args).logits(np.asarray(args.input_ids, dtype=np.int64)).astype(np.float32)
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, values)
+    print(f"wrote {args.out}: float32 {list(values.shape)}", file=sys.stderr)
+    return 0
