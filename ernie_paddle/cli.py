@@ -19,9 +19,10 @@ from .cli_args import (block_size, default_model_dir, dtype_arg, folder, generat
                        logits_args, model_arg, output_file, positive_int, progress_printer, size)
 from .errors import CheckpointError, ErnieError
 from .interrupts import run_command
+from .layout import PADDLE, PT
 from .precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, PLAN_PRECISIONS
 
-LAYOUTS = ("paddle", "pt")
+LAYOUTS = (PADDLE, PT)  # what --layout offers: the released -Paddle and -PT layouts
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------

@@ -61,10 +61,17 @@ def test_generate_interrupted_after_paddle_started(tiny_ckpt, sig):
     assert err.strip().count("\n") == 0  # the interrupt line is all there is on stderr
 
 
+@pytest.fixture(scope="module")
+def small_ckpt(ckpt_factory):
+    """Big enough (17M parameters) that building and verifying its export takes seconds, not a blink."""
+    return ckpt_factory("interrupts-small", hidden_size=256, num_hidden_layers=4, moe_num_experts=16,
+                        moe_intermediate_size=256, vocab_size=8192)
+
+
 @pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "export: verifying"), (signal.SIGINT, "temporary folder")])
-def test_export_interrupted_leaves_nothing(tiny_ckpt, tmp_path, sig, when):
-    out = tmp_path / "exports" / "tiny"
-    p = start("ernie_paddle.cli", "export", "--model", tiny_ckpt[0], "--out", str(out))
+def test_export_interrupted_leaves_nothing(small_ckpt, tmp_path, sig, when):
+    out = tmp_path / "exports" / "small"
+    p = start("ernie_paddle.cli", "export", "--model", small_ckpt[0], "--out", str(out))
     if when == "temporary folder":  # while the graph is being built
         wait_for(lambda: out.parent.is_dir() and os.listdir(out.parent), p, "the temporary folder")
     else:  # while Paddle is imported and the exported model is compared with it
@@ -94,3 +101,13 @@ def test_closed_stdout_ends_quietly(tiny_ckpt):
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141
     assert err == "", err
+
+
+def test_bench_interrupted_while_measuring(tmp_path):
+    """`ernie-paddle bench` is its own program, run by the same CLI entry: Ctrl-C ends it (and its engine) too."""
+    p = start("ernie_paddle.cli", "bench", "--preset", "tiny", "--engines", "paddle", "--work", str(tmp_path / "w"),
+              "--json", str(tmp_path / "r.json"))
+    wait_for_line(p, "bench: measuring paddle")
+    p.send_signal(signal.SIGINT)
+    assert_ended_cleanly(p, signal.SIGINT)
+    assert not (tmp_path / "r.json").exists()

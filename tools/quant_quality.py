@@ -84,7 +84,7 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ernie_paddle.cli import default_model_dir
+    from ernie_paddle.cli_args import default_model_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=default_model_dir())
