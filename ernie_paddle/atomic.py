@@ -58,6 +58,18 @@ def write_json(path: str, obj) -> None:
             json.dump(obj, f, indent=2)
 
 
+def write_png(fig, path: str) -> None:
+    """Save a matplotlib figure as a PNG at `path`, all or nothing, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.tight_layout()
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+
+
 def check_new_dir(path: str, error: type[Exception] = ErnieError, noun: str = "folder") -> None:
     """Refuse an empty path, or a `path` that exists and is not an empty folder (nothing is ever overwritten).
 

@@ -52,5 +52,24 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def run_cli_onnx(*args: str) -> subprocess.CompletedProcess:
+    """Run `ernie-onnx` as users do (through the installed module), capturing output."""
+    return subprocess.run([sys.executable, "-m", "ernie_paddle.onnx_cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def import_hf_oracle():
+    """tests/hf_oracle.py; the calling module is skipped only when torch or transformers is not installed. Any other
+    ImportError (one inside the project) fails the tests instead of hiding as a skip blamed on torch."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} (the test extra) not installed", allow_module_level=True)
+    import hf_oracle
+
+    return hf_oracle
+
+
 def prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(3, vocab, n).tolist()

@@ -1,10 +1,10 @@
 """transformers' implementation as the independent oracle for the parity tests (tests only).
 
-A thin view of `ernie_paddle.parity.HFProbe` (eager attention and experts, fp32), which the parity report uses too,
-with one convention pinned: the rotary inverse frequencies. transformers computes them with torch's fp32 `pow`,
-which lands an ulp away from the nearest fp32 value at a few indices, at different ones on different installs; at
-position 131071 one ulp of a high frequency turns the angle by ~1e-3 rad. The oracle takes the project's table
-(`rope.inv_freq`, correctly rounded), so the tests compare implementations rather than libm builds;
+A thin view of `ernie_paddle.parity_probes.HFProbe` (eager attention and experts, fp32), which the parity report
+uses too, with one convention pinned: the rotary inverse frequencies. transformers computes them with torch's fp32
+`pow`, which lands an ulp away from the nearest fp32 value at a few indices, at different ones on different
+installs; at position 131071 one ulp of a high frequency turns the angle by ~1e-3 rad. The oracle takes the
+project's table (`rope.inv_freq`, correctly rounded), so the tests compare implementations rather than libm builds;
 `test_long_context.py` checks that transformers' own table is within one ulp of it.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch  # imported here so that tests skip cleanly without the test extra
 
 from ernie_paddle import rope
-from ernie_paddle.parity import HFProbe
+from ernie_paddle.parity_probes import HFProbe
 
 
 class HFOracle(HFProbe):

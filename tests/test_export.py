@@ -21,7 +21,7 @@ from ernie_paddle.generation import GenerationConfig, generate
 from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
 from ernie_paddle.onnx_runtime import OnnxCausalLM, OnnxFolderError
 
-from conftest import prompt, run_cli, tiny_config
+from conftest import prompt, run_cli, run_cli_onnx, tiny_config
 
 GEOMETRIES = {
     "paddle-untied-gqa2": ("paddle", dict(tie_word_embeddings=False)),
@@ -174,12 +174,6 @@ def test_ernie_onnx_cli_matches_ernie_paddle(exported, tmp_path):
     la, lb = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     assert lb.dtype == np.float32 and lb.shape == la.shape == (3, cfg.vocab_size)
     assert np.abs(la - lb).max() <= 1e-4
-
-
-def run_cli_onnx(*args):
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", "ernie_paddle.onnx_cli", *args], capture_output=True, text=True)
 
 
 def test_onnxruntime_genai_runs_the_folder(exported):

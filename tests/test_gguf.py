@@ -6,6 +6,8 @@ Names and values are checked against a -PT conversion of the checkpoint mapped t
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 
@@ -17,6 +19,8 @@ from safetensors.numpy import load_file
 from ernie_paddle.checkpoint import convert
 from ernie_paddle.errors import ExportError
 from ernie_paddle.export.gguf import write_gguf
+
+from conftest import prompt, run_cli
 
 ARCH = gguf.MODEL_ARCH.ERNIE4_5_MOE
 
@@ -130,3 +134,64 @@ def test_an_error_while_writing_leaves_no_temporary_file(tiny_ckpt, tmp_path, mo
     with pytest.raises(OSError, match="read error"):
         write_gguf(d, str(tmp_path / "x.gguf"), "F32")
     assert os.listdir(tmp_path) == []
+
+
+# ---- llama.cpp itself (when llama-cpp-python is installed) --------------------------------------------------------
+def _need_llama_cpp() -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python not installed (the README's Performance section builds it); the file itself "
+                    "is checked by gguf's reader in the tests above")
+
+
+def test_llama_cpp_as_a_parity_candidate_matches_paddle(tiny_ckpt, tmp_path):
+    """An F32 file with llama.cpp's KV cache in F32: fp32 throughout, so logits agree as two fp32 implementations
+    do (the bound of the other fp32 candidates; measured 1.9e-5 on the shipped model) and greedy tokens are equal."""
+    _need_llama_cpp()
+    d, cfg = tiny_ckpt
+    path = str(tmp_path / "tiny-f32.gguf")
+    write_gguf(d, path, "F32")
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "parity.json"
+    prompts.write_text("5,6,7,8,9,10,11\n100,200,300\n")
+    r = run_cli("parity", "--model", d, "--gguf", path, "--prompts", str(prompts), "--greedy-tokens", "12",
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    (row,) = json.load(open(out))["candidates"]
+    assert row["name"] == "llama.cpp:tiny-f32.gguf (F32)"
+    assert row["logits_max_abs_diff"] <= 1e-4 and row["kl_divergence"] <= 1e-6 and row["top1_agreement"] == 1.0
+    assert row["greedy_identical_tokens"] == [12, 12]
+    # llama.cpp exposes neither hidden states nor router choices: reported as such, not as agreement
+    assert row["hidden_max_abs_diff"] == [None] * (cfg.num_hidden_layers + 1)
+    assert row["router_agreement"] == [None, None]
+
+
+def test_parity_refuses_a_gguf_of_another_model(tiny_ckpt, ckpt_factory, tmp_path):
+    _need_llama_cpp()
+    d, _ = tiny_ckpt
+    other, _ = ckpt_factory("gguf-two-layers", num_hidden_layers=2)
+    path = str(tmp_path / "other.gguf")
+    write_gguf(other, path, "F32")
+    r = run_cli("parity", "--model", d, "--gguf", path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{path}: not a GGUF of this model: layers 2 (the model has 3)" in r.stderr
+
+
+def test_bench_llama_engine_decodes_the_models_tokens(tiny_ckpt, tmp_path):
+    """The benchmark's llama.cpp runner reads real logits (not the zeros of an empty `scores` buffer): its greedy
+    tokens are Paddle's."""
+    _need_llama_cpp()
+    from ernie_paddle.generation import GenerationConfig, generate
+    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.tools.bench import _Llama
+
+    d, cfg = tiny_ckpt
+    path = str(tmp_path / "tiny-f32.gguf")
+    write_gguf(d, path, "F32")
+    ids = prompt(8, cfg.vocab_size, seed=3)
+    runner = _Llama(path, threads=2, n_ctx=32)
+    logits, _ = runner.prefill(np.array([ids]))
+    tokens = []
+    for _ in range(10):
+        tokens.append(int(logits[0].argmax()))
+        logits, _ = runner.step(np.array(tokens[-1:]), None)
+    model = Ernie4_5_MoeForCausalLM.from_pretrained(d)
+    assert tokens == generate(model, ids, GenerationConfig(max_new_tokens=10, eos_token_ids=[]))

@@ -33,9 +33,9 @@ from ernie_paddle.export import pipeline
 from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
 from ernie_paddle.onnx_runtime import OnnxCache, OnnxCausalLM
 
-from conftest import prompt
+from conftest import import_hf_oracle, prompt
 
-hf_oracle = pytest.importorskip("hf_oracle", reason="torch/transformers (the test extra) not installed")
+hf_oracle = import_hf_oracle()
 import torch  # noqa: E402  (after the skip above)
 
 MAX_POS = 131072
@@ -122,10 +122,10 @@ def same_experts(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 def ort_router_choices(folder, cfg, feeds) -> list[np.ndarray]:
     """The ort graph's expert choices per MoE layer for one run (parity's probe graph with router outputs)."""
-    from ernie_paddle.parity import OnnxProbe
+    from ernie_paddle.parity_probes import OnnxProbe
 
     probe = OnnxProbe(folder, cfg)
-    outs = probe.session.run([name for _, name in probe.router_names], feeds)
+    outs = probe.session.run(probe.router_names, feeds)
     return [np.argsort(-r, axis=-1, kind="stable")[:, :cfg.moe_k] for r in outs]
 
 
@@ -197,7 +197,7 @@ def test_prompt_at_explicit_offset_matches_transformers(trio, monkeypatch):
     # the large angles moves them by 1.4e-2 (measured), so agreement to 1.2e-5 means the same fp32 angles in both
     assert np.abs(pd(ids).logits.numpy() - ours).max() > 10 * TOL
 
-    # A float64 angle table (the architecture notes' warning) is caught by this bound at these positions.
+    # A float64 angle table (a mistake other ports made) is caught by this bound at these positions.
     import paddle
 
     from ernie_paddle import modeling

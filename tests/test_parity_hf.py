@@ -13,9 +13,9 @@ from ernie_paddle.checkpoint import convert
 from ernie_paddle.generation import GenerationConfig, generate
 from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
 
-from conftest import prompt
+from conftest import import_hf_oracle, prompt
 
-hf_oracle = pytest.importorskip("hf_oracle", reason="torch/transformers (the test extra) not installed")
+hf_oracle = import_hf_oracle()
 
 GEOMETRIES = {
     # name: (layout, dtype on disk, shard bytes, config overrides)

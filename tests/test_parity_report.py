@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
@@ -19,9 +20,15 @@ def test_parity_report_fp32_int4_and_transformers(tiny_ckpt, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("5,6,7,8,9,10,11\n100,200,300\n")
     out, png = tmp_path / "parity.json", tmp_path / "parity.png"
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    exported = {f: sorted(os.listdir(f)) for f in (fp32, int4)}
     r = run_cli("parity", "--model", d, "--onnx", fp32, "--onnx", int4, "--hf", "--prompts", str(prompts),
-                "--greedy-tokens", "12", "--json", str(out), "--plot", str(png))
+                "--greedy-tokens", "12", "--json", str(out), "--plot", str(png), env={"TMPDIR": str(temp)})
     assert r.returncode == 0, r.stderr
+    # nothing left behind: no probe graph in the export folders, no fp32 -PT copy or probe graph in the temp folder
+    assert {f: sorted(os.listdir(f)) for f in (fp32, int4)} == exported
+    assert [f for f in os.listdir(temp) if f.startswith("ernie-parity-")] == []  # (torch leaves its own caches)
     report = json.load(open(out))
     assert report["prompt_tokens"] == [7, 3] and report["moe_layers"] == [1, 2]
     assert all(0.0 <= x <= 1.0 for x in report["bias_changed_choice"])
@@ -54,3 +61,10 @@ def test_layer_by_layer_reference_gives_the_same_report(tiny_ckpt, tmp_path):
     assert np.allclose(a["hidden_max_abs_diff"], b["hidden_max_abs_diff"], atol=1e-4)
     assert abs(a["logits_max_abs_diff"] - b["logits_max_abs_diff"]) <= 1e-4
     assert np.allclose(whole["bias_changed_choice"], streamed["bias_changed_choice"])
+
+
+def test_parity_refuses_a_missing_gguf_before_loading_anything(tiny_ckpt, tmp_path):
+    d, _ = tiny_ckpt
+    r = run_cli("parity", "--model", d, "--gguf", str(tmp_path / "missing.gguf"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"--gguf: {tmp_path / 'missing.gguf'}: no such file" in r.stderr

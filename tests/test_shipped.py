@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from ernie_paddle.cli import default_model_dir
+from ernie_paddle.cli_args import default_model_dir
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.export import pipeline
 from ernie_paddle.generation import GenerationConfig, generate
@@ -19,7 +19,7 @@ from ernie_paddle.tokenizer import ErnieTokenizer
 from ernie_paddle.corpus import held_out_text
 from ernie_paddle.tools.train_shipped import evaluate
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_onnx
 
 MODEL = default_model_dir()
 
@@ -80,8 +80,6 @@ def test_onnx_runtime_greedy_text_equals_paddle(model, tmp_path):
     pipeline.export(MODEL, folder)
     assert os.path.isfile(os.path.join(folder, "tokenizer.model"))
     a = run_cli("generate", "--prompt", "KING HENRY:", "--max-new-tokens", "48", "--json")
-    from test_export import run_cli_onnx
-
     b = run_cli_onnx("generate", "--model", folder, "--prompt", "KING HENRY:", "--max-new-tokens", "48", "--json")
     assert b.returncode == 0, b.stderr
     assert json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"]

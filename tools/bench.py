@@ -18,19 +18,32 @@ import platform
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
+from ernie_paddle.atomic import write_json, write_png
 from ernie_paddle.generation import logits_numpy
 
-PRESETS = {  # (config preset, layers, engines run by default)
-    "tiny": ("tiny", None, ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "hf", "llama-f16",
-                            "llama-q8_0", "llama-q4_0"]),
-    "mid": ("21b-a3b", 3, ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "hf", "llama-f16",
-                           "llama-q8_0", "llama-q4_0"]),
-    "21b-a3b": ("21b-a3b", None, ["ort-int8", "ort-int4", "llama-q8_0", "llama-q4_0"]),
+ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "hf", "llama-f16", "llama-q8_0",
+                   "llama-q4_0"]
+
+
+class Setup(NamedTuple):
+    """What `--preset NAME` benchmarks: a model shape (a config preset, maybe cut to fewer layers) and its engines."""
+
+    config_preset: str
+    layers: int | None
+    engines: list[str]
+
+
+SETUPS = {
+    "tiny": Setup("tiny", None, ALL_CPU_ENGINES),  # a smoke test
+    "mid": Setup("21b-a3b", 3, ALL_CPU_ENGINES),  # the 21B-A3B widths, 3 layers: one dense, two MoE
+    "21b-a3b": Setup("21b-a3b", None, ["ort-int8", "ort-int4", "llama-q8_0", "llama-q4_0"]),  # int only
 }
 ORT_PRECISION = {"ort-fp32": "fp32", "ort-int8": "int8", "ort-int4": "int4", "ort-cuda-fp16": "fp16"}
 GPU_ENGINES = ("paddle-gpu", "ort-cuda-fp16")  # Paddle bf16 with the fused kernels; ONNX Runtime CUDA fp16
 GGUF_TYPES = {"llama-f16": "F16", "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}
+ENGINES = ALL_CPU_ENGINES + list(GPU_ENGINES)
 
 
 def log(msg: str) -> None:
@@ -39,13 +52,15 @@ def log(msg: str) -> None:
 
 # ---- preparing artifacts (in the parent process) ---------------------------------------------------------------
 def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: int | None):
-    """Checkpoint, ONNX exports and GGUF files for the engines, made once and reused from `work`."""
+    """Checkpoint, ONNX exports and GGUF files for the engines, made once and reused from `work`.
+
+    Returns (path per engine, why an engine's artifact could not be made, config)."""
     from ernie_paddle.checkpoint import make_checkpoint
     from ernie_paddle.config import preset as make_preset
 
-    name, layers, _ = PRESETS[preset]
-    layers = num_layers or layers
-    cfg = make_preset(name, **({"num_hidden_layers": layers} if layers else {}))
+    setup = SETUPS[preset]
+    layers = num_layers or setup.layers
+    cfg = make_preset(setup.config_preset, **({"num_hidden_layers": layers} if layers else {}))
     os.makedirs(work, exist_ok=True)
     ckpt = os.path.join(work, f"{preset}-ckpt")
     # the full shape is benchmarked in int8/int4 only: its artifacts are made straight from random tensors,
@@ -54,50 +69,69 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
     if not direct and not os.path.isdir(ckpt):
         log(f"bench: writing a random {preset} checkpoint to {ckpt}")
         make_checkpoint(cfg, ckpt, layout="paddle", dtype="bfloat16", seed=seed)
-    paths = {"paddle": ckpt, "hf": ckpt, "paddle-gpu": ckpt}
+    source = (None, cfg, seed) if direct else (ckpt, None, None)
+    paths = {"paddle": ckpt, "paddle-gpu": ckpt}
+    refused: dict[str, str] = {}
     for e in engines:
         if e.startswith("ort-"):
-            flavor, precision = ("portable", "fp32") if e == "ort-portable" else ("ort", ORT_PRECISION[e])
             out = os.path.join(work, f"{preset}-{e}")
-            if not os.path.isdir(out):
-                from ernie_paddle.errors import ExportError
-                from ernie_paddle.export.pipeline import export
-
-                log(f"bench: exporting {e}")
-                try:
-                    if direct:
-                        from ernie_paddle.checkpoint import random_tensors
-
-                        export(None, out, flavor=flavor, precision=precision, verify=False, accuracy_level=4,
-                               config=cfg, tensors=random_tensors(cfg, seed), log=log)
-                    else:
-                        export(ckpt, out, flavor=flavor, precision=precision, verify=False,
-                               accuracy_level=4 if precision in ("int8", "int4") else 0)
-                except ExportError as err:  # e.g. the portable flavour past 2 GiB
-                    paths[e] = ExportError(str(err))
-                    continue
+            why = _export_folder(e, out, source)
+            if why:
+                refused[e] = why
+                continue
             paths[e] = out
         elif e.startswith("llama-"):
-            out = os.path.join(work, f"{preset}-{GGUF_TYPES[e].lower()}.gguf")
-            if not os.path.isfile(out):
-                from ernie_paddle.export.gguf import write_gguf
-
-                log(f"bench: writing {out}")
-                if direct:
-                    from ernie_paddle.checkpoint import random_tensors
-
-                    write_gguf(None, out, GGUF_TYPES[e], config=cfg, tensors=random_tensors(cfg, seed))
-                else:
-                    write_gguf(ckpt, out, GGUF_TYPES[e])
-            paths[e] = out
+            paths[e] = os.path.join(work, f"{preset}-{GGUF_TYPES[e].lower()}.gguf")
+            _gguf_file(e, paths[e], source)
     if "hf" in engines:
-        pt = os.path.join(work, f"{preset}-ckpt-pt")
-        if not os.path.isdir(pt):
-            from ernie_paddle.checkpoint import convert
+        paths["hf"] = _pt_checkpoint(ckpt, os.path.join(work, f"{preset}-ckpt-pt"))
+    return paths, refused, cfg
 
-            convert(ckpt, pt, layout="pt", dtype="bfloat16")
-        paths["hf"] = pt
-    return paths, cfg
+
+def _random_source(source):
+    """(checkpoint dir, config, canonical tensors) from prepare's `source`: a checkpoint, or random tensors."""
+    from ernie_paddle.checkpoint import random_tensors
+
+    directory, cfg, seed = source
+    return (directory, None, None) if directory else (None, cfg, random_tensors(cfg, seed))
+
+
+def _export_folder(engine: str, out: str, source) -> str | None:
+    """Export the engine's ONNX folder unless it exists; returns why it cannot be made (the portable flavour past
+    2 GiB), or None."""
+    if os.path.isdir(out):
+        return None
+    from ernie_paddle.errors import ExportError
+    from ernie_paddle.export.pipeline import export
+
+    flavor, precision = ("portable", "fp32") if engine == "ort-portable" else ("ort", ORT_PRECISION[engine])
+    directory, cfg, tensors = _random_source(source)
+    log(f"bench: exporting {engine}")
+    try:
+        export(directory, out, flavor=flavor, precision=precision, verify=False, config=cfg, tensors=tensors,
+               accuracy_level=4 if precision in ("int8", "int4", "int2") else 0, log=log)
+    except ExportError as err:
+        return str(err)[:200]
+    return None
+
+
+def _gguf_file(engine: str, out: str, source) -> None:
+    if os.path.isfile(out):
+        return
+    from ernie_paddle.export.gguf import write_gguf
+
+    directory, cfg, tensors = _random_source(source)
+    log(f"bench: writing {out}")
+    write_gguf(directory, out, GGUF_TYPES[engine], config=cfg, tensors=tensors)
+
+
+def _pt_checkpoint(ckpt: str, pt: str) -> str:
+    """The bf16 -PT copy transformers reads, made once."""
+    if not os.path.isdir(pt):
+        from ernie_paddle.checkpoint import convert
+
+        convert(ckpt, pt, layout="pt", dtype="bfloat16")
+    return pt
 
 
 def available(engine: str) -> str | None:
@@ -127,16 +161,16 @@ def available(engine: str) -> str | None:
 
 # ---- measuring one engine (in a child process) -------------------------------------------------------------
 class _HF:
-    """transformers eager behind the small interface the measurements use."""
+    """transformers eager (the parity oracle's loader) behind the small interface the measurements use."""
 
     def __init__(self, path: str, threads: int):
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from ernie_paddle.parity_probes import load_hf_model
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
-                                                          experts_implementation="eager").eval()
+        self.model = load_hf_model(path)
 
     def prefill(self, ids):
         with self.torch.no_grad():
@@ -166,36 +200,40 @@ class _Ours:
 
 
 class _Llama:
+    """llama.cpp through llama-cpp-python, one sequence. Logits of the last token only (computing every position's,
+    `logits_all`, would slow prefill); read from the context, since `Llama.scores` holds them only with
+    `logits_all` (llama-cpp-python >= 0.3.36 leaves it empty otherwise)."""
+
     def __init__(self, path: str, threads: int, n_ctx: int):
-        from llama_cpp import Llama
+        import llama_cpp
 
-        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                         logits_all=False, verbose=False)
+        self.lib = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=False, verbose=False)
 
-    def prefill(self, ids):
+    def _last_logits(self):
         import numpy as np
 
+        row = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy()[None]
+
+    def prefill(self, ids):
         if len(ids) != 1:
             raise NotImplementedError("llama-cpp-python's Llama object decodes one sequence")
         self.llm.reset()
-        self.llm.eval(list(map(int, ids[0])))
-        return np.asarray(self.llm.scores[self.llm.n_tokens - 1])[None], None
+        self.llm.eval([int(t) for t in ids[0]])
+        return self._last_logits(), None
 
     def step(self, tokens, _):
-        import numpy as np
-
         if len(tokens) != 1:
             raise NotImplementedError("batch > 1")
         self.llm.eval([int(tokens[0])])
-        return np.asarray(self.llm.scores[self.llm.n_tokens - 1])[None], None
+        return self._last_logits(), None
 
 
-def measure(engine: str, path: str, prompt_lengths: list[int], batches: list[int], decode_tokens: int,
-            threads: int, seed: int, vocab: int) -> dict:
-    import numpy as np
-
-    t0 = time.perf_counter()
-    max_len = max(prompt_lengths) + decode_tokens + 8
+def _runner(engine: str, path: str, threads: int, max_len: int):
+    """The engine loaded from `path`, behind prefill(ids [B, T]) and step(tokens [B], state) -> (logits [B, V],
+    state)."""
     if engine in ("paddle", "paddle-gpu"):
         import paddle
 
@@ -204,19 +242,40 @@ def measure(engine: str, path: str, prompt_lengths: list[int], batches: list[int
         if engine == "paddle-gpu":
             paddle.set_device("gpu")
         dtype = "bfloat16" if engine == "paddle-gpu" else "float32"
-        runner = _Ours(Ernie4_5_MoeForCausalLM.from_pretrained(path, dtype=dtype), max_len)
-    elif engine.startswith("ort-"):
+        return _Ours(Ernie4_5_MoeForCausalLM.from_pretrained(path, dtype=dtype), max_len)
+    if engine.startswith("ort-"):
         from ernie_paddle.onnx_runtime import OnnxCausalLM
 
         provider = "cuda" if engine == "ort-cuda-fp16" else "cpu"
-        runner = _Ours(OnnxCausalLM(path, provider=provider, threads=threads), max_len)
-    elif engine == "hf":
-        runner = _HF(path, threads)
-    else:
-        runner = _Llama(path, threads, max_len)
-    load_s = time.perf_counter() - t0
+        return _Ours(OnnxCausalLM(path, provider=provider, threads=threads), max_len)
+    if engine == "hf":
+        return _HF(path, threads)
+    return _Llama(path, threads, max_len)
+
+
+def _decode_tok_s(runner, rng, vocab: int, batch: int, decode_tokens: int) -> float:
+    """Greedy decode speed at `batch` after a 16-token prefill: each step feeds the token the last one chose."""
+    logits, state = runner.prefill(rng.integers(3, vocab, (batch, 16)))
+    tokens = logits.argmax(-1)
+    t = time.perf_counter()
+    for _ in range(decode_tokens):
+        logits, state = runner.step(tokens, state)
+        tokens = logits.argmax(-1)
+    return round(batch * decode_tokens / (time.perf_counter() - t), 2)
+
+
+def measure(engine: str, path: str, prompt_lengths: list[int], batches: list[int], decode_tokens: int,
+            threads: int, seed: int, vocab: int) -> dict:
+    """Load time, prefill tokens/s per prompt length (the first one's time is the time to first token), decode
+    tokens/s per batch size and peak RSS of one engine, in this process."""
+    import numpy as np
+
+    from ernie_paddle.sysinfo import peak_rss
+
+    t0 = time.perf_counter()
+    runner = _runner(engine, path, threads, max(prompt_lengths) + decode_tokens + 8)
+    result = {"engine": engine, "load_s": round(time.perf_counter() - t0, 2), "prefill_tok_s": {}, "decode_tok_s": {}}
     rng = np.random.default_rng(seed)
-    result = {"engine": engine, "load_s": round(load_s, 2), "prefill_tok_s": {}, "decode_tok_s": {}}
     runner.prefill(rng.integers(3, vocab, (1, 8)))  # warm-up
     for n in prompt_lengths:
         ids = rng.integers(3, vocab, (1, n))
@@ -229,18 +288,10 @@ def measure(engine: str, path: str, prompt_lengths: list[int], batches: list[int
             result["ttft_s"] = round(dt, 4)
     for b in batches:
         try:
-            logits, state = runner.prefill(rng.integers(3, vocab, (b, 16)))
-            tokens = logits.argmax(-1)
-            t = time.perf_counter()
-            for _ in range(decode_tokens):
-                logits, state = runner.step(tokens, state)
-                tokens = logits.argmax(-1)
-            result["decode_tok_s"][str(b)] = round(b * decode_tokens / (time.perf_counter() - t), 2)
+            result["decode_tok_s"][str(b)] = _decode_tok_s(runner, rng, vocab, b, decode_tokens)
         except NotImplementedError as e:
             result["decode_tok_s"][str(b)] = None
             result.setdefault("notes", []).append(f"batch {b}: {e}")
-    from ernie_paddle.sysinfo import peak_rss
-
     result["peak_rss_gb"] = round(peak_rss() / 2**30, 3)
     return result
 
@@ -288,19 +339,41 @@ def _plot(rows: list[dict], batches: list[int], path: str) -> bool:
                   rotation=30, ha="right")
     ax.set_ylabel("tokens / s")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_png(fig, path)
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def _int_list(text: str) -> list[int]:
+    """A comma-separated list of positive integers, e.g. 128,512."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 128,512, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _engine_list(text: str) -> list[str]:
+    engines = [e for e in text.split(",") if e]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        raise argparse.ArgumentTypeError(f"unknown engine(s) {', '.join(unknown) or repr(text)}; "
+                                         f"choose from {', '.join(ENGINES)}")
+    return engines
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ernie-paddle bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="mid", choices=list(PRESETS))
-    p.add_argument("--engines", default=None, help="comma-separated subset (default: the preset's engines)")
+    p.add_argument("--preset", default="mid", choices=list(SETUPS),
+                   help="tiny: a smoke test; mid: the 21B-A3B widths with 3 layers; 21b-a3b: the full shape, int "
+                        "engines only")
+    p.add_argument("--engines", default=None, type=_engine_list,
+                   help="comma-separated subset (default: the preset's engines)")
     p.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count")
     p.add_argument("--work", default=None, help="folder for the checkpoint, exports and GGUF files (reused)")
-    p.add_argument("--prompt-lengths", default="128,512")
-    p.add_argument("--batches", default="1,4")
+    p.add_argument("--prompt-lengths", default=[128, 512], type=_int_list)
+    p.add_argument("--batches", default=[1, 4], type=_int_list)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
@@ -310,51 +383,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    lengths = [int(x) for x in args.prompt_lengths.split(",")]
-    batches = [int(x) for x in args.batches.split(",")]
-    if args.run_engine:
-        print(json.dumps(measure(args.run_engine, args.path, lengths, batches, args.decode_tokens, args.threads,
-                                 args.seed, args.vocab)))
-        return 0
+    for name in ("num_layers", "decode_tokens", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"argument --{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    return args
 
-    engines = args.engines.split(",") if args.engines else PRESETS[args.preset][2]
+
+def _measure_in_child(engine: str, path: str, args: argparse.Namespace, vocab: int) -> dict:
+    """`measure` in a fresh process, so that the peak RSS is this engine's alone; a failure becomes an error row."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, "-m", "ernie_paddle.tools.bench", "--run-engine", engine, "--path", path,
+           "--prompt-lengths", ",".join(map(str, args.prompt_lengths)), "--batches", ",".join(map(str, args.batches)),
+           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--seed", str(args.seed),
+           "--vocab", str(vocab)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        return {"engine": engine, "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _meta(args: argparse.Namespace, cfg) -> dict:
+    shape = ("hidden_size", "num_hidden_layers", "moe_num_experts", "moe_k", "num_attention_heads",
+             "num_key_value_heads", "vocab_size")
+    return {"preset": args.preset, "config": {k: getattr(cfg, k) for k in shape}, "threads": args.threads,
+            "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "decode_tokens": args.decode_tokens,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.run_engine:
+        print(json.dumps(measure(args.run_engine, args.path, args.prompt_lengths, args.batches, args.decode_tokens,
+                                 args.threads, args.seed, args.vocab)))
+        return 0
+    engines = args.engines or SETUPS[args.preset].engines
     work = args.work or os.path.join(os.getcwd(), f"bench-{args.preset}")
-    runnable = [e for e in engines if available(e) is None]
-    paths, cfg = prepare(args.preset, work, runnable, args.seed, args.num_layers)
+    why_not = {e: why for e in engines if (why := available(e))}
+    paths, refused, cfg = prepare(args.preset, work, [e for e in engines if e not in why_not], args.seed,
+                                  args.num_layers)
+    why_not.update(refused)
     rows = []
     for e in engines:
-        why = available(e)
-        if why:
-            rows.append({"engine": e, "error": why})
-            log(f"bench: {e}: {why}")
-            continue
-        if isinstance(paths.get(e), Exception):
-            rows.append({"engine": e, "error": str(paths[e])[:200]})
-            log(f"bench: {e}: {paths[e]}")
+        if e in why_not:
+            rows.append({"engine": e, "error": why_not[e]})
+            log(f"bench: {e}: {why_not[e]}")
             continue
         log(f"bench: measuring {e}")
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        cmd = [sys.executable, "-m", "ernie_paddle.tools.bench", "--run-engine", e, "--path", paths[e],
-               "--prompt-lengths", args.prompt_lengths, "--batches", args.batches, "--decode-tokens",
-               str(args.decode_tokens), "--threads", str(args.threads), "--seed", str(args.seed),
-               "--vocab", str(cfg.vocab_size)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            rows.append({"engine": e, "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+        rows.append(_measure_in_child(e, paths[e], args, cfg.vocab_size))
+        if "error" in rows[-1]:
             log(f"bench: {e} failed: {rows[-1]['error']}")
-            continue
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    table = _table(rows, lengths, batches)
-    print(table)
-    meta = {"preset": args.preset, "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers",
-            "moe_num_experts", "moe_k", "num_attention_heads", "num_key_value_heads", "vocab_size")}, "threads": args.threads, "machine": platform.machine(),
-            "processor": platform.processor(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "decode_tokens": args.decode_tokens, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(_table(rows, args.prompt_lengths, args.batches))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
+        write_json(args.json, {"meta": _meta(args, cfg), "results": rows})
     if args.plot:
-        _plot(rows, batches, args.plot)
+        _plot(rows, args.batches, args.plot)
     return 0
 
 

@@ -10,13 +10,14 @@ of width 1536, top-6, 2 shared) for several token counts, checks that both passe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 import numpy as np
+
+from ernie_paddle.atomic import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"preset": args.preset, "repeats": args.repeats, "cpu": platform.processor() or platform.machine(),
                 "nproc": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                 "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"), "paddle": paddle.__version__}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
+        write_json(args.json, {"meta": meta, "results": rows})
     return 0
 
 

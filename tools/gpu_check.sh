@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: the GPU parity tests, then the benchmark's GPU engines against Paddle on CPU, on one GPU.
 # Needs Paddle's GPU build (and onnxruntime-gpu for the ONNX engine): see README "GPU". About 5-8 minutes on
-# one H100. Writes gpu_check/ (bench.json, bench.png, pytest.log) for docs/gpu.md.
+# one H100. Writes gpu_check/ (bench.json, bench.png, pytest.log, generate-21b-bf16.json and its -memory.csv)
+# for docs/gpu.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_check}"
@@ -19,5 +20,6 @@ python -m ernie_paddle.tools.bench --preset mid --work "$OUT/work" \
 python -m ernie_paddle.cli make-checkpoint --preset 21b-a3b --layout paddle --out "$OUT/ckpt-21b" 2>&1 | tail -1
 python -m ernie_paddle.cli generate --model "$OUT/ckpt-21b" --device gpu --dtype bfloat16 \
     --input-ids 1,2,3,4,5,6,7,8 --max-new-tokens 64 --json | tee "$OUT/generate-21b-bf16.json"
-nvidia-smi --query-gpu=memory.used --format=csv | tee -a "$OUT/generate-21b-bf16.json"
+# the GPU memory the 21B run leaves in use: CSV, in its own file (the .json above stays valid JSON)
+nvidia-smi --query-gpu=memory.used --format=csv | tee "$OUT/generate-21b-bf16-memory.csv"
 rm -rf "$OUT/ckpt-21b"

@@ -71,9 +71,9 @@ def _hf(pt_dir):
     import torch
     from transformers import DynamicCache
 
-    from ernie_paddle.parity import HFProbe
+    from ernie_paddle.parity_probes import load_hf_model
 
-    m = HFProbe(pt_dir).model
+    m = load_hf_model(pt_dir)
     arg = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
 
     def step(ids, mask, pos, cache):
