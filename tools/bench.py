@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from ernie_paddle.atomic import write_json, write_png
 from ernie_paddle.generation import logits_numpy
+from ernie_paddle.interrupts import run_command
 
 ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "hf", "llama-f16", "llama-q8_0",
                    "llama-q4_0"]
@@ -441,5 +442,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+    sys.exit(run_command(main, "ernie-paddle bench"))

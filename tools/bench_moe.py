@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from ernie_paddle.atomic import write_json
+from ernie_paddle.interrupts import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,5 +77,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+    sys.exit(run_command(main, "bench_moe"))

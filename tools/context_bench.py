@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from ernie_paddle.interrupts import run_command
+
 
 def ttft_estimate(context: int, chunk: int, first_s: float, last_s: float) -> float:
     """Time to first token of a `context`-token prompt prefilled in chunks: a chunk's cost grows linearly with the
@@ -166,5 +168,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+    sys.exit(run_command(main, "context_bench"))

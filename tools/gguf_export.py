@@ -10,6 +10,7 @@ import sys
 
 from ernie_paddle.errors import ErnieError
 from ernie_paddle.export.gguf import TYPES, write_gguf
+from ernie_paddle.interrupts import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,5 +28,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+    sys.exit(run_command(main, "gguf_export"))

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from ernie_paddle.interrupts import run_command
+
 RUNTIMES = ("paddle", "ort", "hf")
 
 
@@ -172,5 +174,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+    sys.exit(run_command(main, "long_context"))

@@ -18,6 +18,7 @@ import numpy as np
 
 from ernie_paddle.atomic import write_json
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus
+from ernie_paddle.interrupts import run_command
 from ernie_paddle.metrics import perplexity, shared_prefix
 
 VARIANTS = [  # (label, precision, block, scheme)
@@ -104,5 +105,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+    sys.exit(run_command(main, "quant_quality"))

@@ -27,6 +27,7 @@ from ernie_paddle import _runtime  # noqa: E402,F401  (MKL settings before Paddl
 
 from ernie_paddle.atomic import check_new_dir, write_json  # noqa: E402
 from ernie_paddle.config import ErnieConfig  # noqa: E402
+from ernie_paddle.interrupts import run_command  # noqa: E402
 from ernie_paddle.layout import Role, canonical_maps  # noqa: E402
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus  # noqa: E402
 from ernie_paddle.errors import ErnieError  # noqa: E402
@@ -236,5 +237,5 @@ def _train_and_save(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} in {time.time() - t0:.0f}s", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+    sys.exit(run_command(main, "train_shipped"))
