@@ -31,7 +31,6 @@ class GraphBuilder:
         self._names: dict[str, int] = {}
         self._data = open(data_path, "wb")
         self._data_location = data_location  # file name relative to the .onnx file
-        self.external_bytes = 0
 
     # ---- names -----------------------------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -55,7 +54,6 @@ class GraphBuilder:
             self._data.write(b"\0" * pad)
         offset = self._data.tell()
         self._data.write(array.tobytes())
-        self.external_bytes += array.nbytes
         t = TensorProto()
         t.name = name
         t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)

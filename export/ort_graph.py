@@ -1,10 +1,13 @@
 """The `ort` flavour: an ERNIE-4.5 graph of ONNX Runtime fused ops, built straight from checkpoint tensors.
 
-Per layer: (Skip)SimplifiedLayerNormalization, a packed-QKV MatMul, GroupQueryAttention (interleaved rotary,
-past/present KV), o_proj; then a SwiGLU MLP (layer 0 / dense layers) or the MoE block: an fp32 router
-(softmax, correction bias for selection only) feeding MoE (fp32/fp16) or QMoE (int8/int4), plus the shared
-experts. Linear layers become MatMulNBits at int8/int4. Tensors arrive one at a time in checkpoint order and
+Per layer: (Skip)SimplifiedLayerNormalization, a packed-QKV MatMul, RotaryEmbedding, GroupQueryAttention
+(past/present KV), o_proj; then a SwiGLU MLP (layer 0 / dense layers) or the MoE block: an fp32 router
+(softmax, correction bias for selection only) feeding MoE (fp32/fp16) or QMoE (int8/int4/int2), plus the shared
+experts. Linear layers become MatMulNBits at int8/int4/int2. Tensors arrive one at a time in checkpoint order and
 their bytes go straight to external data.
+
+The routing is built from ONNX ops here (a different language from the Paddle side), but it mirrors
+`ernie_paddle.moe` (`router_probs`, `select`, `mix_weights`), which is its definition.
 
 Left padding is handled exactly: positions are `cumsum(attention_mask) - 1` computed in the graph and given to
 the RotaryEmbedding ops, and padded keys are masked through GQA's `attention_bias`.
@@ -12,7 +15,7 @@ the RotaryEmbedding ops, and padded keys are masked through GQA's `attention_bia
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from onnx import TensorProto, numpy_helper
@@ -27,8 +30,19 @@ from .graph import MS, GraphBuilder
 from .quantize import matmul_nbits_weights, qmoe_weights, rtn
 
 
+class SequenceInputs(NamedTuple):
+    """Graph values (names) of the sequence bookkeeping that every layer's attention reads."""
+
+    batch: str  # batch size, scalar int64
+    seq: str  # new tokens this call, scalar int64
+    total: str  # past + new slots (the mask's length), scalar int64
+    total32: str  # the same, int32 (GQA's total_sequence_length)
+    seqlens: str  # GQA's seqlens_k [B] int32: total - 1 for every row (left padding)
+    positions: str  # rotary positions of the new tokens [B, S]: cumsum(mask) - 1
+
+
 class ErnieOrtBuilder:
-    """Builds one graph; `precision` in fp32 | fp16 | int8 | int4 (int: MatMulNBits / QMoE weights)."""
+    """Builds one graph; `precision` in fp32 | fp16 | int8 | int4 | int2 (int: MatMulNBits / QMoE weights)."""
 
     def __init__(self, cfg: ErnieConfig, g: GraphBuilder, precision: str, block_size: int = 32,
                  accuracy_level: int = 0, quantizer=None):
@@ -67,15 +81,54 @@ class ErnieOrtBuilder:
 
     # ---- the graph -------------------------------------------------------------------------------------
     def build(self, tensors: TensorStream, progress: Callable[[str], None] | None = None) -> None:
+        """The whole decoder: inputs, per-layer attention and MLP/MoE, final norm, LM head, logits output."""
         cfg, g = self.cfg, self.g
-        nkv, d = cfg.num_key_value_heads, cfg.head_dim
+        ids, mask = self.inputs()
+        seq = self.sequence(ids, mask)
+        bias = self.attention_bias(mask, seq)
+        cos, sin = self.rope_caches()
+
+        embed = tensors.take("embed_tokens.weight")
+        x = g.op("Gather", [self.w("embed_tokens.weight", embed), ids], axis=0, name="embed_tokens")
+        if cfg.tie_word_embeddings:  # the head is needed only at the end, but the table is read only once
+            head = self.lm_head(embed)
+        del embed
+        residual, delta = x, None
+        for i in range(cfg.num_hidden_layers):
+            if progress:
+                progress(f"layer {i}")
+            L = f"layers.{i}"
+            normed, residual = self.norm(delta, residual, tensors.take(f"{L}.input_layernorm.weight"), f"{L}.input_layernorm")
+            o = self.attention(i, normed, tensors, seq, bias, cos, sin)
+            normed, residual = self.norm(o, residual, tensors.take(f"{L}.post_attention_layernorm.weight"),
+                                         f"{L}.post_attention_layernorm")
+            if cfg.is_moe_layer(i):
+                delta = self.moe(normed, L, tensors)
+            else:
+                delta = self.mlp(normed, f"{L}.mlp", tensors.take(f"{L}.mlp.up_gate_proj.weight"),
+                                 tensors.take(f"{L}.mlp.down_proj.weight"))
+        normed, _ = self.norm(delta, residual, tensors.take("norm.weight"), "norm")
+        if not cfg.tie_word_embeddings:
+            head = self.lm_head(tensors.take("lm_head.weight").T)
+        logits = head(normed)
+        if self.precision == "fp16":
+            logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
+        g.output(logits, "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size], first=True)
+
+    def inputs(self) -> tuple[str, str]:
+        """Declare input_ids, attention_mask and every layer's past key/value (genai's names); returns the first two."""
+        cfg, g = self.cfg, self.g
         ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
         for i in range(cfg.num_hidden_layers):
             for kv in ("key", "value"):
-                g.input(f"past_key_values.{i}.{kv}", self.onnx_dtype, ["batch_size", nkv, "past_sequence_length", d])
+                g.input(f"past_key_values.{i}.{kv}", self.onnx_dtype,
+                        ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim])
+        return ids, mask
 
-        # Sequence bookkeeping shared by every layer (GQA wants int32 lengths).
+    def sequence(self, ids: str, mask: str) -> SequenceInputs:
+        """SequenceInputs bookkeeping shared by every layer, from the mask: GQA's int32 lengths and the rotary positions."""
+        g = self.g
         total = g.op("Gather", [g.op("Shape", [mask]), g.const(1)], axis=0)  # scalar int64
         seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1)], axis=0)
         total32 = g.op("Cast", [total], to=TensorProto.INT32)
@@ -89,58 +142,42 @@ class ErnieOrtBuilder:
         past = g.op("Sub", [total, seq])
         positions = g.op("Slice", [cums, g.op("Unsqueeze", [past, g.const([0])]),
                                    g.op("Unsqueeze", [total, g.const([0])]), g.const([1])])
-        # additive key mask [B, 1, 1, total]: 0 for real keys, a large negative number for padding
+        return SequenceInputs(batch, seq, total, total32, seqlens, positions)
+
+    def attention_bias(self, mask: str, s: SequenceInputs) -> str:
+        """GQA's additive key mask [B, 1, S, T]: 0 for real keys, a large negative number for left padding."""
+        g = self.g
         neg = -6.0e4 if self.precision == "fp16" else -1.0e9
         keep = g.op("Cast", [mask], to=self.onnx_dtype)
         bias = g.op("Mul", [g.op("Sub", [g.const(1.0, self.np_dtype), keep]), g.const(neg, self.np_dtype)])
-        bias = g.op("Unsqueeze", [bias, g.const([1, 2])])
+        bias = g.op("Unsqueeze", [bias, g.const([1, 2])])  # [B, 1, 1, T]
         # attention_bias must be [B, 1, S, T]: broadcast over query positions
-        bias = g.op("Expand", [bias, g.op("Concat", [g.op("Unsqueeze", [batch, g.const([0])]), g.const([1]),
-                                                     g.op("Unsqueeze", [seq, g.const([0])]),
-                                                     g.op("Unsqueeze", [total, g.const([0])])], axis=0)])
-        cos, sin = self.rope_caches()
+        return g.op("Expand", [bias, g.op("Concat", [g.op("Unsqueeze", [s.batch, g.const([0])]), g.const([1]),
+                                                     g.op("Unsqueeze", [s.seq, g.const([0])]),
+                                                     g.op("Unsqueeze", [s.total, g.const([0])])], axis=0)])
 
-        embed = tensors.take("embed_tokens.weight")
-        x = g.op("Gather", [self.w("embed_tokens.weight", embed), ids], axis=0, name="embed_tokens")
-        if cfg.tie_word_embeddings:  # the head is needed only at the end, but the table is read only once
-            head = self.head_weight(embed)
-        del embed
-        residual, delta = x, None
-        for i in range(cfg.num_hidden_layers):
-            if progress:
-                progress(f"layer {i}")
-            L = f"layers.{i}"
-            normed, residual = self.norm(delta, residual, tensors.take(f"{L}.input_layernorm.weight"), f"{L}.input_layernorm")
-            qkv = self.linear(normed, f"{L}.self_attn.qkv_proj", tensors.take(f"{L}.self_attn.qkv_proj.weight"))
-            q, k, v = g.op("Split", [qkv, g.const([cfg.num_attention_heads * d, nkv * d, nkv * d])], n_out=3, axis=-1)
-            # Rotary as its own op: GQA's fused rotary (do_rotary=1) rotates the cached keys by slot index rather
-            # than by position_ids (ONNX Runtime 1.32, CPU), which breaks left padding.
-            q = g.op("RotaryEmbedding", [q, positions, cos, sin], domain=MS, interleaved=1,
-                     num_heads=cfg.num_attention_heads, name=f"{L}.self_attn.rotary_q")
-            k = g.op("RotaryEmbedding", [k, positions, cos, sin], domain=MS, interleaved=1, num_heads=nkv,
-                     name=f"{L}.self_attn.rotary_k")
-            attn, pk, pv = g.op("GroupQueryAttention",
-                                [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
-                                 total32, "", "", "", bias],
-                                n_out=3, domain=MS, name=f"{L}.self_attn", num_heads=cfg.num_attention_heads,
-                                kv_num_heads=nkv, scale=float(d ** -0.5))
-            g.output(pk, f"present.{i}.key", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
-            g.output(pv, f"present.{i}.value", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
-            o = self.linear(attn, f"{L}.self_attn.o_proj", tensors.take(f"{L}.self_attn.o_proj.weight"))
-            normed, residual = self.norm(o, residual, tensors.take(f"{L}.post_attention_layernorm.weight"),
-                                         f"{L}.post_attention_layernorm")
-            if cfg.is_moe_layer(i):
-                delta = self.moe(normed, L, tensors)
-            else:
-                delta = self.mlp(normed, f"{L}.mlp", tensors.take(f"{L}.mlp.up_gate_proj.weight"),
-                                 tensors.take(f"{L}.mlp.down_proj.weight"))
-        normed, _ = self.norm(delta, residual, tensors.take("norm.weight"), "norm")
-        if not cfg.tie_word_embeddings:
-            head = self.head_weight(tensors.take("lm_head.weight").T)
-        logits = head(normed)
-        if self.precision == "fp16":
-            logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
-        g.output(logits, "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size], first=True)
+    def attention(self, i: int, x: str, tensors: TensorStream, s: SequenceInputs, bias: str, cos: str, sin: str) -> str:
+        """Layer i's self-attention on normed `x`: packed QKV, rotary, GQA over the KV cache, o_proj; adds the
+        layer's present key/value outputs."""
+        cfg, g = self.cfg, self.g
+        nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        L = f"layers.{i}"
+        qkv = self.linear(x, f"{L}.self_attn.qkv_proj", tensors.take(f"{L}.self_attn.qkv_proj.weight"))
+        q, k, v = g.op("Split", [qkv, g.const([nh * d, nkv * d, nkv * d])], n_out=3, axis=-1)
+        # Rotary as its own op: GQA's fused rotary (do_rotary=1) rotates the cached keys by slot index rather
+        # than by position_ids (ONNX Runtime 1.32, CPU), which breaks left padding.
+        q = g.op("RotaryEmbedding", [q, s.positions, cos, sin], domain=MS, interleaved=1, num_heads=nh,
+                 name=f"{L}.self_attn.rotary_q")
+        k = g.op("RotaryEmbedding", [k, s.positions, cos, sin], domain=MS, interleaved=1, num_heads=nkv,
+                 name=f"{L}.self_attn.rotary_k")
+        attn, pk, pv = g.op("GroupQueryAttention",
+                            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", s.seqlens,
+                             s.total32, "", "", "", bias],
+                            n_out=3, domain=MS, name=f"{L}.self_attn", num_heads=nh, kv_num_heads=nkv,
+                            scale=float(d ** -0.5))
+        g.output(pk, f"present.{i}.key", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
+        g.output(pv, f"present.{i}.value", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
+        return self.linear(attn, f"{L}.self_attn.o_proj", tensors.take(f"{L}.self_attn.o_proj.weight"))
 
     def rope_caches(self) -> tuple[str, str]:
         """cos/sin [max_pos, d/2]: angle = pos_fp32 * inv_freq_fp32, the Paddle model's fp32 arithmetic."""
@@ -149,8 +186,9 @@ class ErnieOrtBuilder:
         cos, sin = cos_sin_tables(cfg.max_position_embeddings, d, cfg.rope_theta)
         return self.w("rope.cos_cache", cos), self.w("rope.sin_cache", sin)
 
-    def head_weight(self, embed_v_h: np.ndarray) -> Callable[[str], str]:
-        """The LM head from a [vocab, H] matrix (the tied embedding, or the untied head transposed)."""
+    def lm_head(self, embed_v_h: np.ndarray) -> Callable[[str], str]:
+        """Add the LM head's weights from a [vocab, H] matrix (the tied embedding, or the untied head transposed);
+        returns the function that applies the head to the final hidden states."""
         if self.bits is None:
             name = self.w("lm_head.weight", np.ascontiguousarray(embed_v_h.T))
             return lambda x: self.g.op("MatMul", [x, name], name="lm_head")
@@ -175,63 +213,90 @@ class ErnieOrtBuilder:
     def moe(self, x: str, L: str, tensors: TensorStream) -> str:
         """ERNIE's sparse MoE block: fp32 router, selection-only bias, routed experts, shared experts added after."""
         cfg, g = self.cfg, self.g
-        e, k, h, ie = cfg.moe_num_experts, cfg.moe_k, cfg.hidden_size, cfg.moe_intermediate_size
         shape = g.op("Shape", [x])
-        flat = g.op("Reshape", [x, g.const([-1, h])])  # [N, H]
-        x32 = g.op("Cast", [flat], to=TensorProto.FLOAT) if self.precision == "fp16" else flat
-        gate = g.weight(f"{L}.mlp.gate.weight", tensors.take(f"{L}.mlp.gate.weight").astype(np.float32))
-        probs = g.op("Softmax", [g.op("MatMul", [x32, gate], name=f"{L}.mlp.gate")], axis=-1)  # [N, E] fp32
-        if cfg.moe_use_aux_free:
-            corr = g.weight(f"{L}.mlp.e_score_correction_bias",
-                            tensors.take(f"{L}.mlp.e_score_correction_bias").astype(np.float32))
-            select = g.op("Add", [probs, corr])
-        else:
-            select = probs
-        fc1, fc2 = [], []  # fc1 rows interleaved g0,u0,g1,u1,... (swiglu_fusion=1); fc2 [H, I]
-        interleave = np.stack([np.arange(ie), ie + np.arange(ie)], axis=1).reshape(-1)  # [gate | up] -> g0,u0,...
-        for j in range(e):
-            ug = tensors.take(f"{L}.mlp.experts.{j}.up_gate_proj.weight")  # [H, 2I] = [gate | up]
-            down = tensors.take(f"{L}.mlp.experts.{j}.down_proj.weight")  # [I, H]
-            w1 = np.stack([ug[:, :ie].T, ug[:, ie:].T], axis=1).reshape(2 * ie, h)
-            w2 = np.ascontiguousarray(down.T)
-            if self.bits is None:
-                fc1.append(w1.astype(self.np_dtype))
-                fc2.append(w2.astype(self.np_dtype))
-            else:
-                block = expert_block(self.bits, self.block_size)
-                name = f"{L}.mlp.experts.{j}"
-                fc1.append(qmoe_weights(np.ascontiguousarray(ug.T), self.bits, block, self.quantizer,
-                                        f"{name}.up_gate_proj.weight", rows=interleave))
-                fc2.append(qmoe_weights(w2, self.bits, block, self.quantizer, f"{name}.down_proj.weight"))
-        common = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+        flat = g.op("Reshape", [x, g.const([-1, cfg.hidden_size])])  # [N, H]
+        probs, select = self.router(flat, L, tensors)
+        fc1, fc2 = self.expert_weights(L, tensors)
         if self.bits is None:
-            # MoE softmaxes its router input over all experts: give it log(p) on the selected experts, -inf elsewhere,
-            # so its weights are p_sel / sum(p_sel), exactly ERNIE's renormalised unbiased probabilities.
-            idx = g.op("TopK", [select, g.const([k])], n_out=2, axis=-1, largest=1, sorted=1)[1]
-            logp = g.op("GatherElements", [g.op("Log", [probs]), idx], axis=1)
-            base = g.op("ConstantOfShape", [g.op("Shape", [probs])],
-                        value=numpy_helper.from_array(np.array([-np.inf], np.float32)))
-            routing = g.op("ScatterElements", [base, idx, logp], axis=1)
-            if self.precision == "fp16":
-                routing = g.op("Cast", [routing], to=TensorProto.FLOAT16)
-            y = g.op("MoE", [flat, routing, g.weight(f"{L}.mlp.experts.fc1", np.stack(fc1)), "",
-                             g.weight(f"{L}.mlp.experts.fc2", np.stack(fc2)), ""], domain=MS, name=f"{L}.mlp.experts",
-                     normalize_routing_weights=0, **common)
+            y = self.experts_float(flat, probs, select, fc1, fc2, L)
         else:
-            # QMoE selects on router_probs (p + bias) and mixes with router_weights (p), renormalised. Its scales
-            # are stored in fp16 (they may differ from the activations' type): 2.5 GB less for the 21B model.
-            q1, s1 = (np.stack(t) for t in zip(*fc1))
-            q2, s2 = (np.stack(t) for t in zip(*fc2))
-            extra = dict(block_size=self.block_size) if self.bits != 8 else {}
-            y = g.op("QMoE", [flat, select, g.weight(f"{L}.mlp.experts.fc1.qweight", q1),
-                              g.weight(f"{L}.mlp.experts.fc1.scales", s1.astype(np.float16)), "",
-                              g.weight(f"{L}.mlp.experts.fc2.qweight", q2),
-                              g.weight(f"{L}.mlp.experts.fc2.scales", s2.astype(np.float16)), "", "", "", "", "", "", "", probs],
-                     domain=MS, name=f"{L}.mlp.experts", normalize_routing_weights=1, expert_weight_bits=self.bits,
-                     accuracy_level=self.accuracy_level, **common, **extra)
+            y = self.experts_quantized(flat, probs, select, fc1, fc2, L)
         if cfg.moe_num_shared_experts > 0:
             shared = self.mlp(flat, f"{L}.mlp.shared_experts",
                               tensors.take(f"{L}.mlp.shared_experts.up_gate_proj.weight"),
                               tensors.take(f"{L}.mlp.shared_experts.down_proj.weight"))
             y = g.op("Add", [y, shared])
         return g.op("Reshape", [y, shape])
+
+    def router(self, flat: str, L: str, tensors: TensorStream) -> tuple[str, str]:
+        """(probs, selection scores) [N, E] fp32: the ONNX spelling of `ernie_paddle.moe.router_probs` and of the
+        biased scores `moe.select` takes the top k of (the correction bias picks experts, never weights them)."""
+        g = self.g
+        x32 = g.op("Cast", [flat], to=TensorProto.FLOAT) if self.precision == "fp16" else flat
+        gate = g.weight(f"{L}.mlp.gate.weight", tensors.take(f"{L}.mlp.gate.weight").astype(np.float32))
+        probs = g.op("Softmax", [g.op("MatMul", [x32, gate], name=f"{L}.mlp.gate")], axis=-1)  # [N, E] fp32
+        if not self.cfg.moe_use_aux_free:
+            return probs, probs
+        corr = g.weight(f"{L}.mlp.e_score_correction_bias",
+                        tensors.take(f"{L}.mlp.e_score_correction_bias").astype(np.float32))
+        return probs, g.op("Add", [probs, corr])
+
+    def expert_weights(self, L: str, tensors: TensorStream) -> tuple[list, list]:
+        """The routed experts' fc1 (rows interleaved g0,u0,g1,u1,...: swiglu_fusion=1) and fc2 [H, I] matrices, in
+        the compute dtype or as (codes, scales) pairs when quantised."""
+        cfg = self.cfg
+        h, ie = cfg.hidden_size, cfg.moe_intermediate_size
+        fc1, fc2 = [], []
+        interleave = np.stack([np.arange(ie), ie + np.arange(ie)], axis=1).reshape(-1)  # [gate | up] -> g0,u0,...
+        block = expert_block(self.bits, self.block_size) if self.bits else None
+        for j in range(cfg.moe_num_experts):
+            ug = tensors.take(f"{L}.mlp.experts.{j}.up_gate_proj.weight")  # [H, 2I] = [gate | up]
+            down = tensors.take(f"{L}.mlp.experts.{j}.down_proj.weight")  # [I, H]
+            w2 = np.ascontiguousarray(down.T)
+            if self.bits is None:
+                w1 = np.stack([ug[:, :ie].T, ug[:, ie:].T], axis=1).reshape(2 * ie, h)
+                fc1.append(w1.astype(self.np_dtype))
+                fc2.append(w2.astype(self.np_dtype))
+            else:
+                name = f"{L}.mlp.experts.{j}"
+                fc1.append(qmoe_weights(np.ascontiguousarray(ug.T), self.bits, block, self.quantizer,
+                                        f"{name}.up_gate_proj.weight", rows=interleave))
+                fc2.append(qmoe_weights(w2, self.bits, block, self.quantizer, f"{name}.down_proj.weight"))
+        return fc1, fc2
+
+    def experts_float(self, flat: str, probs: str, select: str, fc1: list, fc2: list, L: str) -> str:
+        """fp32/fp16 routed experts through ONNX Runtime's MoE op, with ERNIE's routing fed in as log-probabilities."""
+        g, k = self.g, self.cfg.moe_k
+        # MoE softmaxes its router input over all experts: give it log(p) on the selected experts, -inf elsewhere,
+        # so its weights are p_sel / sum(p_sel), exactly ERNIE's renormalised unbiased probabilities.
+        idx = g.op("TopK", [select, g.const([k])], n_out=2, axis=-1, largest=1, sorted=1)[1]
+        logp = g.op("GatherElements", [g.op("Log", [probs]), idx], axis=1)
+        base = g.op("ConstantOfShape", [g.op("Shape", [probs])],
+                    value=numpy_helper.from_array(np.array([-np.inf], np.float32)))
+        routing = g.op("ScatterElements", [base, idx, logp], axis=1)
+        if self.precision == "fp16":
+            routing = g.op("Cast", [routing], to=TensorProto.FLOAT16)
+        return g.op("MoE", [flat, routing, g.weight(f"{L}.mlp.experts.fc1", np.stack(fc1)), "",
+                            g.weight(f"{L}.mlp.experts.fc2", np.stack(fc2)), ""], domain=MS, name=f"{L}.mlp.experts",
+                    normalize_routing_weights=0, **self._moe_attrs())
+
+    def experts_quantized(self, flat: str, probs: str, select: str, fc1: list, fc2: list, L: str) -> str:
+        """int8/int4/int2 routed experts through QMoE, which takes ERNIE's two routing inputs directly."""
+        g = self.g
+        # QMoE selects on router_probs (p + bias) and mixes with router_weights (p), renormalised. Its scales
+        # are stored in fp16 (they may differ from the activations' type): 2.5 GB less for the 21B model.
+        q1, s1 = (np.stack(t) for t in zip(*fc1))
+        q2, s2 = (np.stack(t) for t in zip(*fc2))
+        extra = dict(block_size=self.block_size) if self.bits != 8 else {}
+        return g.op("QMoE", [flat, select, g.weight(f"{L}.mlp.experts.fc1.qweight", q1),
+                             g.weight(f"{L}.mlp.experts.fc1.scales", s1.astype(np.float16)), "",
+                             g.weight(f"{L}.mlp.experts.fc2.qweight", q2),
+                             g.weight(f"{L}.mlp.experts.fc2.scales", s2.astype(np.float16)), "", "", "", "", "", "", "",
+                             probs],
+                    domain=MS, name=f"{L}.mlp.experts", normalize_routing_weights=1, expert_weight_bits=self.bits,
+                    accuracy_level=self.accuracy_level, **self._moe_attrs(), **extra)
+
+    def _moe_attrs(self) -> dict:
+        """Attributes MoE and QMoE share: top-k, and SwiGLU with fc1's gate/up rows interleaved."""
+        return dict(k=self.cfg.moe_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                    activation_beta=0.0)

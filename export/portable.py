@@ -19,90 +19,97 @@ import warnings
 from typing import Callable
 
 import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
 
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 from ernie_paddle.memory import fp32_bytes
+from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM, SparseMoeBlock
+from ernie_paddle.moe import mix_weights, router_probs, select
 from ernie_paddle.rope import inv_freq as rope_inv_freq
 
 OPSET = 21  # paddle2onnx 2.1.0 goes up to 21
 PROTOBUF_LIMIT = 2 * 1024**3
 
 
-def _portable_module(model):
-    import paddle
-    import paddle.nn as nn
-    import paddle.nn.functional as F
+def rotate(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
+    """Interleaved rotary embedding of x [B, S, h, d] (pairs (0,1), (2,3), ...), as ERNIE applies it."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return paddle.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape([0, 0, 0, x.shape[-1]])
 
-    from ernie_paddle.modeling import SparseMoeBlock
 
-    cfg = model.config
-    nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    rep = nh // nkv
-    inv_freq = rope_inv_freq(d, cfg.rope_theta)
+class PortableErnie(nn.Layer):
+    """A trace-friendly forward over a loaded `Ernie4_5_MoeForCausalLM`'s own layers and weights, written with
+    operators paddle2onnx maps exactly (see the module docstring). Inputs and outputs are genai's: input_ids,
+    attention_mask, position_ids and the past key/values in; logits and the present key/values out."""
 
-    def rope(x, cos, sin):  # x [B, S, h, d]; interleaved pairs
-        even, odd = x[..., 0::2], x[..., 1::2]
-        return paddle.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape([0, 0, 0, d])
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+        cfg = model.config
+        self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.register_buffer("inv_freq", paddle.to_tensor(np.array(rope_inv_freq(self.d, cfg.rope_theta))))
 
-    class PortableErnie(nn.Layer):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-            self.register_buffer("inv_freq", paddle.to_tensor(np.array(inv_freq)))
+    def attention(self, attn, h, cos, sin, bias, past_k, past_v):
+        """GQA by broadcasting matmul over [B, nkv, rep, S, T]; the cache grows by concat(past, new)."""
+        nh, nkv, d = self.nh, self.nkv, self.d
+        qkv = attn.qkv_proj(h).reshape([0, 0, nh + 2 * nkv, d])
+        q, k, v = paddle.split(qkv, [nh, nkv, nkv], axis=2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k = paddle.concat([past_k, k.transpose([0, 2, 1, 3])], axis=2)  # [B, nkv, T, d]
+        v = paddle.concat([past_v, v.transpose([0, 2, 1, 3])], axis=2)
+        q = q.reshape([0, 0, nkv, nh // nkv, d]).transpose([0, 2, 3, 1, 4])  # [B, nkv, rep, S, d]
+        scores = paddle.matmul(q, k.unsqueeze(2), transpose_y=True) * (d ** -0.5) + bias  # [B, nkv, rep, S, T]
+        out = paddle.matmul(F.softmax(scores, axis=-1), v.unsqueeze(2))  # [B, nkv, rep, S, d]
+        out = out.transpose([0, 3, 1, 2, 4]).reshape([0, 0, nh * d])
+        return attn.o_proj(out), k, v
 
-        def attention(self, attn, h, cos, sin, bias, past_k, past_v):
-            qkv = attn.qkv_proj(h).reshape([0, 0, nh + 2 * nkv, d])
-            q, k, v = paddle.split(qkv, [nh, nkv, nkv], axis=2)
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
-            k = paddle.concat([past_k, k.transpose([0, 2, 1, 3])], axis=2)  # [B, nkv, T, d]
-            v = paddle.concat([past_v, v.transpose([0, 2, 1, 3])], axis=2)
-            q = q.reshape([0, 0, nkv, rep, d]).transpose([0, 2, 3, 1, 4])  # [B, nkv, rep, S, d]
-            scores = paddle.matmul(q, k.unsqueeze(2), transpose_y=True) * (d ** -0.5) + bias  # [B, nkv, rep, S, T]
-            out = paddle.matmul(F.softmax(scores, axis=-1), v.unsqueeze(2))  # [B, nkv, rep, S, d]
-            out = out.transpose([0, 3, 1, 2, 4]).reshape([0, 0, nh * d])
-            return attn.o_proj(out), k, v
+    def moe(self, block, x):
+        """ERNIE's routing (`ernie_paddle.moe`) as a dense [N, E] weight matrix: every expert runs on every token
+        and unselected experts get weight 0 (exact; no data-dependent shapes for the exporter)."""
+        flat = x.reshape([-1, self.m.config.hidden_size])
+        probs = router_probs(flat, block.gate.weight)  # [N, E] fp32
+        experts = select(probs, block.e_score_correction_bias, block.k)
+        weights = mix_weights(probs, experts, block.norm_min)
+        dense = paddle.put_along_axis(paddle.zeros_like(probs), experts, weights, axis=1)  # [N, E]
+        y = paddle.zeros_like(flat)
+        for e, expert in enumerate(block.experts):
+            y = y + dense[:, e:e + 1] * expert(flat)
+        if block.shared_experts is not None:
+            y = y + block.shared_experts(flat)
+        return y.reshape(paddle.shape(x))
 
-        def moe(self, block, x):
-            flat = x.reshape([-1, cfg.hidden_size])
-            probs = F.softmax(paddle.matmul(flat, block.gate.weight), axis=-1)  # [N, E] fp32
-            scores = probs + block.e_score_correction_bias if block.e_score_correction_bias is not None else probs
-            _, idx = paddle.topk(scores, block.k, axis=-1)
-            w = paddle.take_along_axis(probs, idx, axis=-1)
-            w = w / paddle.clip(w.sum(axis=-1, keepdim=True), min=block.norm_min)
-            dense = paddle.put_along_axis(paddle.zeros_like(probs), idx, w, axis=1)  # [N, E]
-            y = paddle.zeros_like(flat)
-            for e, expert in enumerate(block.experts):
-                y = y + dense[:, e:e + 1] * expert(flat)
-            if block.shared_experts is not None:
-                y = y + block.shared_experts(flat)
-            return y.reshape(paddle.shape(x))
+    @staticmethod
+    def causal_bias(input_ids, attention_mask):
+        """Additive mask [B, 1, 1, S, T]: bottom-right causal (the S new tokens are the last of T slots), padded
+        keys masked too."""
+        s = paddle.shape(input_ids)[1]
+        t = paddle.shape(attention_mask)[1]
+        q_slot = paddle.arange(s, dtype="int64") + (t - s)
+        allowed = paddle.arange(t, dtype="int64").unsqueeze(0) <= q_slot.unsqueeze(1)  # [S, T] bottom-right
+        allowed = paddle.logical_and(allowed.unsqueeze(0), attention_mask.unsqueeze(1) > 0)  # [B, S, T]
+        bias = (1.0 - allowed.astype("float32")) * -1.0e9
+        return bias.unsqueeze(1).unsqueeze(1)
 
-        def forward(self, input_ids, attention_mask, position_ids, past):
-            m = self.m
-            angles = position_ids.astype("float32").unsqueeze(-1) * self.inv_freq  # [B, S, d/2]
-            cos, sin = paddle.cos(angles).unsqueeze(2), paddle.sin(angles).unsqueeze(2)
-            s = paddle.shape(input_ids)[1]
-            t = paddle.shape(attention_mask)[1]
-            q_slot = paddle.arange(s, dtype="int64") + (t - s)
-            allowed = paddle.arange(t, dtype="int64").unsqueeze(0) <= q_slot.unsqueeze(1)  # [S, T] bottom-right
-            allowed = paddle.logical_and(allowed.unsqueeze(0), attention_mask.unsqueeze(1) > 0)  # [B, S, T]
-            bias = (1.0 - allowed.astype("float32")) * -1.0e9
-            bias = bias.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, S, T]
-            x = m.embed_tokens(input_ids)
-            presents = []
-            for i, layer in enumerate(m.layers):
-                a, k, v = self.attention(layer.self_attn, layer.input_layernorm(x), cos, sin, bias, past[2 * i],
-                                         past[2 * i + 1])
-                presents += [k, v]
-                h = x + a
-                n = layer.post_attention_layernorm(h)
-                x = h + (self.moe(layer.mlp, n) if isinstance(layer.mlp, SparseMoeBlock) else layer.mlp(n))
-            x = m.norm(x)
-            logits = paddle.matmul(x, m.embed_tokens.weight, transpose_y=True) if m.lm_head is None else m.lm_head(x)
-            return [logits] + presents
-
-    return PortableErnie()
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        m = self.m
+        angles = position_ids.astype("float32").unsqueeze(-1) * self.inv_freq  # [B, S, d/2]
+        cos, sin = paddle.cos(angles).unsqueeze(2), paddle.sin(angles).unsqueeze(2)
+        bias = self.causal_bias(input_ids, attention_mask)
+        x = m.embed_tokens(input_ids)
+        presents = []
+        for i, layer in enumerate(m.layers):
+            a, k, v = self.attention(layer.self_attn, layer.input_layernorm(x), cos, sin, bias, past[2 * i],
+                                     past[2 * i + 1])
+            presents += [k, v]
+            h = x + a
+            n = layer.post_attention_layernorm(h)
+            x = h + (self.moe(layer.mlp, n) if isinstance(layer.mlp, SparseMoeBlock) else layer.mlp(n))
+        x = m.norm(x)
+        logits = paddle.matmul(x, m.embed_tokens.weight, transpose_y=True) if m.lm_head is None else m.lm_head(x)
+        return [logits] + presents
 
 
 def _p2o(json_path: str, params_path: str, out_path: str) -> None:
@@ -119,14 +126,23 @@ def _p2o(json_path: str, params_path: str, out_path: str) -> None:
 def _finish(onnx_path: str, out_path: str, cfg: ErnieConfig) -> None:
     """genai names, Constant weights -> external-data initializers, shared dynamic dimension names."""
     import onnx
-    from onnx import numpy_helper
 
     from .graph import INLINE_LIMIT, data_file_for
 
     model = onnx.load(onnx_path)
     g = model.graph
-    n = cfg.num_hidden_layers
-    names = ["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    _rename_outputs(g, cfg.num_hidden_layers)
+    _lift_constants(g, INLINE_LIMIT)
+    _name_dynamic_dims(g)
+    del g.value_info[:]
+    _, data_name = data_file_for(out_path)
+    onnx.save_model(model, out_path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                    size_threshold=INLINE_LIMIT)
+
+
+def _rename_outputs(g, num_layers: int) -> None:
+    """paddle2onnx's output names -> genai's: logits, present.{i}.key, present.{i}.value."""
+    names = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     if len(g.output) != len(names):
         raise ExportError(f"paddle2onnx produced {len(g.output)} outputs, expected {len(names)}")
     renames = {o.name: new for o, new in zip(g.output, names)}
@@ -135,12 +151,18 @@ def _finish(onnx_path: str, out_path: str, cfg: ErnieConfig) -> None:
         node.input[:] = [renames.get(x, x) for x in node.input]
     for o in g.output:
         o.name = renames[o.name]
-    # Constant nodes holding weights become initializers (so external data and quantisers can see them).
+
+
+def _lift_constants(g, inline_limit: int) -> None:
+    """Constant nodes over `inline_limit` bytes (the weights) become initializers, so they can go to external data;
+    initializers nothing reads are dropped."""
+    from onnx import numpy_helper
+
     keep = []
     for node in g.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             t = node.attribute[0].t
-            if numpy_helper.to_array(t).nbytes > INLINE_LIMIT:
+            if numpy_helper.to_array(t).nbytes > inline_limit:
                 t.name = node.output[0]
                 g.initializer.append(t)
                 continue
@@ -151,23 +173,19 @@ def _finish(onnx_path: str, out_path: str, cfg: ErnieConfig) -> None:
     unused = [t for t in g.initializer if t.name not in used]
     for t in unused:
         g.initializer.remove(t)
+
+
+def _name_dynamic_dims(g) -> None:
+    """The dynamic dimensions get the names the ort flavour and genai use (batch_size, sequence_length, ...)."""
     dims = {"input_ids": ["batch_size", "sequence_length"], "attention_mask": ["batch_size", "total_sequence_length"],
             "position_ids": ["batch_size", "sequence_length"]}
-    for v in g.input:
-        want = dims.get(v.name, ["batch_size", None, "past_sequence_length", None])
+    wanted = [(v, dims.get(v.name, ["batch_size", None, "past_sequence_length", None])) for v in g.input]
+    wanted += [(v, ["batch_size", "sequence_length", None] if v.name == "logits"
+                else ["batch_size", None, "total_sequence_length", None]) for v in g.output]
+    for v, want in wanted:
         for dim, name in zip(v.type.tensor_type.shape.dim, want):
             if name:
                 dim.dim_param = name
-    for v in g.output:
-        want = ["batch_size", "sequence_length", None] if v.name == "logits" else \
-            ["batch_size", None, "total_sequence_length", None]
-        for dim, name in zip(v.type.tensor_type.shape.dim, want):
-            if name:
-                dim.dim_param = name
-    del g.value_info[:]
-    _, data_name = data_file_for(out_path)
-    onnx.save_model(model, out_path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
-                    size_threshold=INLINE_LIMIT)
 
 
 def export_portable(model_dir: str, cfg: ErnieConfig, out_path: str, log: Callable[[str], None] = lambda s: None
@@ -178,13 +196,9 @@ def export_portable(model_dir: str, cfg: ErnieConfig, out_path: str, log: Callab
         raise ExportError(f"the portable flavour goes through paddle2onnx, which cannot write models over 2 GiB "
                           f"(protobuf limit); this model has {size / 2**30:.1f} GiB of fp32 weights. Use --flavor "
                           f"ort, which streams weights to external data at any size")
-    import paddle
-
-    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-
     log("export: loading the Paddle model")
     model = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir, config=cfg)
-    module = _portable_module(model)
+    module = PortableErnie(model)
     module.eval()
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
     spec = [paddle.static.InputSpec([None, None], "int64", "input_ids"),

@@ -87,14 +87,14 @@ def test_graph_contents_per_flavour(exported):
     portable = onnx.load(os.path.join(portable_folder, "model.onnx"), load_external_data=False)
     assert {n.domain for n in portable.graph.node} == {""}
     assert [o.version for o in portable.opset_import if o.domain in ("", "ai.onnx")] == [21]
-    for m in (ort_model, portable):
+    for m, folder in ((ort_model, ort_folder), (portable, portable_folder)):
         ins = [i.name for i in m.graph.input]
         outs = [o.name for o in m.graph.output]
         assert ins[:2] == ["input_ids", "attention_mask"]
         assert "past_key_values.0.key" in ins and f"past_key_values.{cfg.num_hidden_layers - 1}.value" in ins
         assert outs[0] == "logits" and "present.0.key" in outs
         # weights live in external data; small integer constants stay inside the file
-        assert os.path.getsize(os.path.join(portable_folder, "model.onnx")) < 1 << 20
+        assert os.path.getsize(os.path.join(folder, "model.onnx")) < 1 << 20
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in ort_model.graph.initializer)
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in ort_model.graph.initializer
                if t.data_type == onnx.TensorProto.INT64)
@@ -117,18 +117,48 @@ def test_quantized_export_is_exact_against_dequantized_weights(exported, tmp_pat
     v = json.load(open(os.path.join(folder, "manifest.json")))["verification"]
     assert "passed" not in v  # quantised exports record figures; they do not gate on them
     # Random unit-variance weights on a 64-wide model are a harsh case for round-to-nearest (and a flipped expert
-    # choice moves logits a lot); the exactness check above is what proves the quantised path right.
-    bound = {"int8": (1.0, 0.85), "int4": (5.0, 0.25), "int2": (20.0, 0.0)}[precision]  # (max |diff|, top-1)
-    assert v["max_abs_logit_diff"] <= bound[0] and v["top1_agreement"] >= bound[1]
+    # choice moves logits a lot); the exactness check above is what proves the quantised path right. Measured
+    # here (seed 21): max |diff| 0.59 / 2.56 / 4.51 and top-1 1.00 / 0.52 / 0.00 for int8 / int4 / int2 (over
+    # seeds 1-8: 0.1-1.75, 1.5-2.2, 4.2-5.2). Random weights at 2 bits predict at chance, so int2 gets no top-1
+    # bound here: the trained model's test below bounds it.
+    bound = {"int8": (1.0, 0.85), "int4": (4.0, 0.25), "int2": (8.0, None)}[precision]  # (max |diff|, top-1)
+    assert v["max_abs_logit_diff"] <= bound[0]
+    assert bound[1] is None or v["top1_agreement"] >= bound[1]
 
 
-def test_int8_is_closer_to_fp32_than_int4(exported):
+def test_fewer_bits_are_further_from_fp32(exported):
     figures = {}
-    for p in ("int8", "int4"):
+    for p in ("int8", "int4", "int2"):
         folder = exported("paddle-untied-gqa2", "ort", p)[2]
         figures[p] = json.load(open(os.path.join(folder, "manifest.json")))["verification"]
-    assert figures["int8"]["max_abs_logit_diff"] < figures["int4"]["max_abs_logit_diff"]
-    assert figures["int8"]["top1_agreement"] > figures["int4"]["top1_agreement"]
+    for more, fewer in (("int8", "int4"), ("int4", "int2")):
+        assert figures[more]["max_abs_logit_diff"] < figures[fewer]["max_abs_logit_diff"]
+        assert figures[more]["top1_agreement"] > figures[fewer]["top1_agreement"]
+
+
+@pytest.fixture(scope="module")
+def shipped_held_out():
+    """The shipped trained model, and 8 windows of 64 tokens spread over the corpus's held-out part."""
+    from ernie_paddle.cli_args import default_model_dir
+    from ernie_paddle.corpus import held_out_text
+    from ernie_paddle.tokenizer import ErnieTokenizer
+
+    model_dir = default_model_dir()
+    ids = ErnieTokenizer(model_dir).encode(held_out_text())
+    starts = np.linspace(0, len(ids) - 64, 8).astype(int)
+    return model_dir, Ernie4_5_MoeForCausalLM.from_pretrained(model_dir), [ids[s:s + 64] for s in starts]
+
+
+@pytest.mark.parametrize("precision,bound", [("int8", 0.95), ("int4", 0.85), ("int2", 0.50)])
+def test_quantized_shipped_model_keeps_its_next_token_predictions(shipped_held_out, tmp_path, precision, bound):
+    """On trained weights and real text, RTN block-32 exports predict Paddle's next token this often. Measured here
+    over the 512 held-out positions: 0.986 / 0.916 / 0.598 for int8 / int4 / int2 (chance: 1/2048); the bounds
+    leave 3.5-10 points for rounding differences between installs flipping near-ties."""
+    model_dir, reference, prompts = shipped_held_out
+    folder = str(tmp_path / precision)
+    pipeline.export(model_dir, folder, precision=precision, verify=False)
+    figures = compare(reference, OnnxCausalLM(folder), prompts, greedy_tokens=1)
+    assert figures["top1_agreement"] >= bound
 
 
 def test_fp16_export_tracks_fp32(exported):
