@@ -105,7 +105,8 @@ def run(model_dir: str, onnx_dirs: list[str], use_hf: bool, prompts: list[list[i
     traces, changed = reference_traces(model_dir, cfg, seqs, streaming)
     ref, forced = traces[:n], traces[n:]
     report = {"model": os.path.abspath(model_dir), "prompts": n, "prompt_tokens": [len(p) for p in prompts],
-              "greedy_tokens": greedy_tokens, "reference": "paddle fp32, layer by layer" if streaming else "paddle fp32",
+              "greedy_tokens": greedy_tokens,
+              "reference": "paddle fp32, layer by layer" if streaming else "paddle fp32",
               "moe_layers": [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)],
               "bias_changed_choice": [float(np.mean(x)) for x in zip(*changed[:n])], "candidates": []}
     for c, r in enumerate(runs):

@@ -69,10 +69,10 @@ def format_table(report: dict) -> str:
     for c in report["candidates"]:
         h = [x for x in c["hidden_max_abs_diff"] if x is not None]
         r = [x for x in c["router_agreement"] if x is not None]
+        greedy = "/".join(str(x) for x in c["greedy_identical_tokens"]) + f" of {report['greedy_tokens']}"
         lines.append(" | ".join([c["name"], f"{c['logits_max_abs_diff']:.2e}", f"{c['kl_divergence']:.2e}",
-                                 f"{c['top1_agreement']:.3f}",
-                                 "/".join(str(x) for x in c["greedy_identical_tokens"]) + f" of {report['greedy_tokens']}",
-                                 f"{max(h):.2e}" if h else "n/a", f"{min(r):.3f}" if r else "n/a"]))
+                                 f"{c['top1_agreement']:.3f}", greedy, f"{max(h):.2e}" if h else "n/a",
+                                 f"{min(r):.3f}" if r else "n/a"]))
     for c in report["candidates"]:
         lines.append(f"\n{c['name']}: per layer max |diff| (embedding first, final norm last)")
         lines.append("  " + " ".join("n/a" if x is None else f"{x:.1e}" for x in c["hidden_max_abs_diff"]))

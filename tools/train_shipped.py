@@ -97,7 +97,8 @@ def evaluate(model, ids: np.ndarray, seq: int) -> tuple[float, list[list[float]]
     def logits(rows: np.ndarray) -> np.ndarray:
         with paddle.no_grad():
             out = model(rows, output_router=True)
-        counts = [np.bincount(e.numpy().reshape(-1), minlength=model.config.moe_num_experts) for e in out.router_experts]
+        counts = [np.bincount(e.numpy().reshape(-1), minlength=model.config.moe_num_experts)
+                  for e in out.router_experts]
         loads[:] = counts if not loads else [a + b for a, b in zip(loads, counts)]
         return out.logits.numpy()
 
