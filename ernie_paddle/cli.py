@@ -16,7 +16,8 @@ from typing import Sequence
 
 from . import cli_commands
 from .cli_args import (block_size, default_model_dir, dtype_arg, folder, generate_args, input_file,  # noqa: F401
-                       logits_args, model_arg, output_file, positive_int, progress_printer, size)
+                       logits_args, model_arg, non_negative_int, output_file, positive_int, progress_printer,
+                       size)
 from .errors import CheckpointError, ErnieError
 from .interrupts import run_command
 from .layout import PADDLE, PT
@@ -171,7 +172,7 @@ def _parity_args(pr: argparse.ArgumentParser) -> None:
                          "llama-cpp-python); F32 files, with llama.cpp's KV cache in F32, compare in fp32 throughout")
     pr.add_argument("--prompts", default=None, type=input_file,
                     help="UTF-8 file: one prompt per line (text, or ids like 1,2,3)")
-    pr.add_argument("--greedy-tokens", type=positive_int, default=32)
+    pr.add_argument("--greedy-tokens", type=non_negative_int, default=32)
     pr.add_argument("--json", default=None, type=output_file, help="write the report as JSON")
     pr.add_argument("--plot", default=None, type=output_file, help="write a PNG of per-layer drift (needs matplotlib)")
     _strict_config(pr)
@@ -210,7 +211,7 @@ def _make_checkpoint_args(m: argparse.ArgumentParser) -> None:
 
     m.add_argument("--preset", required=True, choices=list(PRESETS))
     _checkpoint_out_args(m, "bfloat16")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=non_negative_int, default=0)
     m.add_argument("--num-layers", type=positive_int, default=None, help="override the preset's layer count")
 
 

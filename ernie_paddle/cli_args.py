@@ -46,12 +46,21 @@ def token_ids(text: str) -> list[int]:
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (counts: layers, tokens of context, batch, threads)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (random seeds, token counts that may be zero)."""
+    return _int_at_least(text, 0, "a non-negative integer")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
 
 
@@ -133,7 +142,7 @@ def generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
     g.add_argument("--top-p", type=float, default=None, help="with --do-sample (default 1.0: no top-p filter)")
     g.add_argument("--top-k", type=int, default=None, help="with --do-sample (default 0: no top-k filter)")
-    g.add_argument("--seed", type=int, default=None, help="with --do-sample (default: a random draw)")
+    g.add_argument("--seed", type=non_negative_int, default=None, help="with --do-sample (default: a random draw)")
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop-ids", type=token_ids, default=None, help="extra token ids that end generation")
     g.add_argument("--prefill-chunk", type=int, default=512,
