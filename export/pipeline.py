@@ -78,10 +78,16 @@ def check_options(flavor: str, precision: str, block_size: int) -> None:
 
 
 def check_out(out_dir: str) -> None:
-    """Refuse an empty --out or one that already exists, before any work starts."""
+    """Refuse an empty --out, one that already exists, or one that cannot be created because a file stands where
+    one of its parent folders should be: before any work starts."""
     if not out_dir or not out_dir.strip():
         raise ExportError("--out is empty; give the name of a new folder to create")
     check_new_dir(out_dir, ExportError)
+    ancestor = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ExportError(f"{out_dir}: cannot create the output folder: {ancestor} is a file, not a folder")
 
 
 @dataclass(frozen=True)

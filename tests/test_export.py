@@ -324,7 +324,7 @@ def test_disk_full_or_interrupted_export_leaves_nothing(exported, tmp_path, monk
     assert os.listdir(tmp_path) == []
 
 
-def test_empty_out_is_refused_before_any_work(tmp_path):
+def test_bad_out_is_refused_before_any_work(tmp_path):
     # the model folder does not exist: the --out error comes first, before anything is read
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(ExportError, match="^--out is empty; give the name of a new folder to create$"):
@@ -333,6 +333,12 @@ def test_empty_out_is_refused_before_any_work(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: --out is empty; give the name of a new folder to create"]
     assert os.listdir(tmp_path) == []
+    # a file where a parent folder of --out should be
+    (tmp_path / "afile").write_text("")
+    out = str(tmp_path / "afile" / "sub" / "out")
+    with pytest.raises(ExportError, match=f"^{out}: cannot create the output folder: {tmp_path / 'afile'} is a file"):
+        pipeline.export(missing, out)
+    assert os.listdir(tmp_path) == ["afile"]
 
 
 def test_precision_the_provider_cannot_run_is_named(exported):
