@@ -86,6 +86,6 @@ def round_trip(m: TensorMap, w: np.ndarray, bits: int, block: int) -> np.ndarray
     is_expert = m.role.routed_expert
     blk = expert_block(bits, block) if is_expert else block
     q, scale = quantize_rows(np.ascontiguousarray(w.T), bits, blk or k)
-    if is_expert:  # QMoE scales are stored in fp16 (see ort_graph.moe)
+    if is_expert:  # QMoE scales are stored in fp16 (see ort_graph.experts_quantized)
         scale = scale.astype(np.float16).astype(np.float32)
     return dequantize_rows(q, scale, bits, k).T
