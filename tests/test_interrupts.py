@@ -81,6 +81,20 @@ def test_export_interrupted_leaves_nothing(small_ckpt, tmp_path, sig, when):
     assert os.listdir(out.parent) == []  # neither the output nor its hidden .tmp-export-* folder
 
 
+def test_parity_interrupted_leaves_the_export_as_it_was(small_ckpt, tmp_path):
+    from ernie_paddle.export.pipeline import export
+
+    folder = tmp_path / "onnx"
+    export(small_ckpt[0], str(folder), verify=False)
+    before = sorted(os.listdir(folder))
+    p = start("ernie_paddle.cli", "parity", "--model", small_ckpt[0], "--onnx", str(folder), "--json",
+              str(tmp_path / "parity.json"))
+    wait_for_line(p, f"parity: {folder}")  # the candidate is being traced
+    p.send_signal(signal.SIGTERM)
+    assert_ended_cleanly(p, signal.SIGTERM)
+    assert sorted(os.listdir(folder)) == before and os.listdir(tmp_path) == ["onnx"]
+
+
 def test_make_checkpoint_interrupted_leaves_nothing(tmp_path):
     out = tmp_path / "ck"
     # one layer of the 0.3B preset: a 103424 x 1024 embedding, seconds of work once the staging folder exists
