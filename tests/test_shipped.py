@@ -17,7 +17,7 @@ from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
 from ernie_paddle.onnx_runtime import OnnxCausalLM
 from ernie_paddle.tokenizer import ErnieTokenizer
 from ernie_paddle.corpus import held_out_text
-from ernie_paddle.tools.train_shipped import evaluate
+from ernie_paddle.training import evaluate
 
 from conftest import run_cli, run_cli_onnx
 

@@ -9,7 +9,7 @@ import pytest
 
 from ernie_paddle.tokenizer import ErnieTokenizer, IncrementalDecoder, TokenizerError, chat_prompt
 from ernie_paddle.corpus import split_corpus
-from ernie_paddle.tools.train_shipped import train_tokenizer
+from ernie_paddle.training import train_tokenizer
 
 from conftest import run_cli
 

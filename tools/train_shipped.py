@@ -12,7 +12,6 @@ folder with `config.json`, `tokenizer.model`, `tokenizer_config.json` and `train
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -31,37 +30,14 @@ from ernie_paddle.interrupts import run_command  # noqa: E402
 from ernie_paddle.layout import Role, canonical_maps  # noqa: E402
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus  # noqa: E402
 from ernie_paddle.errors import ErnieError  # noqa: E402
-from ernie_paddle.metrics import perplexity  # noqa: E402
-from ernie_paddle.tokenizer import MASK_TOKENS, SPECIAL  # noqa: E402
+from ernie_paddle.files import SPM_MODEL, TOKENIZER_CONFIG  # noqa: E402
+from ernie_paddle.training import evaluate, train_tokenizer  # noqa: E402
 
 CONFIG = dict(model_type="ernie4_5_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
               rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, moe_num_experts=8, moe_k=2,
               moe_intermediate_size=128, moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=-1,
               moe_layer_interval=1, moe_use_aux_free=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def train_tokenizer(train_text: str, out_dir: str, vocab_size: int) -> None:
-    """BPE with byte fallback (no unknown characters), newlines kept as a piece, ERNIE's special tokens."""
-    import sentencepiece as spm
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "train.txt")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(train_text)
-        spm.SentencePieceTrainer.Train(
-            input=path, model_prefix=os.path.join(out_dir, "tokenizer"), model_type="bpe", vocab_size=vocab_size,
-            character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            unk_piece=SPECIAL["unk"], bos_piece=SPECIAL["bos"], eos_piece=SPECIAL["eos"],
-            user_defined_symbols=[SPECIAL["cls"], SPECIAL["sep"], *MASK_TOKENS, "\n"], num_threads=1,
-            minloglevel=2)
-    os.remove(os.path.join(out_dir, "tokenizer.vocab"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizer_class": "Ernie4_5Tokenizer", "add_bos_token": False, "add_eos_token": False,
-                   "legacy": True, "bos_token": SPECIAL["bos"], "eos_token": SPECIAL["eos"],
-                   "unk_token": SPECIAL["unk"], "pad_token": SPECIAL["pad"], "cls_token": SPECIAL["cls"],
-                   "sep_token": SPECIAL["sep"], "mask_token": SPECIAL["mask"], "model_max_length": 2048}, f, indent=2)
 
 
 def init_weights(model, cfg: ErnieConfig, rng: np.random.Generator) -> None:
@@ -86,26 +62,6 @@ def batches(ids: np.ndarray, seq: int, batch: int, rng: np.random.Generator):
         starts = rng.integers(0, len(ids) - seq - 1, batch)
         x = np.stack([ids[s:s + seq + 1] for s in starts])
         yield x[:, :-1], x[:, 1:]
-
-
-def evaluate(model, ids: np.ndarray, seq: int) -> tuple[float, list[list[float]]]:
-    """Held-out perplexity over non-overlapping windows, and each MoE layer's share of routed slots per expert."""
-    import paddle
-
-    loads: list[np.ndarray] = []
-
-    def logits(rows: np.ndarray) -> np.ndarray:
-        with paddle.no_grad():
-            out = model(rows, output_router=True)
-        counts = [np.bincount(e.numpy().reshape(-1), minlength=model.config.moe_num_experts)
-                  for e in out.router_experts]
-        loads[:] = counts if not loads else [a + b for a, b in zip(loads, counts)]
-        return out.logits.numpy()
-
-    model.eval()
-    ppl = perplexity(logits, ids, seq)
-    model.train()
-    return ppl, [(c / c.sum()).round(4).tolist() for c in loads]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -222,7 +178,7 @@ def _train_and_save(args: argparse.Namespace) -> None:
         print(f"held-out perplexity {ppl:.2f}; max expert load / mean per MoE layer {balance}", file=sys.stderr)
         ckpt = os.path.join(work, "ckpt")
         save_pretrained(model, ckpt, layout="paddle", dtype="float32")
-        for f in ("tokenizer.model", "tokenizer_config.json"):
+        for f in (SPM_MODEL, TOKENIZER_CONFIG):
             os.replace(os.path.join(work, f), os.path.join(ckpt, f))
         report = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
                   "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(heldout_ids)),
