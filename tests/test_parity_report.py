@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from ernie_paddle.export import pipeline
 
@@ -68,3 +69,21 @@ def test_parity_refuses_a_missing_gguf_before_loading_anything(tiny_ckpt, tmp_pa
     r = run_cli("parity", "--model", d, "--gguf", str(tmp_path / "missing.gguf"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"--gguf: {tmp_path / 'missing.gguf'}: no such file" in r.stderr
+
+
+def test_parity_refuses_what_cannot_run_before_loading_a_model(tiny_ckpt, tmp_path, monkeypatch):
+    import importlib.util
+
+    from ernie_paddle import parity
+    from ernie_paddle.errors import InputError
+
+    d, _ = tiny_ckpt
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
+    with pytest.raises(InputError, match=r"--gguf needs llama-cpp-python \(pip install llama-cpp-python"):
+        parity.run(d, [], False, [[5, 6, 7]], 4, gguf_files=[str(gguf_file)])
+    with pytest.raises(InputError, match="--hf needs the whole fp32 model in memory; it is too large here"):
+        parity.run(d, [], True, [[5, 6, 7]], 4, streaming=True)
