@@ -103,12 +103,20 @@ def atomic_dir(path: str, *, prefix: str | None = None, overwrite: bool = False,
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if overwrite and os.path.lexists(target):
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            else:
-                os.remove(target)
-        os.rename(tmp, target)
+        if overwrite and os.path.lexists(target):  # the old output stays whole until the new one is in place
+            aside = tmp + ".replaced"
+            os.rename(target, aside)
+            os.rename(tmp, target)
+            _remove(aside)
+        else:
+            os.rename(tmp, target)
     finally:
         if os.path.lexists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)

@@ -53,7 +53,16 @@ def test_atomic_dir_renames_on_success_with_usual_permissions(tmp_path, umask_02
     assert os.listdir(tmp_path / "empty") == ["b"]
     with atomic_dir(str(out), overwrite=True) as tmp:  # save_pretrained's semantics
         open(os.path.join(tmp, "c"), "w").close()
-    assert os.listdir(out) == ["c"]
+    assert os.listdir(out) == ["c"] and os.listdir(out.parent) == ["model"]
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(str(out), overwrite=True) as tmp:
+            open(os.path.join(tmp, "d"), "w").close()
+            raise KeyboardInterrupt
+    assert os.listdir(out) == ["c"] and os.listdir(out.parent) == ["model"]  # the old output is kept whole
+    (tmp_path / "f").write_text("old")
+    with atomic_dir(str(tmp_path / "f"), overwrite=True) as tmp:  # a file in the way is replaced too
+        open(os.path.join(tmp, "e"), "w").close()
+    assert os.listdir(tmp_path / "f") == ["e"]
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt(), SystemExit(143)])

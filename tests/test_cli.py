@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 
 import numpy as np
@@ -42,6 +43,9 @@ def test_generate_json_and_logits(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     logits = np.load(out)
     assert logits.dtype == np.float32 and logits.shape == (4, cfg.vocab_size)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~umask  # the usual permissions, not a temp file's 0600
     assert np.array_equal(logits, model.logits([1, 2, 3, 4]))
 
 
