@@ -189,13 +189,8 @@ class LlamaProbe:
     hidden states or router choices). The KV cache is F32, so an F32 file computes in fp32 throughout."""
 
     def __init__(self, path: str, cfg, n_ctx: int):
-        try:
-            import llama_cpp
-        except ImportError:
-            raise InputError("--gguf needs llama-cpp-python (pip install llama-cpp-python; see the README's "
-                             "Performance section for the build)") from None
-        if not os.path.isfile(path):
-            raise InputError(f"{path}: no such GGUF file")
+        import llama_cpp
+
         self.cfg = cfg
         try:
             self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
