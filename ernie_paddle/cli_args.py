@@ -112,7 +112,7 @@ def input_file(text: str) -> str:
 
 
 # ---- argument groups -----------------------------------------------------------------------------------------------
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # None in args: "not given" (see sampling_given)
+SAMPLING = ("temperature", "top_p", "top_k", "seed")  # default None: not given, GenerationConfig's default applies
 
 
 def model_arg(p: argparse.ArgumentParser, required: bool = False, help: str | None = None,
@@ -152,7 +152,7 @@ def generate_args(g: argparse.ArgumentParser) -> None:
 
 def sampling_given(args: argparse.Namespace) -> list[str]:
     """The sampling flags the user gave (they do nothing without --do-sample)."""
-    return [f"--{k.replace('_', '-')}" for k in (*SAMPLING_DEFAULTS, "seed") if getattr(args, k) is not None]
+    return [f"--{k.replace('_', '-')}" for k in SAMPLING if getattr(args, k) is not None]
 
 
 def logits_args(lg: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .cli_args import SAMPLING_DEFAULTS, sampling_given
+from .cli_args import SAMPLING, sampling_given
 from .errors import ConfigDefaultWarning, ErnieError, InputError
 from .interrupts import run_command
 from .sysinfo import peak_rss
@@ -126,11 +126,11 @@ def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
     if given and not args.do_sample:
         print(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --do-sample "
               f"(decoding is greedy)", file=sys.stderr)
-    sampling = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in SAMPLING_DEFAULTS.items()}
+    sampling = {k: getattr(args, k) for k in SAMPLING if getattr(args, k) is not None}
     max_new = args.max_new_tokens if args.max_new_tokens is not None else (128 if prompt.tokenizer else 32)
-    gen = GenerationConfig(max_new_tokens=max_new, do_sample=args.do_sample, seed=args.seed,
-                           repetition_penalty=args.repetition_penalty, stop_token_ids=tuple(stops),
-                           vocab_limit=usable, prefill_chunk=args.prefill_chunk, **sampling)
+    gen = GenerationConfig(max_new_tokens=max_new, do_sample=args.do_sample, repetition_penalty=args.repetition_penalty,
+                           stop_token_ids=tuple(stops), vocab_limit=usable, prefill_chunk=args.prefill_chunk,
+                           **sampling)
     gen.validate()
     return gen
 
