@@ -180,7 +180,8 @@ class ErnieOrtBuilder:
         return self.linear(attn, f"{L}.self_attn.o_proj", tensors.take(f"{L}.self_attn.o_proj.weight"))
 
     def rope_caches(self) -> tuple[str, str]:
-        """cos/sin [max_pos, d/2]: angle = pos_fp32 * inv_freq_fp32, the Paddle model's fp32 arithmetic."""
+        """RotaryEmbedding's cos/sin caches [max_pos, d/2] of the angles pos_fp32 * inv_freq_fp32 (the Paddle model's
+        fp32 angles), each value rounded once from float64 (`rope.cos_sin_tables`): the same table on every CPU."""
         cfg = self.cfg
         d = cfg.head_dim
         cos, sin = cos_sin_tables(cfg.max_position_embeddings, d, cfg.rope_theta)

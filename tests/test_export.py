@@ -238,6 +238,17 @@ def test_export_refuses_and_leaves_nothing(exported, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # no output folder, no temporary folder
 
 
+def test_in_memory_export_records_why_it_was_not_verified(tmp_path):
+    from ernie_paddle.checkpoint import random_tensors
+
+    cfg = tiny_config()
+    m = pipeline.export(None, str(tmp_path / "o"), config=cfg, tensors=random_tensors(cfg, 0), verify=True)
+    reason = {"skipped": "in-memory tensors: there is no checkpoint to load the Paddle reference from"}
+    assert m["verification"] == reason  # not "--no-verify", which nobody passed
+    assert json.load(open(tmp_path / "o" / "manifest.json"))["verification"] == reason
+    assert m["source"] == {"path": None, "generated": "in-memory tensors (no checkpoint)"}
+
+
 def test_cli_export_summary_and_errors(exported, tmp_path):
     d, cfg, _ = exported("paddle-untied-gqa2", "ort")
     r = run_cli("export", "--model", d, "--out", str(tmp_path / "o"), "--precision", "int4", "--block-size", "16")
