@@ -62,15 +62,21 @@ class ErnieOrtBuilder:
     def w(self, name: str, a: np.ndarray) -> str:
         return self.g.weight(name, a.astype(self.np_dtype))
 
-    def linear(self, x: str, name: str, w_in_out: np.ndarray) -> str:
-        """x @ W for a Paddle-layout weight [K, N]: MatMul, or MatMulNBits when quantised."""
+    def projection(self, name: str, w_in_out: np.ndarray, fp_weight: str | None = None) -> Callable[[str], str]:
+        """x @ W for a Paddle-layout weight [K, N]: MatMul, or MatMulNBits when quantised. W's initializers are added
+        now (named `fp_weight`, default `name`; or `name`.qweight/.scales); the returned function adds the node."""
         k, n = w_in_out.shape
         if self.bits is None:
-            return self.g.op("MatMul", [x, self.w(name, w_in_out)], name=name)
+            w = self.w(fp_weight or name, w_in_out)
+            return lambda x: self.g.op("MatMul", [x, w], name=name)
         b, scales = matmul_nbits_weights(w_in_out, self.bits, self.block_size, self.quantizer, name + ".weight")
-        return self.g.op("MatMulNBits", [x, self.g.weight(name + ".qweight", b), self.g.weight(name + ".scales", scales)],
-                         domain=MS, name=name, K=k, N=n, bits=self.bits, block_size=self.block_size,
-                         accuracy_level=self.accuracy_level)
+        bw, sw = self.g.weight(name + ".qweight", b), self.g.weight(name + ".scales", scales)
+        return lambda x: self.g.op("MatMulNBits", [x, bw, sw], domain=MS, name=name, K=k, N=n, bits=self.bits,
+                                   block_size=self.block_size, accuracy_level=self.accuracy_level)
+
+    def linear(self, x: str, name: str, w_in_out: np.ndarray) -> str:
+        """x @ W for a Paddle-layout weight [K, N], applied at once."""
+        return self.projection(name, w_in_out)(x)
 
     def mlp(self, x: str, name: str, up_gate: np.ndarray, down: np.ndarray) -> str:
         """SwiGLU: down(silu(gate) * up) with up_gate = [gate | up] on the output axis."""
@@ -190,15 +196,7 @@ class ErnieOrtBuilder:
     def lm_head(self, embed_v_h: np.ndarray) -> Callable[[str], str]:
         """Add the LM head's weights from a [vocab, H] matrix (the tied embedding, or the untied head transposed);
         returns the function that applies the head to the final hidden states."""
-        if self.bits is None:
-            name = self.w("lm_head.weight", np.ascontiguousarray(embed_v_h.T))
-            return lambda x: self.g.op("MatMul", [x, name], name="lm_head")
-        linear_args = embed_v_h.T  # [H, V] in Paddle layout; quantised now, applied later
-        k, n = linear_args.shape
-        b, scales = matmul_nbits_weights(linear_args, self.bits, self.block_size, self.quantizer, "lm_head.weight")
-        bw, sw = self.g.weight("lm_head.qweight", b), self.g.weight("lm_head.scales", scales)
-        return lambda x: self.g.op("MatMulNBits", [x, bw, sw], domain=MS, name="lm_head", K=k, N=n, bits=self.bits,
-                                   block_size=self.block_size, accuracy_level=self.accuracy_level)
+        return self.projection("lm_head", embed_v_h.T, fp_weight="lm_head.weight")
 
     def norm(self, delta: str | None, residual: str, weight: np.ndarray, name: str) -> tuple[str, str]:
         """RMSNorm of residual + delta; returns (normed, new residual)."""
