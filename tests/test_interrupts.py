@@ -73,7 +73,8 @@ def test_export_interrupted_leaves_nothing(small_ckpt, tmp_path, sig, when):
     out = tmp_path / "exports" / "small"
     p = start("ernie_paddle.cli", "export", "--model", small_ckpt[0], "--out", str(out))
     if when == "temporary folder":  # while the graph is being built
-        wait_for(lambda: out.parent.is_dir() and os.listdir(out.parent), p, "the temporary folder")
+        wait_for(lambda: out.parent.is_dir() and any(f.startswith(".tmp-export-") for f in os.listdir(out.parent)),
+                 p, "the temporary folder")
     else:  # while Paddle is imported and the exported model is compared with it
         wait_for_line(p, when)
     p.send_signal(sig)
@@ -100,7 +101,7 @@ def test_make_checkpoint_interrupted_leaves_nothing(tmp_path):
     # one layer of the 0.3B preset: a 103424 x 1024 embedding, seconds of work once the staging folder exists
     p = start("ernie_paddle.cli", "make-checkpoint", "--preset", "0.3b", "--num-layers", "1", "--layout", "pt",
               "--dtype", "float32", "--out", str(out))
-    wait_for(lambda: os.listdir(tmp_path), p, "the staging folder")
+    wait_for(lambda: any(f.startswith(".tmp-ck-") for f in os.listdir(tmp_path)), p, "the staging folder")
     p.send_signal(signal.SIGTERM)
     assert_ended_cleanly(p, signal.SIGTERM)
     assert os.listdir(tmp_path) == []
