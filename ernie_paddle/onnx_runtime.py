@@ -20,6 +20,7 @@ import numpy as np
 from . import files
 from .config import ErnieConfig
 from .errors import InputError, OnnxFolderError  # noqa: F401  (OnnxFolderError: importable from here as before)
+from .precisions import BITS
 from .token_ids import check_token_ids
 from .rope import check_position_ids
 
@@ -117,7 +118,7 @@ class OnnxCausalLM:
         if provider not in PROVIDERS:
             raise InputError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
         precision = self.manifest.get("precision")
-        if provider == "cuda" and precision in ("int8", "int4", "int2"):
+        if provider == "cuda" and precision in BITS:
             raise InputError(f"{folder}: a {precision} export holds QMoE/MatMulNBits weights in the CPU layout; "
                              f"CUDA needs its own prepacked layout, not produced yet: run it with --provider cpu, "
                              f"or export fp16 for CUDA")
@@ -150,7 +151,7 @@ class OnnxCausalLM:
         n = self.config.num_hidden_layers
         if sum(1 for x in self.input_names if x.startswith("past_key_values.")) != 2 * n:
             raise OnnxFolderError(f"{model_path}: the graph's past_key_values inputs do not match "
-                                  f"num_hidden_layers={n} in config.json")
+                                  f"num_hidden_layers={n} in {files.CONFIG}")
 
     def check_ids(self, ids: np.ndarray) -> None:
         check_token_ids(ids, self.config.vocab_size)
