@@ -82,7 +82,8 @@ class GraphBuilder:
 
     def output(self, src: str, name: str, elem_type: int, shape: Sequence, first: bool = False) -> None:
         self.nodes.append(helper.make_node("Identity", [src], [name], name=self.fresh(f"out_{name}")))
-        self.outputs.insert(0 if first else len(self.outputs), helper.make_tensor_value_info(name, elem_type, list(shape)))
+        info = helper.make_tensor_value_info(name, elem_type, list(shape))
+        self.outputs.insert(0 if first else len(self.outputs), info)
 
     # ---- finish ----------------------------------------------------------------------------------------
     def save(self, path: str, graph_name: str, opset: int = 21, metadata: dict | None = None) -> None:

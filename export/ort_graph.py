@@ -23,7 +23,7 @@ from onnx import TensorProto, numpy_helper
 from ernie_paddle.checkpoint import TensorStream
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.precisions import BITS, EXPORT_PRECISIONS, expert_block
+from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, expert_block
 from ernie_paddle.rope import cos_sin_tables
 
 from .graph import MS, GraphBuilder
@@ -44,7 +44,7 @@ class SequenceInputs(NamedTuple):
 class ErnieOrtBuilder:
     """Builds one graph; `precision` in fp32 | fp16 | int8 | int4 | int2 (int: MatMulNBits / QMoE weights)."""
 
-    def __init__(self, cfg: ErnieConfig, g: GraphBuilder, precision: str, block_size: int = 32,
+    def __init__(self, cfg: ErnieConfig, g: GraphBuilder, precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
                  accuracy_level: int = 0, quantizer=None):
         if precision not in EXPORT_PRECISIONS:
             raise ValueError(f"precision must be one of {EXPORT_PRECISIONS}, got {precision!r}")
@@ -104,7 +104,8 @@ class ErnieOrtBuilder:
             if progress:
                 progress(f"layer {i}")
             L = f"layers.{i}"
-            normed, residual = self.norm(delta, residual, tensors.take(f"{L}.input_layernorm.weight"), f"{L}.input_layernorm")
+            normed, residual = self.norm(delta, residual, tensors.take(f"{L}.input_layernorm.weight"),
+                                         f"{L}.input_layernorm")
             o = self.attention(i, normed, tensors, seq, bias, cos, sin)
             normed, residual = self.norm(o, residual, tensors.take(f"{L}.post_attention_layernorm.weight"),
                                          f"{L}.post_attention_layernorm")
@@ -133,15 +134,15 @@ class ErnieOrtBuilder:
         return ids, mask
 
     def sequence(self, ids: str, mask: str) -> SequenceInputs:
-        """SequenceInputs bookkeeping shared by every layer, from the mask: GQA's int32 lengths and the rotary positions."""
+        """Sequence bookkeeping shared by every layer, from the mask: GQA's int32 lengths, the rotary positions."""
         g = self.g
         total = g.op("Gather", [g.op("Shape", [mask]), g.const(1)], axis=0)  # scalar int64
         seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1)], axis=0)
         total32 = g.op("Cast", [total], to=TensorProto.INT32)
         batch = g.op("Gather", [g.op("Shape", [ids]), g.const(0)], axis=0)
         # every row holds `total` slots (left padding): seqlens_k = total - 1 for all rows
-        seqlens = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.const(1)]), g.op("Unsqueeze", [batch, g.const([0])])])],
-                       to=TensorProto.INT32)
+        last = g.op("Sub", [total, g.const(1)])
+        seqlens = g.op("Cast", [g.op("Expand", [last, g.op("Unsqueeze", [batch, g.const([0])])])], to=TensorProto.INT32)
         # positions = cumsum(mask) - 1 (pads clipped to 0), last `seq` slots
         cums = g.op("Sub", [g.op("CumSum", [mask, g.const(1)]), g.const(1)])
         cums = g.op("Max", [cums, g.const(0)])

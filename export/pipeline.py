@@ -22,7 +22,7 @@ from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 from ernie_paddle.files import CONFIG, GENAI_CONFIG, MANIFEST, ONNX_MODEL, SIDE_FILES
 from ernie_paddle.memory import fp32_bytes, fp32_reference_fits
-from ernie_paddle.precisions import EXPORT_PRECISIONS, check_block_size
+from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, check_block_size
 
 from .genai import genai_config
 from .verify import FP32_LOGIT_TOL, compare, verification_prompts
@@ -96,7 +96,7 @@ class Options:
 
     flavor: str = "ort"
     precision: str = "fp32"
-    block_size: int = 32
+    block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 0
     quantizer: Callable | None = None  # None: round-to-nearest
     quantizer_name: str = "rtn"
@@ -112,9 +112,9 @@ class Options:
 
 
 def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precision: str = "fp32",
-           verify: bool = True, block_size: int = 32, accuracy_level: int = 0, strict_config: bool = False,
-           log: Log = lambda s: None, config: ErnieConfig | None = None, tensors=None, quantizer=None,
-           quantizer_name: str = "rtn") -> dict:
+           verify: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 0,
+           strict_config: bool = False, log: Log = lambda s: None, config: ErnieConfig | None = None,
+           tensors=None, quantizer=None, quantizer_name: str = "rtn") -> dict:
     """Export `model_dir` to `out_dir`; returns the manifest. Raises ExportError when fp32 parity fails.
 
     `config` + `tensors` (canonical (name, array) pairs, e.g. `checkpoint.random_tensors`) export weights that are
@@ -221,9 +221,9 @@ def _verify(model_dir: str, folder: str, cfg: ErnieConfig, opts: Options, log: L
     figures = compare(reference, candidate, verification_prompts(cfg.vocab_size))
     figures["reference"] = "paddle fp32"
     figures["execution_provider"] = provider
-    log(f"export: max |logit diff| {figures['max_abs_logit_diff']:.2e}, decode {figures['decode_max_abs_logit_diff']:.2e}, "
-        f"top-1 agreement {figures['top1_agreement']:.3f}, greedy identical "
-        f"{figures['greedy_identical_prompts']}/{figures['prompts']}")
+    log(f"export: max |logit diff| {figures['max_abs_logit_diff']:.2e}, "
+        f"decode {figures['decode_max_abs_logit_diff']:.2e}, top-1 agreement {figures['top1_agreement']:.3f}, "
+        f"greedy identical {figures['greedy_identical_prompts']}/{figures['prompts']}")
     if opts.precision == "fp32":
         worst = max(figures["max_abs_logit_diff"], figures["decode_max_abs_logit_diff"])
         if worst > FP32_LOGIT_TOL or figures["greedy_identical_prompts"] != figures["prompts"]:
