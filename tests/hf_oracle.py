@@ -11,7 +11,7 @@ project's table (`rope.inv_freq`, correctly rounded), so the tests compare imple
 from __future__ import annotations
 
 import numpy as np
-import torch  # imported here so that tests skip cleanly without the test extra
+import torch
 
 from ernie_paddle import rope
 from ernie_paddle.parity_probes import HFProbe
