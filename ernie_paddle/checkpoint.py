@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
+from .atomic import atomic_dir
 from .config import ErnieConfig
 from .errors import CheckpointError
 from .files import SIDE_FILES
@@ -84,9 +85,8 @@ def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]]
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     maps = {m.canonical: m for m in tensor_maps(cfg, layout)}
-    writer = ShardedWriter(out_dir, max_shard_bytes, metadata={"format": "pt" if layout != PADDLE else "paddle"},
-                           overwrite=overwrite)
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite, error=CheckpointError, noun="directory") as staging:
+        writer = ShardedWriter(staging, max_shard_bytes, metadata={"format": "pt" if layout != PADDLE else "paddle"})
         done = 0
         for name, array in tensors:
             m = maps.pop(name)
@@ -100,16 +100,13 @@ def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]]
                 progress(done, done + len(maps), name)
         if maps:
             raise CheckpointError(f"no data for tensor(s) {', '.join(list(maps)[:8])}")
-        cfg.save(writer.staging_dir, layout, dtype)
+        cfg.save(staging, layout, dtype)
         if side_files_from:
             for f in SIDE_FILES:
                 src = os.path.join(side_files_from, f)
                 if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(writer.staging_dir, f))
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+                    shutil.copy2(src, os.path.join(staging, f))
+        return writer.finish()
 
 
 def convert(src: str, out_dir: str, *, layout: str, dtype: str = "bfloat16", max_shard_bytes: int = 5 * 1024**3,
@@ -148,16 +145,6 @@ def make_checkpoint(cfg: ErnieConfig, out_dir: str, *, layout: str = PADDLE, dty
     """A random checkpoint of `cfg` in the real on-disk format, written shard by shard in bounded memory."""
     return write_checkpoint(cfg, random_tensors(cfg, seed), out_dir, layout=layout, dtype=dtype,
                             max_shard_bytes=max_shard_bytes, progress=progress)
-
-
-def __getattr__(name: str):
-    """`load_weights` and `save_pretrained` moved to `paddle_weights` (they need Paddle); importing them from here
-    keeps working, and imports Paddle only then."""
-    if name in ("load_weights", "save_pretrained"):
-        from . import paddle_weights
-
-        return getattr(paddle_weights, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["open_checkpoint", "read_canonical", "write_checkpoint", "convert", "random_tensors",

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -224,31 +222,20 @@ def _write_encoded(path: str, encoded: list[tuple[str, list[int], str, bytes]], 
 
 
 class ShardedWriter:
-    """Writes tensors one by one into shards of at most `max_shard_bytes`, then the index.
+    """Writes tensors one by one into shards of at most `max_shard_bytes` inside `directory`, then the index.
 
-    Files go to a temporary directory beside `out_dir`, renamed into place by `commit()`, so an interrupted
-    run never leaves a half-written checkpoint. Memory is bounded by one shard.
+    Memory is bounded by one shard. `directory` is the caller's staging folder (`atomic.atomic_dir`), so an
+    interrupted run never leaves a half-written checkpoint.
     """
 
-    def __init__(self, out_dir: str, max_shard_bytes: int = 5 * 1024**3, metadata: dict | None = None,
-                 overwrite: bool = False):
-        self.out_dir = os.path.abspath(out_dir)
-        if os.path.exists(self.out_dir) and not overwrite:
-            raise CheckpointError(f"{out_dir}: output directory already exists; choose a new one")
-        parent = os.path.dirname(self.out_dir) or "."
-        os.makedirs(parent, exist_ok=True)
-        self.tmp_dir = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(self.out_dir) + "-", dir=parent)
+    def __init__(self, directory: str, max_shard_bytes: int = 5 * 1024**3, metadata: dict | None = None):
+        self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata
         self._pending: list[tuple[str, list[int], str, bytes]] = []  # already encoded: memory = one shard
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
         self._total = 0
-
-    @property
-    def staging_dir(self) -> str:
-        """Where extra files (config.json, tokenizer) go before `commit()`."""
-        return self.tmp_dir
 
     def add(self, name: str, array: np.ndarray, dtype: str) -> None:
         nbytes = array.size * (2 if dtype in ("BF16", "F16") else 4)
@@ -261,35 +248,24 @@ class ShardedWriter:
     def _flush(self) -> None:
         i = len(self._shards)
         fname = f"shard-{i:05d}.safetensors"
-        _write_encoded(os.path.join(self.tmp_dir, fname), self._pending, self.metadata)
+        _write_encoded(os.path.join(self.directory, fname), self._pending, self.metadata)
         self._shards.append((fname, [e[0] for e in self._pending]))
         self._pending, self._pending_bytes = [], 0
 
-    def commit(self) -> list[str]:
-        """Finish the shards, write the index, and move the directory into place; returns the files."""
+    def finish(self) -> list[str]:
+        """Finish the shards and name them as Hugging Face does, writing the index when there are several."""
         if self._pending or not self._shards:
             self._flush()
         n = len(self._shards)
         if n == 1:
-            os.rename(os.path.join(self.tmp_dir, self._shards[0][0]), os.path.join(self.tmp_dir, SINGLE_FILE))
-            files = [SINGLE_FILE]
-        else:
-            weight_map, files = {}, []
-            for i, (tmp, names) in enumerate(self._shards):
-                final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                os.rename(os.path.join(self.tmp_dir, tmp), os.path.join(self.tmp_dir, final))
-                files.append(final)
-                weight_map.update({nm: final for nm in names})
-            with open(os.path.join(self.tmp_dir, INDEX_FILE), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": self._total}, "weight_map": weight_map}, f, indent=2)
-            files.append(INDEX_FILE)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp_dir, 0o777 & ~umask)  # mkdtemp made it private
-        if os.path.exists(self.out_dir):
-            shutil.rmtree(self.out_dir)
-        os.rename(self.tmp_dir, self.out_dir)
-        return files
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            os.rename(os.path.join(self.directory, self._shards[0][0]), os.path.join(self.directory, SINGLE_FILE))
+            return [SINGLE_FILE]
+        weight_map, files = {}, []
+        for i, (tmp, names) in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(os.path.join(self.directory, tmp), os.path.join(self.directory, final))
+            files.append(final)
+            weight_map.update({nm: final for nm in names})
+        with open(os.path.join(self.directory, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": self._total}, "weight_map": weight_map}, f, indent=2)
+        return files + [INDEX_FILE]

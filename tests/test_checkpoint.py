@@ -270,7 +270,3 @@ def test_checkpoint_io_is_numpy_only(tiny_ckpt):
             "print(n, sorted(m for m in sys.modules if m == 'paddle' or m.startswith('paddle.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == str(sum(1 for _ in random_tensors(tiny_ckpt[1]))) and out[1:] == ["[]"]
-    from ernie_paddle import checkpoint, paddle_weights
-
-    assert checkpoint.save_pretrained is paddle_weights.save_pretrained
-    assert checkpoint.load_weights is paddle_weights.load_weights

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from ernie_paddle import _runtime  # noqa: E402,F401  (MKL settings before Paddle)
 
 from ernie_paddle.atomic import check_new_dir, write_json  # noqa: E402
-from ernie_paddle.config import ErnieConfig  # noqa: E402
+from ernie_paddle.config import ErnieConfig, preset  # noqa: E402
 from ernie_paddle.interrupts import run_command  # noqa: E402
 from ernie_paddle.layout import Role, canonical_maps  # noqa: E402
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus  # noqa: E402
@@ -33,11 +33,9 @@ from ernie_paddle.errors import ErnieError  # noqa: E402
 from ernie_paddle.files import SPM_MODEL, TOKENIZER_CONFIG  # noqa: E402
 from ernie_paddle.training import evaluate, train_tokenizer  # noqa: E402
 
-CONFIG = dict(model_type="ernie4_5_moe", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
-              rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, moe_num_experts=8, moe_k=2,
-              moe_intermediate_size=128, moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=-1,
-              moe_layer_interval=1, moe_use_aux_free=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# The shipped model's shape: the "tiny" preset at a width that learns Shakespeare (vocab_size: the tokenizer's).
+SHAPE = dict(hidden_size=256, intermediate_size=768, head_dim=64, max_position_embeddings=2048,
+             moe_intermediate_size=128)
 
 
 def init_weights(model, cfg: ErnieConfig, rng: np.random.Generator) -> None:
@@ -90,7 +88,7 @@ def _optimizer(model, args: argparse.Namespace):
     biases = [layer.mlp.e_score_correction_bias for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
     for b in biases:
         b.stop_gradient = True
-    trainable = [q for n, q in model.named_parameters() if not n.endswith("e_score_correction_bias")]
+    trainable = [q for q in model.parameters() if all(q is not b for b in biases)]  # the biases are not trained
     warmup = max(1, args.steps // 20)
     sched = paddle.optimizer.lr.LambdaDecay(args.lr, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
@@ -150,7 +148,7 @@ def _train_and_save(args: argparse.Namespace) -> None:
     """Tokenizer, training, evaluation and the checkpoint folder at `args.out` (all or nothing)."""
     import paddle
 
-    from ernie_paddle.checkpoint import save_pretrained
+    from ernie_paddle.paddle_weights import save_pretrained
     from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
     from ernie_paddle.tokenizer import ErnieTokenizer
 
@@ -167,7 +165,7 @@ def _train_and_save(args: argparse.Namespace) -> None:
         print(f"tokenizer: {tok.vocab_size} pieces; train {len(train_ids)} tokens, held-out {len(heldout_ids)}",
               file=sys.stderr, flush=True)
 
-        cfg = ErnieConfig.from_dict(dict(CONFIG, vocab_size=tok.vocab_size), strict=True)
+        cfg = preset("tiny", vocab_size=tok.vocab_size, **SHAPE)
         model = Ernie4_5_MoeForCausalLM(cfg)
         init_weights(model, cfg, rng)
         log, biases = _train(model, cfg, train_ids, args, rng, t0)
