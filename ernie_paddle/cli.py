@@ -16,9 +16,10 @@ from typing import Sequence
 
 from . import cli_commands
 from .cli_args import (block_size, default_model_dir, dtype_arg, folder, generate_args, input_file,  # noqa: F401
-                       logits_args, model_arg, non_negative_int, output_file, positive_int, progress_printer,
-                       size)
+                       log_line, logits_args, model_arg, non_negative_int, output_file, positive_int,
+                       progress_printer, size)
 from .errors import CheckpointError, ErnieError
+from .export.pipeline import FLAVORS
 from .interrupts import run_command
 from .layout import PADDLE, PT
 from .precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, PLAN_PRECISIONS
@@ -63,7 +64,7 @@ def cmd_export(args) -> int:
     t0 = time.time()
     m = export(args.model, args.out, flavor=args.flavor, precision=args.precision, verify=not args.no_verify,
                block_size=args.block_size, accuracy_level=args.accuracy_level, strict_config=args.strict_config,
-               log=lambda s: print(s, file=sys.stderr, flush=True))
+               log=log_line)
     sizes = {f: os.path.getsize(os.path.join(args.out, f)) for f in sorted(os.listdir(args.out))}
     print(f"wrote {args.out} ({m['flavor']} flavour, {m['precision']}) in {time.time() - t0:.1f}s:", file=sys.stderr)
     for f, n in sizes.items():
@@ -112,7 +113,7 @@ def cmd_parity(args) -> int:
     cfg = cli_commands.folder_config(args)
     prompts = parity_prompts(args.prompts, args.model, cfg.vocab_size)
     report = parity.run(args.model, args.onnx or [], args.hf, prompts, args.greedy_tokens,
-                        log=lambda s: print(s, file=sys.stderr, flush=True), gguf_files=args.gguf or [])
+                        log=log_line, gguf_files=args.gguf or [])
     print(parity.format_table(report))
     if args.json:
         from .atomic import write_json
@@ -152,7 +153,7 @@ def _strict_config(sp: argparse.ArgumentParser) -> None:
 def _export_args(e: argparse.ArgumentParser) -> None:
     model_arg(e, checked=False)  # export checks --out first, then the model folder (export.pipeline)
     e.add_argument("--out", required=True, help="new output folder")
-    e.add_argument("--flavor", default="ort", choices=["ort", "portable"],
+    e.add_argument("--flavor", default="ort", choices=FLAVORS,
                    help="ort: ONNX Runtime fused ops (default); portable: standard ONNX ops via paddle2onnx")
     e.add_argument("--precision", default="fp32", choices=EXPORT_PRECISIONS)
     e.add_argument("--block-size", type=block_size, default=DEFAULT_BLOCK_SIZE,

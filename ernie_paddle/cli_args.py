@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from . import files
+from .interrupts import raise_if_interrupted
 from .precisions import DTYPES, check_block_size
 from .sizes import parse_size
 
@@ -160,11 +161,18 @@ def logits_args(lg: argparse.ArgumentParser) -> None:
     lg.add_argument("--out", required=True, type=output_file, help="output .npy file")
 
 
+def log_line(text: str) -> None:
+    """A progress line of a long command on stderr (also a step boundary for a lost Ctrl-C / SIGTERM)."""
+    raise_if_interrupted()
+    print(text, file=sys.stderr, flush=True)
+
+
 def progress_printer(label: str) -> Callable[[int, int, str], None]:
     """Progress on stderr: about every 5% and at the end, with elapsed time."""
     t0, last = time.time(), [-1]
 
     def report(done: int, total: int, name: str) -> None:
+        raise_if_interrupted()  # a step boundary: where a lost Ctrl-C / SIGTERM takes effect
         pct = int(100 * done / max(total, 1))
         if pct // 5 != last[0] or done == total:
             last[0] = pct // 5
@@ -209,8 +217,8 @@ def parity_prompts(path: str | None, model_dir: str, vocab_size: int) -> list[li
     for i, ids in enumerate(prompts):
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad or not ids:
-            raise InputError(f"--prompts {path or '(default)'}: prompt {i + 1}: " + (f"token id {bad[0]} is out of range for "
-                             f"vocab_size {vocab_size}" if bad else "no tokens"))
+            why = f"token id {bad[0]} is out of range for vocab_size {vocab_size}" if bad else "no tokens"
+            raise InputError(f"--prompts {path or '(default)'}: prompt {i + 1}: {why}")
     return prompts
 
 

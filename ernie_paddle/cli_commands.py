@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from .cli_args import SAMPLING, sampling_given
 from .errors import ConfigDefaultWarning, ErnieError, InputError
-from .interrupts import run_command
+from .interrupts import raise_if_interrupted, run_command
 from .sysinfo import peak_rss
 
 Load = Callable[[argparse.Namespace], Any]  # the model for these arguments (Paddle, ONNX Runtime, distributed)
@@ -165,6 +165,7 @@ def _stream(model, prompt: Prompt, gen, quiet: bool) -> tuple[list[int], float, 
     decoder = IncrementalDecoder(prompt.tokenizer, prompt.ids) if prompt.tokenizer and not quiet else None
     t0, new, first = time.time(), [], None
     for t in stream(model, prompt.ids, gen):
+        raise_if_interrupted()  # a step boundary: where a lost Ctrl-C / SIGTERM takes effect
         if first is None:
             first = time.time() - t0
             print(prompt.echo or "", end="", flush=True)

@@ -23,13 +23,27 @@ class Terminated(BaseException):
     """The process received SIGTERM (raised in the main thread so that cleanup runs)."""
 
 
+_received: int | None = None  # the signal being acted on, until run_command has reported it
+
+
+def _exception(signum: int) -> BaseException:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _first_signal(signum: int, frame) -> None:
+    global _received
+    _received = signum
     # Later signals are ignored so the cleanup this one starts is not cut short (SIGKILL still ends it).
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
-    if signum == signal.SIGTERM:
-        raise Terminated()
-    raise KeyboardInterrupt()
+    raise _exception(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt again if it was lost. A handler's exception can be swallowed by C code that clears
+    errors (seen inside numpy's import, in `abc.__subclasscheck__`), so long loops call this between steps."""
+    if _received is not None:
+        raise _exception(_received)
 
 
 @contextlib.contextmanager
@@ -58,10 +72,13 @@ def _stdout_to_devnull() -> None:
 def run_command(command: Callable[[], int], prog: str) -> int:
     """Run `command` and return its exit status; an interrupt or a closed stdout ends it with one line on stderr
     (none for the pipe: its reader is gone on purpose) and 130 (Ctrl-C), 143 (SIGTERM) or 141 (closed pipe)."""
+    global _received
+    _received = None
     try:
         with signals_as_exceptions():
             status = command()
             sys.stdout.flush()  # a closed pipe is reported here, not at interpreter exit
+            raise_if_interrupted()  # one that was swallowed and found no later step still sets the status
             return status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (SIGINT)", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ from conftest import prompt, run_cli
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("ernie-paddle")
-    assert exe, "the ernie-paddle console script is not on PATH (pip install -e .)"
+    # beside this interpreter (a virtual environment that is not activated), else on PATH
+    exe = shutil.which("ernie-paddle", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    assert exe, "the ernie-paddle console script is not installed (pip install -e .)"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "make-checkpoint" in out.stdout
 

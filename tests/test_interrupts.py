@@ -14,6 +14,9 @@ import time
 
 import pytest
 
+from ernie_paddle.cli_args import progress_printer
+from ernie_paddle.interrupts import run_command
+
 STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 MESSAGE = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "terminated (SIGTERM)"}
 
@@ -105,6 +108,30 @@ def test_make_checkpoint_interrupted_leaves_nothing(tmp_path):
     p.send_signal(signal.SIGTERM)
     assert_ended_cleanly(p, signal.SIGTERM)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("next_step", [True, False])
+def test_a_swallowed_interrupt_still_ends_the_command(capsys, next_step):
+    """A handler's exception can be cleared by C code (a SIGTERM landing in numpy's import, inside
+    abc.__subclasscheck__, was lost and the export ran to the end): the next step boundary raises it again, and
+    a command that has none left still ends with the signal's status."""
+    steps, before = [], signal.getsignal(signal.SIGTERM)
+
+    def command() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises Terminated in here...
+        except BaseException:
+            pass  # ...and it is swallowed, as C code that clears errors does
+        if next_step:
+            progress_printer("work")(1, 2, "tensor")
+        steps.append("went on")
+        return 0
+
+    assert run_command(command, "prog") == 143
+    assert steps == ([] if next_step else ["went on"])
+    assert capsys.readouterr().err.splitlines()[-1] == "prog: terminated (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler in place before is back
 
 
 def test_closed_stdout_ends_quietly(tiny_ckpt):
