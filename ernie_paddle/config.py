@@ -13,6 +13,7 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from . import files
 from .errors import ConfigDefaultWarning, ConfigError
 
 MOE_TYPE = "ernie4_5_moe"
@@ -117,7 +118,7 @@ class ErnieConfig:
 
     # ---- (de)serialisation -----------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict, *, strict: bool = False, source: str = "config.json") -> "ErnieConfig":
+    def from_dict(cls, raw: dict, *, strict: bool = False, source: str = files.CONFIG) -> "ErnieConfig":
         """Validate `raw` (a parsed config.json); `source` names the file in every message."""
         return _parse(raw, strict=strict, source=source)
 
@@ -125,7 +126,7 @@ class ErnieConfig:
     def from_file(cls, path: str, *, strict: bool = False) -> "ErnieConfig":
         """Read `path` (a config.json, or a directory holding one)."""
         if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
+            path = os.path.join(path, files.CONFIG)
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: no such file (a checkpoint directory needs a config.json)")
         try:
@@ -163,7 +164,7 @@ class ErnieConfig:
         if dtype:
             d["dtype"] = dtype
             d["torch_dtype"] = dtype
-        with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(directory, files.CONFIG), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2, sort_keys=False)
             f.write("\n")
 

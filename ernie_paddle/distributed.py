@@ -24,7 +24,7 @@ here; the plain `paddle.distributed.all_reduce` on fleet's model-parallel group 
 
 from __future__ import annotations
 
-from . import _runtime  # noqa: F401  (thread / MKL settings must precede `import paddle`)
+from . import paddle_env  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
 import os
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn as nn
 
-from . import kernels_gpu
+from . import files, kernels_gpu
 from .checkpoint import open_checkpoint
 from .config import ErnieConfig
 from .errors import InputError
@@ -226,7 +226,7 @@ def from_pretrained_parallel(directory: str, plan: ParallelPlan | None = None, *
     """This rank's slice of the checkpoint in `directory`, ready for `forward` / `generation.generate` (run them on
     every rank with the same inputs; every rank gets the full logits). `plan` defaults to `init()`."""
     plan = plan or init()
-    cfg = ErnieConfig.from_file(os.path.join(directory, "config.json"), strict=strict_config)
+    cfg = ErnieConfig.from_file(os.path.join(directory, files.CONFIG), strict=strict_config)
     model = build(cfg, plan, dtype)
     load(model, directory, allow_pickle)
     if fused or (fused is None and kernels_gpu.gpu_active()):

@@ -9,7 +9,7 @@ Shapes: B batch, T new tokens, S cached + new tokens, H hidden, nh/nkv heads, d 
 
 from __future__ import annotations
 
-from . import _runtime  # noqa: F401  (thread / MKL settings must precede `import paddle`)
+from . import paddle_env  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
 import contextlib
 import os
@@ -23,7 +23,7 @@ import paddle.nn.functional as F
 
 from .config import ErnieConfig
 from .errors import InputError
-from . import kernels_gpu, rope
+from . import files, kernels_gpu, rope
 from .token_ids import check_token_ids
 from .moe import EXPERT_PASSES, route
 
@@ -294,7 +294,7 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
         """
         from .paddle_weights import load_weights
 
-        cfg = config or ErnieConfig.from_file(os.path.join(directory, "config.json"), strict=strict_config)
+        cfg = config or ErnieConfig.from_file(os.path.join(directory, files.CONFIG), strict=strict_config)
         model = cls(cfg, dtype)
         load_weights(model, directory, allow_pickle)
         if fused or (fused is None and kernels_gpu.gpu_active()):

@@ -5,7 +5,7 @@ The Paddle-needing half of checkpoint I/O (`checkpoint.py` is numpy only).
 
 from __future__ import annotations
 
-from . import _runtime  # noqa: F401  (thread / MKL settings must precede `import paddle`)
+from . import paddle_env  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
 from typing import Iterable
 

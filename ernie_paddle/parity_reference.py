@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import _runtime  # noqa: F401  (thread / MKL settings before Paddle is imported below)
+from . import paddle_env  # noqa: F401  (thread / MKL settings before Paddle is imported below)
 from .parity_report import Trace
 
 

@@ -6,7 +6,7 @@ allowed and the directory has no safetensors, so reading safetensors never impor
 
 from __future__ import annotations
 
-from . import _runtime  # noqa: F401  (thread / MKL settings must precede `import paddle`)
+from . import paddle_env  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
 import os
 

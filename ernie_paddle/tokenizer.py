@@ -71,8 +71,8 @@ class ErnieTokenizer:
         else:
             raise TokenizerError(f"{directory}: no {files.SPM_MODEL} or {files.TOKENIZER_JSON} (prompts as text need "
                                  f"one; use --input-ids otherwise)")
-        self.chat_template_kind = "ernie"
-        self.init_kwargs = _read_json_object(os.path.join(directory, files.TOKENIZER_CONFIG))
+        # nothing in it is used yet (the chat template is ERNIE-4.5's own), but a corrupt file is named now
+        _read_json_object(os.path.join(directory, files.TOKENIZER_CONFIG))
         self.special_ids = {name: self._id(piece) for name, piece in SPECIAL.items()}
         self.all_special_ids = {i for i in (self._id(p) for p in list(SPECIAL.values()) + MASK_TOKENS)
                                 if i is not None}

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ernie_paddle import files
 from ernie_paddle.atomic import atomic_path
 from ernie_paddle.checkpoint import TensorStream, read_canonical
 from ernie_paddle.config import ErnieConfig
@@ -115,7 +116,7 @@ def _arrays(cfg: ErnieConfig, directory: str | None, source=None) -> Iterator[tu
 def _vocab(directory: str, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
     """Pieces, scores and token types from tokenizer.model, padded to vocab_size (random checkpoints: placeholders)."""
     pieces, scores, types = [], [], []
-    spm_path = os.path.join(directory, "tokenizer.model")
+    spm_path = os.path.join(directory, files.SPM_MODEL)
     if os.path.isfile(spm_path):
         import sentencepiece as spm
 

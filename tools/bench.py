@@ -23,6 +23,7 @@ from typing import NamedTuple
 from ernie_paddle.atomic import write_json, write_png
 from ernie_paddle.generation import logits_numpy
 from ernie_paddle.interrupts import run_command
+from ernie_paddle.precisions import BITS
 
 ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "hf", "llama-f16", "llama-q8_0",
                    "llama-q4_0"]
@@ -110,7 +111,7 @@ def _export_folder(engine: str, out: str, source) -> str | None:
     log(f"bench: exporting {engine}")
     try:
         export(directory, out, flavor=flavor, precision=precision, verify=False, config=cfg, tensors=tensors,
-               accuracy_level=4 if precision in ("int8", "int4", "int2") else 0, log=log)
+               accuracy_level=4 if precision in BITS else 0, log=log)
     except ExportError as err:
         return str(err)[:200]
     return None

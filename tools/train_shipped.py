@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # deterministic reductions; set b
 
 import numpy as np  # noqa: E402
 
-from ernie_paddle import _runtime  # noqa: E402,F401  (MKL settings before Paddle)
+from ernie_paddle import paddle_env  # noqa: E402,F401  (MKL settings before Paddle)
 
 from ernie_paddle.atomic import check_new_dir, write_json  # noqa: E402
 from ernie_paddle.config import ErnieConfig, preset  # noqa: E402
