@@ -15,6 +15,7 @@ from typing import Any
 
 from . import files
 from .errors import ConfigDefaultWarning, ConfigError
+from .jsonfile import read_json_object
 
 MOE_TYPE = "ernie4_5_moe"
 DENSE_TYPE = "ernie4_5"
@@ -129,14 +130,7 @@ class ErnieConfig:
             path = os.path.join(path, files.CONFIG)
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: no such file (a checkpoint directory needs a config.json)")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object at the top level")
-        return _parse(raw, strict=strict, source=path)
+        return _parse(read_json_object(path, ConfigError), strict=strict, source=path)
 
     def to_dict(self, layout: str = "pt") -> dict:
         """All fields, written explicitly (no framework defaults), in the style of the given layout."""

@@ -11,7 +11,6 @@ updates in place (bound as both `past_key_values.N.*` and `present.N.*`); for th
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -19,14 +18,11 @@ import numpy as np
 
 from . import files
 from .config import ErnieConfig
-from .errors import InputError, OnnxFolderError  # noqa: F401  (OnnxFolderError: importable from here as before)
+from .errors import InputError, OnnxFolderError
+from .jsonfile import read_json_object
 from .precisions import BITS
 from .token_ids import check_token_ids
 from .rope import check_position_ids
-
-MANIFEST = files.MANIFEST
-MODEL_FILE = files.ONNX_MODEL
-
 
 @dataclass
 class OnnxCache:
@@ -44,18 +40,11 @@ class OnnxOutput:
 
 
 def load_manifest(folder: str) -> dict:
-    path = os.path.join(folder, MANIFEST)
+    path = os.path.join(folder, files.MANIFEST)
     if not os.path.isfile(path):
-        raise OnnxFolderError(f"{folder}: not an exported model folder (no {MANIFEST}); create one with "
+        raise OnnxFolderError(f"{folder}: not an exported model folder (no {files.MANIFEST}); create one with "
                               f"`ernie-paddle export`")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OnnxFolderError(f"{path}: corrupt manifest ({e})") from None
-    if not isinstance(manifest, dict):
-        raise OnnxFolderError(f"{path}: corrupt manifest (expected a JSON object)")
-    return manifest
+    return read_json_object(path, OnnxFolderError)
 
 
 def check_external_data(model_path: str, data_dir: str | None = None) -> None:
@@ -108,13 +97,13 @@ class OnnxCausalLM:
         self.folder = folder
         self.manifest = load_manifest(folder)
         self.config = ErnieConfig.from_file(os.path.join(folder, files.CONFIG))
-        model_path = model_file or os.path.join(folder, self.manifest.get("model_file", MODEL_FILE))
+        model_path = model_file or os.path.join(folder, self.manifest.get("model_file", files.ONNX_MODEL))
         if not os.path.isfile(model_path):
             raise OnnxFolderError(f"{model_path}: missing model file")
         for name in self.manifest.get("external_data", []):
             if not os.path.isfile(os.path.join(folder, name)):
                 raise OnnxFolderError(f"{os.path.join(folder, name)}: missing external data file listed in "
-                                      f"{MANIFEST}")
+                                      f"{files.MANIFEST}")
         if provider not in PROVIDERS:
             raise InputError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
         precision = self.manifest.get("precision")

@@ -9,12 +9,12 @@ Only `sentencepiece` (or `tokenizers` for a `tokenizer.json`) is needed: no padd
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable, Sequence
 
 from . import files
-from .errors import ErnieError, TokenizerError  # noqa: F401  (TokenizerError: importable from here as before)
+from .errors import ErnieError, TokenizerError
+from .jsonfile import read_json_object
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<unk>", "cls": "<|begin_of_sentence|>",
            "sep": "<|end_of_sentence|>", "mask": "<mask:1>"}
@@ -134,14 +134,7 @@ def _read_json_object(path: str) -> dict:
     """A JSON object file of the tokenizer ({} when absent); a corrupt one is named."""
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise TokenizerError(f"{path}: expected a JSON object at the top level")
-    return obj
+    return read_json_object(path, TokenizerError)
 
 
 class IncrementalDecoder:

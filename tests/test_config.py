@@ -100,10 +100,16 @@ def test_bad_config_values(change, message):
 def test_from_file_names_the_file(tmp_path):
     p = tmp_path / "config.json"
     p.write_text("{not json")
-    with pytest.raises(ConfigError, match=f"{p}: not valid JSON"):
+    with pytest.raises(ConfigError, match=f"{p}: cannot read it as JSON"):
         ErnieConfig.from_file(str(tmp_path))
     with pytest.raises(ConfigError, match="no such file"):
         ErnieConfig.from_file(str(tmp_path / "nope"))
+    p.write_bytes(b'{"model_type": "ernie4_5_moe\xff"}')  # not UTF-8: a traceback until this was tested
+    with pytest.raises(ConfigError, match=f"{p}: cannot read it as JSON .*utf-8"):
+        ErnieConfig.from_file(str(tmp_path))
+    p.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=f"{p}: expected a JSON object at the top level"):
+        ErnieConfig.from_file(str(tmp_path))
     d = dict(PT_21B)
     del d["moe_k"]
     p.write_text(json.dumps(d))

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from ernie_paddle.tokenizer import ErnieTokenizer, IncrementalDecoder, TokenizerError, chat_prompt
+from ernie_paddle.errors import TokenizerError
+from ernie_paddle.tokenizer import ErnieTokenizer, IncrementalDecoder, chat_prompt
 from ernie_paddle.corpus import split_corpus
 from ernie_paddle.training import train_tokenizer
 
