@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from . import files
+from .errors import InputError
 from .interrupts import raise_if_interrupted
 from .precisions import DTYPES, check_block_size
 from .sizes import parse_size
@@ -77,11 +78,12 @@ def block_size(text: str) -> int:
     """A quantisation block size, by the exporter's rule (`precisions.check_block_size`)."""
     try:
         value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    try:
         check_block_size(value)
-    except ValueError as e:
-        rule = str(e).replace("--block-size ", "")  # argparse names the argument itself
-        raise argparse.ArgumentTypeError(rule if "power of two" in rule else f"expected an integer, got {text!r}") \
-            from None
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import InputError
+
 # Exported ONNX folders (`ernie-paddle export --precision`).
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")
 # What the memory planner models: the exports plus Paddle's bf16 on GPU.
@@ -13,10 +15,17 @@ BITS = {"int8": 8, "int4": 4, "int2": 2}
 DEFAULT_BLOCK_SIZE = 32
 
 
+def float_bytes(precision: str) -> int:
+    """Bytes per value of a float precision of `PLAN_PRECISIONS`: 2 for bf16 and fp16, 4 for fp32."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
 def check_block_size(block_size: int) -> None:
-    """MatMulNBits takes blocks that are powers of two of at least 16 elements."""
+    """MatMulNBits takes blocks that are powers of two of at least 16 elements.
+
+    Raises InputError stating the rule alone, so that argparse's `argument --block-size: ` prefix reads well."""
     if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"--block-size must be a power of two >= 16 (MatMulNBits), got {block_size}")
+        raise InputError(f"must be a power of two >= 16 (MatMulNBits), got {block_size}")
 
 
 def expert_block(bits: int, block_size: int) -> int | None:
