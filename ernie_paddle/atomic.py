@@ -71,7 +71,8 @@ def write_png(fig, path: str) -> None:
 
 
 def check_new_dir(path: str, error: type[Exception] = ErnieError, noun: str = "folder") -> None:
-    """Refuse an empty path, or a `path` that exists and is not an empty folder (nothing is ever overwritten).
+    """Refuse an empty path, a `path` that exists and is not an empty folder (nothing is ever overwritten), or one
+    that cannot be created because a file stands where one of its parent folders should be.
 
     Call it before any work starts; `atomic_dir` checks again. `error` is the caller's exception type and
     `noun` its word ("folder" for exports, "directory" for checkpoints), so messages stay as users know them.
@@ -80,6 +81,11 @@ def check_new_dir(path: str, error: type[Exception] = ErnieError, noun: str = "f
         raise error(f"the output {noun} name is empty; give a new {noun} to create")
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
         raise error(f"{path}: output {noun} already exists; choose a new one")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise error(f"{path}: cannot create the output {noun}: {ancestor} is a file, not a {noun}")
 
 
 @contextlib.contextmanager

@@ -17,14 +17,16 @@ import numpy as np
 from .atomic import atomic_dir
 from .config import ErnieConfig
 from .errors import CheckpointError
-from .files import SIDE_FILES
+from .files import INDEX_FILE, SIDE_FILES, SINGLE_FILE
 from .layout import LAYOUTS, PADDLE, PT, Role, TensorMap, iter_canonical, tensor_maps
-from .safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointReader, ShardedWriter, pickled_files
+from .precisions import DTYPES
+from .safetensors_io import MAX_SHARD_BYTES, CheckpointReader, ShardedWriter, pickled_files
 
 if TYPE_CHECKING:
     from .pdparams import PickleReader
 
-DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# The safetensors dtype each Paddle dtype of `precisions.DTYPES` (float32, bfloat16, float16) is written in.
+ST_DTYPES = dict(zip(DTYPES, ("F32", "BF16", "F16")))
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 
@@ -71,7 +73,7 @@ def read_canonical(directory: str, cfg: ErnieConfig | None = None, allow_pickle:
 
 
 def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, *,
-                     layout: str = PADDLE, dtype: str = "bfloat16", max_shard_bytes: int = 5 * 1024**3,
+                     layout: str = PADDLE, dtype: str = "bfloat16", max_shard_bytes: int = MAX_SHARD_BYTES,
                      side_files_from: str | None = None, progress: Progress | None = None,
                      overwrite: bool = False) -> list[str]:
     """Write canonical (name, array) pairs, in `tensor_maps` order, as a checkpoint directory.
@@ -82,8 +84,8 @@ def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]]
     """
     if layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if dtype not in ST_DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(ST_DTYPES)}")
     maps = {m.canonical: m for m in tensor_maps(cfg, layout)}
     with atomic_dir(out_dir, overwrite=overwrite, error=CheckpointError, noun="directory") as staging:
         writer = ShardedWriter(staging, max_shard_bytes, metadata={"format": "pt" if layout != PADDLE else "paddle"})
@@ -92,7 +94,7 @@ def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]]
             m = maps.pop(name)
             if tuple(array.shape) != m.shape:
                 raise CheckpointError(f"tensor '{name}' has shape {list(array.shape)}, expected {list(m.shape)}")
-            st_dtype = "F32" if m.keep_fp32 else DTYPES[dtype]
+            st_dtype = "F32" if m.keep_fp32 else ST_DTYPES[dtype]
             for (disk_name, disk_shape), part in zip(m.parts, m.split(array)):
                 writer.add(disk_name, np.ascontiguousarray(part), st_dtype)
             done += 1
@@ -102,14 +104,19 @@ def write_checkpoint(cfg: ErnieConfig, tensors: Iterable[tuple[str, np.ndarray]]
             raise CheckpointError(f"no data for tensor(s) {', '.join(list(maps)[:8])}")
         cfg.save(staging, layout, dtype)
         if side_files_from:
-            for f in SIDE_FILES:
-                src = os.path.join(side_files_from, f)
-                if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(staging, f))
+            copy_side_files(side_files_from, staging)
         return writer.finish()
 
 
-def convert(src: str, out_dir: str, *, layout: str, dtype: str = "bfloat16", max_shard_bytes: int = 5 * 1024**3,
+def copy_side_files(src: str, dst: str) -> None:
+    """Copy the tokenizer and generation files (`files.SIDE_FILES`) that folder `src` has into folder `dst`."""
+    for f in SIDE_FILES:
+        path = os.path.join(src, f)
+        if os.path.isfile(path):
+            shutil.copy2(path, os.path.join(dst, f))
+
+
+def convert(src: str, out_dir: str, *, layout: str, dtype: str = "bfloat16", max_shard_bytes: int = MAX_SHARD_BYTES,
             strict_config: bool = False, progress: Progress | None = None, allow_pickle: bool = False) -> list[str]:
     """Convert a checkpoint between layouts (and dtypes), streaming; tokenizer files are copied along."""
     cfg = ErnieConfig.from_file(src, strict=strict_config)
@@ -141,11 +148,12 @@ def random_tensors(cfg: ErnieConfig, seed: int = 0) -> Iterator[tuple[str, np.nd
 
 
 def make_checkpoint(cfg: ErnieConfig, out_dir: str, *, layout: str = PADDLE, dtype: str = "bfloat16",
-                    seed: int = 0, max_shard_bytes: int = 5 * 1024**3, progress: Progress | None = None) -> list[str]:
+                    seed: int = 0, max_shard_bytes: int = MAX_SHARD_BYTES, progress: Progress | None = None
+                    ) -> list[str]:
     """A random checkpoint of `cfg` in the real on-disk format, written shard by shard in bounded memory."""
     return write_checkpoint(cfg, random_tensors(cfg, seed), out_dir, layout=layout, dtype=dtype,
                             max_shard_bytes=max_shard_bytes, progress=progress)
 
 
-__all__ = ["open_checkpoint", "read_canonical", "write_checkpoint", "convert", "random_tensors",
+__all__ = ["open_checkpoint", "read_canonical", "write_checkpoint", "copy_side_files", "convert", "random_tensors",
            "make_checkpoint", "PADDLE", "PT"]

@@ -15,16 +15,19 @@ import time
 from typing import Sequence
 
 from . import cli_commands
-from .cli_args import (block_size, default_model_dir, dtype_arg, folder, generate_args, input_file,  # noqa: F401
-                       log_line, logits_args, model_arg, non_negative_int, output_file, positive_int,
-                       progress_printer, size)
+from .cli_args import (allow_pickle_arg, block_size, dtype_arg, folder, generate_args, input_file, log_line,
+                       logits_args, model_arg, non_negative_int, output_file, paddle_model_args, positive_int,
+                       progress_printer, size, strict_config_arg)
+from .cli_args import default_model_dir  # noqa: F401  (the README's Python example imports it from here)
 from .errors import CheckpointError, ErnieError
 from .export.pipeline import FLAVORS
 from .interrupts import run_command
 from .layout import PADDLE, PT
 from .precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, PLAN_PRECISIONS
+from .safetensors_io import MAX_SHARD_BYTES
 
-LAYOUTS = (PADDLE, PT)  # what --layout offers: the released -Paddle and -PT layouts
+# what --layout offers: the released -Paddle and -PT layouts (layout.LAYOUTS adds pt-fused, which is only read)
+WRITABLE_LAYOUTS = (PADDLE, PT)
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------
@@ -108,19 +111,19 @@ def cmd_make_checkpoint(args) -> int:
 
 def cmd_parity(args) -> int:
     from . import parity
-    from .cli_args import parity_prompts
+    from .parity_report import format_table, plot
 
     cfg = cli_commands.folder_config(args)
-    prompts = parity_prompts(args.prompts, args.model, cfg.vocab_size)
+    prompts = cli_commands.parity_prompts(args.prompts, args.model, cfg.vocab_size)
     report = parity.run(args.model, args.onnx or [], args.hf, prompts, args.greedy_tokens,
                         log=log_line, gguf_files=args.gguf or [])
-    print(parity.format_table(report))
+    print(format_table(report))
     if args.json:
         from .atomic import write_json
 
         write_json(args.json, report)
     if args.plot:
-        parity.plot(report, args.plot)
+        plot(report, args.plot)
     return 0
 
 
@@ -136,20 +139,6 @@ def cmd_memory(args) -> int:
 
 
 # ---- the parser ----------------------------------------------------------------------------------------------------
-def _paddle_model_args(sp: argparse.ArgumentParser) -> None:
-    model_arg(sp)
-    dtype_arg(sp, "float32", "compute dtype (CPU computes in float32 only)")
-    sp.add_argument("--device", default=None, help="Paddle device, e.g. cpu or gpu:0 (default: Paddle's)")
-    _strict_config(sp)
-    sp.add_argument("--allow-pickle", action="store_true",
-                    help="also read pickled .pdparams weights (only files you trust: unpickling can run code)")
-
-
-def _strict_config(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--strict-config", action="store_true",
-                    help="treat a missing config field that needs a default as an error")
-
-
 def _export_args(e: argparse.ArgumentParser) -> None:
     model_arg(e, checked=False)  # export checks --out first, then the model folder (export.pipeline)
     e.add_argument("--out", required=True, help="new output folder")
@@ -161,7 +150,7 @@ def _export_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits/QMoE accuracy_level (4: int8 activations, faster)")
     e.add_argument("--no-verify", action="store_true", help="skip the parity check against the Paddle model")
-    _strict_config(e)
+    strict_config_arg(e)
 
 
 def _parity_args(pr: argparse.ArgumentParser) -> None:
@@ -176,7 +165,7 @@ def _parity_args(pr: argparse.ArgumentParser) -> None:
     pr.add_argument("--greedy-tokens", type=non_negative_int, default=32)
     pr.add_argument("--json", default=None, type=output_file, help="write the report as JSON")
     pr.add_argument("--plot", default=None, type=output_file, help="write a PNG of per-layer drift (needs matplotlib)")
-    _strict_config(pr)
+    strict_config_arg(pr)
 
 
 def _memory_args(mem: argparse.ArgumentParser) -> None:
@@ -195,16 +184,16 @@ def _memory_args(mem: argparse.ArgumentParser) -> None:
 
 def _checkpoint_out_args(c: argparse.ArgumentParser, dtype_default: str) -> None:
     c.add_argument("--out", required=True, help="new output folder")
-    c.add_argument("--layout", required=True, choices=LAYOUTS)
+    c.add_argument("--layout", required=True, choices=WRITABLE_LAYOUTS)
     dtype_arg(c, dtype_default)
-    c.add_argument("--max-shard-size", type=size, default=size("5GB"))
+    c.add_argument("--max-shard-size", type=size, default=MAX_SHARD_BYTES)
 
 
 def _convert_args(c: argparse.ArgumentParser) -> None:
     model_arg(c, required=True, help="checkpoint folder to convert")
     _checkpoint_out_args(c, "bfloat16")
-    _strict_config(c)
-    c.add_argument("--allow-pickle", action="store_true", help="read pickled .pdparams weights (trusted files only)")
+    strict_config_arg(c)
+    allow_pickle_arg(c)
 
 
 def _make_checkpoint_args(m: argparse.ArgumentParser) -> None:
@@ -217,12 +206,12 @@ def _make_checkpoint_args(m: argparse.ArgumentParser) -> None:
 
 
 def _generate_args(g: argparse.ArgumentParser) -> None:
-    _paddle_model_args(g)
+    paddle_model_args(g)
     generate_args(g)
 
 
 def _logits_args(lg: argparse.ArgumentParser) -> None:
-    _paddle_model_args(lg)
+    paddle_model_args(lg)
     logits_args(lg)
 
 

@@ -15,6 +15,24 @@ CHAT_TEMPLATE = "chat_template.jinja"
 SIDE_FILES = (SPM_MODEL, TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG, ADDED_TOKENS,
               CHAT_TEMPLATE)
 
+# Weights: one safetensors file, or shards named `shard_file(i, n)` listed by an index (Hugging Face's names);
+# Paddle's pickled `.pdparams` are read only when the user allows pickles.
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PDPARAMS_SUFFIX = ".pdparams"
+
+
+def shard_file(i: int, n: int) -> str:
+    """The name of shard `i` (from 1) of `n`, as `save_pretrained` writes it."""
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether `name` in a checkpoint folder is a safetensors weight file or their index (`model*.safetensors`,
+    `model*.json`): what an export's manifest hashes besides config.json."""
+    return name.startswith("model") and name.endswith((".safetensors", ".json"))
+
+
 # ---- an exported ONNX folder (`ernie-paddle export`) ---------------------------------------------------------------
 ONNX_MODEL = "model.onnx"
 MANIFEST = "manifest.json"  # what was exported, from which weights, and its verification

@@ -20,8 +20,9 @@ import numpy as np
 
 from .config import ErnieConfig
 from .errors import InputError
+from .generation import GenerationConfig
 from .layout import PT, Role, TensorMap, tensor_maps
-from .precisions import BITS, PLAN_PRECISIONS, check_block_size, expert_block
+from .precisions import BITS, DEFAULT_BLOCK_SIZE, PLAN_PRECISIONS, check_block_size, expert_block, float_bytes
 from .sizes import parse_size as _parse_size
 
 # MLAS prepacked MatMulNBits / QMoE, accuracy_level 4: bytes per block beyond the codes. Least squares over the four
@@ -76,23 +77,20 @@ def check_plan_args(precision: str, context: int, batch: int, block: int) -> Non
     for flag, value in (("--context", context), ("--batch", batch)):
         if not isinstance(value, int) or value < 1:
             raise InputError(f"{flag} must be a positive integer, got {value!r}")
-    try:
-        check_block_size(block)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    check_block_size(block, "--block-size")
 
 
-def plan_memory(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = 32,
+def plan_memory(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = DEFAULT_BLOCK_SIZE,
                 threads: int | None = None) -> MemoryPlan:
     """Bytes needed to run `cfg` at `precision` with `batch` sequences of `context` tokens (`block`: the int
     exports' quantisation block size; `threads`: ONNX Runtime's, default this machine's cores)."""
     check_plan_args(precision, context, batch, block)
     weights = sum(_weight_bytes(cfg, m, precision, batch * context, block) for m in tensor_maps(cfg, PT))
-    kv_bytes = 2 if precision in ("bf16", "fp16") else 4
+    kv_bytes = float_bytes(precision)
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * batch * kv_bytes
     # prefill activations of one chunk (--prefill-chunk): logits and attention scores. Paddle holds every head's
     # scores at once; ONNX Runtime's CPU GroupQueryAttention one head per thread (measured at 8K and 32K tokens).
-    chunk = min(context, 512)
+    chunk = min(context, GenerationConfig.prefill_chunk)
     threads = threads or os.cpu_count() or 1
     heads = cfg.num_attention_heads if precision not in BITS else min(cfg.num_attention_heads, threads)
     working = 4 * batch * chunk * (cfg.vocab_size + heads * context + 8 * cfg.hidden_size)
@@ -104,7 +102,7 @@ def _weight_bytes(cfg: ErnieConfig, m: TensorMap, precision: str, tokens: int, b
     """Resident bytes of one canonical tensor at `precision` when `tokens` tokens have been seen."""
     n = int(np.prod(m.shape))
     if precision not in BITS:  # Paddle / float exports: the compute dtype, the router island in fp32
-        return n * (4 if m.keep_fp32 or precision == "fp32" else 2)
+        return n * (4 if m.keep_fp32 else float_bytes(precision))
     bits = BITS[precision]
     if m.role is Role.EMBEDDING:  # memory-mapped Gather table: the rows of the tokens seen (+ a tied quantised head)
         rows = 4 * m.shape[-1] * min(m.shape[0], tokens)
@@ -122,7 +120,7 @@ def packed_bytes(n: int, bits: int, block: int) -> int:
 
 
 def report(cfg: ErnieConfig, precision: str, context: int, batch: int, device_memory: int | None,
-           block: int = 32) -> str:
+           block: int = DEFAULT_BLOCK_SIZE) -> str:
     """The plan as the `memory` command prints it, and whether it fits `device_memory` bytes (else which GPUs)."""
     p = plan_memory(cfg, precision, context, batch, block)
     gb = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731

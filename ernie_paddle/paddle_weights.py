@@ -15,6 +15,7 @@ import paddle
 from .checkpoint import read_canonical, write_checkpoint
 from .errors import CheckpointError
 from .layout import PADDLE, TensorMap, tensor_maps
+from .safetensors_io import MAX_SHARD_BYTES
 
 
 def fill_parameters(model: paddle.nn.Layer, pairs: Iterable[tuple[TensorMap, np.ndarray]], directory: str,
@@ -44,7 +45,7 @@ def load_weights(model, directory: str, allow_pickle: bool = False) -> None:
 
 
 def save_pretrained(model, out_dir: str, *, layout: str = PADDLE, dtype: str = "float32",
-                    max_shard_bytes: int = 5 * 1024**3) -> list[str]:
+                    max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write a Paddle model's weights as a `-Paddle` or `-PT` checkpoint directory (sharded when large)."""
     params = dict(model.named_parameters())
 

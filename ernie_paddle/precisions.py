@@ -16,16 +16,17 @@ DEFAULT_BLOCK_SIZE = 32
 
 
 def float_bytes(precision: str) -> int:
-    """Bytes per value of a float precision of `PLAN_PRECISIONS`: 2 for bf16 and fp16, 4 for fp32."""
+    """Bytes per float value at `precision`: 2 for bf16 and fp16, else 4 (fp32, and the integer exports' float
+    tensors: activations, KV cache, norms)."""
     return 2 if precision in ("bf16", "fp16") else 4
 
 
-def check_block_size(block_size: int) -> None:
+def check_block_size(block_size: int, name: str = "") -> None:
     """MatMulNBits takes blocks that are powers of two of at least 16 elements.
 
-    Raises InputError stating the rule alone, so that argparse's `argument --block-size: ` prefix reads well."""
+    Raises InputError stating the rule, after the argument's `name` when given (argparse names it itself)."""
     if block_size < 16 or block_size & (block_size - 1):
-        raise InputError(f"must be a power of two >= 16 (MatMulNBits), got {block_size}")
+        raise InputError(f"{name} must be a power of two >= 16 (MatMulNBits), got {block_size}".lstrip())
 
 
 def expert_block(bits: int, block_size: int) -> int | None:

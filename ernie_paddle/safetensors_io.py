@@ -17,18 +17,18 @@ from typing import Iterable
 import numpy as np
 
 from .errors import CheckpointError
+from .files import INDEX_FILE, PDPARAMS_SUFFIX, SINGLE_FILE, shard_file
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
               "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16}
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _MAX_HEADER = 100 * 1024 * 1024
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-PDPARAMS_SUFFIX = ".pdparams"  # Paddle's pickled weights: read by `pdparams.PickleReader`, only when allowed
+# Largest shard written by default: 5 GB = 5e9 bytes, as Hugging Face's `max_shard_size="5GB"` (and `--max-shard-size`).
+MAX_SHARD_BYTES = 5_000_000_000
 
 
 def pickled_files(directory: str) -> list[str]:
-    """The `.pdparams` files in `directory`, sorted."""
+    """The `.pdparams` files in `directory`, sorted (Paddle's pickled weights: read by `pdparams.PickleReader`)."""
     return sorted(f for f in os.listdir(directory) if f.endswith(PDPARAMS_SUFFIX))
 
 
@@ -228,7 +228,7 @@ class ShardedWriter:
     interrupted run never leaves a half-written checkpoint.
     """
 
-    def __init__(self, directory: str, max_shard_bytes: int = 5 * 1024**3, metadata: dict | None = None):
+    def __init__(self, directory: str, max_shard_bytes: int = MAX_SHARD_BYTES, metadata: dict | None = None):
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata
@@ -238,7 +238,7 @@ class ShardedWriter:
         self._total = 0
 
     def add(self, name: str, array: np.ndarray, dtype: str) -> None:
-        nbytes = array.size * (2 if dtype in ("BF16", "F16") else 4)
+        nbytes = array.size * _ITEMSIZE[dtype]
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
         self._pending.append((name, list(array.shape), *_encode(array, dtype)))
@@ -262,7 +262,7 @@ class ShardedWriter:
             return [SINGLE_FILE]
         weight_map, files = {}, []
         for i, (tmp, names) in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            final = shard_file(i + 1, n)
             os.rename(os.path.join(self.directory, tmp), os.path.join(self.directory, final))
             files.append(final)
             weight_map.update({nm: final for nm in names})

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ernie_paddle.atomic import atomic_dir, check_new_dir, write_json
-from ernie_paddle.checkpoint import TensorStream, read_canonical
+from ernie_paddle.checkpoint import TensorStream, copy_side_files, read_canonical
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.files import CONFIG, GENAI_CONFIG, MANIFEST, ONNX_MODEL, SIDE_FILES
+from ernie_paddle.files import CONFIG, GENAI_CONFIG, MANIFEST, ONNX_MODEL, is_weight_file
 from ernie_paddle.memory import fp32_bytes, fp32_reference_fits
-from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, check_block_size
+from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, check_block_size
 
 from .genai import genai_config
 from .verify import FP32_LOGIT_TOL, compare, verification_prompts
@@ -42,8 +42,7 @@ def _sha256(path: str) -> str:
 
 def source_hash(model_dir: str) -> dict:
     """sha256 of config.json and every weight file, and one digest over them all."""
-    files = sorted(f for f in os.listdir(model_dir)
-                   if f == CONFIG or (f.startswith("model") and f.endswith((".safetensors", ".json"))))
+    files = sorted(f for f in os.listdir(model_dir) if f == CONFIG or is_weight_file(f))
     per_file = {f: _sha256(os.path.join(model_dir, f)) for f in files}
     total = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in per_file.items()).encode()).hexdigest()
     return {"sha256": total, "files": per_file}
@@ -63,7 +62,8 @@ def _versions() -> dict:
 
 
 def check_options(flavor: str, precision: str, block_size: int) -> None:
-    """Refuse an unknown flavour or precision, a flavour/precision pair that does not exist, or a bad block size."""
+    """Refuse an unknown flavour or precision, or a flavour/precision pair that does not exist (ExportError), or a
+    bad block size (InputError)."""
     if flavor not in FLAVORS:
         raise ExportError(f"--flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
     if precision not in EXPORT_PRECISIONS:
@@ -71,23 +71,7 @@ def check_options(flavor: str, precision: str, block_size: int) -> None:
     if flavor == "portable" and precision != "fp32":
         raise ExportError(f"the portable flavour (standard ONNX operators) is exported in fp32 only; use "
                           f"--flavor ort for --precision {precision}")
-    try:
-        check_block_size(block_size)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-
-
-def check_out(out_dir: str) -> None:
-    """Refuse an empty --out, one that already exists, or one that cannot be created because a file stands where
-    one of its parent folders should be: before any work starts."""
-    if not out_dir or not out_dir.strip():
-        raise ExportError("--out is empty; give the name of a new folder to create")
-    check_new_dir(out_dir, ExportError)
-    ancestor = os.path.dirname(os.path.abspath(out_dir))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise ExportError(f"{out_dir}: cannot create the output folder: {ancestor} is a file, not a folder")
+    check_block_size(block_size, "--block-size")
 
 
 @dataclass(frozen=True)
@@ -103,7 +87,7 @@ class Options:
 
     @property
     def quantized(self) -> bool:
-        return self.precision.startswith("int")
+        return self.precision in BITS
 
     @property
     def provider(self) -> str:
@@ -122,7 +106,7 @@ def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precisio
     `quantizer` replaces round-to-nearest for int8/int4/int2 (e.g. `export.gptq.GPTQ`), named in the manifest.
     """
     check_options(flavor, precision, block_size)
-    check_out(out_dir)
+    check_new_dir(out_dir, ExportError)  # before any work starts
     if tensors is not None and (config is None or flavor != "ort"):
         raise ExportError("exporting in-memory tensors needs their config and the ort flavour")
     opts = Options(flavor, precision, block_size, accuracy_level, quantizer, quantizer_name)
@@ -175,10 +159,8 @@ def copy_checkpoint_files(model_dir: str | None, cfg: ErnieConfig, folder: str) 
     if model_dir is None:
         cfg.save(folder)
         return
-    for f in (CONFIG,) + SIDE_FILES:
-        src = os.path.join(model_dir, f)
-        if f == CONFIG or os.path.isfile(src):
-            shutil.copy2(src, os.path.join(folder, f))
+    shutil.copy2(os.path.join(model_dir, CONFIG), os.path.join(folder, CONFIG))
+    copy_side_files(model_dir, folder)
 
 
 def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Options, has_position_ids: bool) -> dict:

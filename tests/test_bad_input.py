@@ -181,8 +181,8 @@ def test_parity_prompts_file_must_be_utf8(shipped_unloadable, tmp_path):
     assert error_line(r).startswith(f"error: --prompts {tmp_path / 'p.txt'}: cannot read it as UTF-8 text")
     (tmp_path / "ids.txt").write_text("1,2,3\n5,99999\n")
     r = run_cli("parity", "--model", shipped_unloadable, "--prompts", str(tmp_path / "ids.txt"))
-    assert error_line(r) == f"error: --prompts {tmp_path / 'ids.txt'}: prompt 2: token id 99999 is out of range " \
-                            f"for vocab_size 2048"
+    assert error_line(r) == f"error: --prompts {tmp_path / 'ids.txt'}: prompt 2: token id 99999 at position 1 is " \
+                            f"out of range for vocab_size 2048"
 
 
 def test_sampling_flags_without_do_sample_warn(tiny_ckpt):
@@ -200,7 +200,7 @@ def test_sampling_flags_without_do_sample_warn(tiny_ckpt):
 def test_outputs_refused_before_any_work(tiny_ckpt, tmp_path):
     (tmp_path / "file").write_text("keep")
     r = run_cli("export", "--model", tiny_ckpt[0], "--out", "")
-    assert error_line(r) == "error: --out is empty; give the name of a new folder to create"
+    assert error_line(r) == "error: the output folder name is empty; give a new folder to create"
     assert "export:" not in r.stderr  # nothing started
     r = run_cli("export", "--model", tiny_ckpt[0], "--out", str(tmp_path / "file"))
     assert error_line(r) == f"error: {tmp_path / 'file'}: output folder already exists; choose a new one"

@@ -16,7 +16,7 @@ from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
 from ernie_paddle.paddle_weights import save_pretrained
 from ernie_paddle.safetensors_io import CheckpointReader, SafetensorsFile, bf16_to_f32, f32_to_bf16, write_file
 
-from conftest import prompt
+from conftest import prompt, run_cli
 
 
 def disk_tensors(d: str) -> dict[str, np.ndarray]:
@@ -212,6 +212,43 @@ def test_make_checkpoint_is_atomic_on_failure(tmp_path):
     assert os.listdir(tmp_path) == []
     make_checkpoint(cfg, str(tmp_path / "ok"), layout="pt")
     assert sorted(os.listdir(tmp_path / "ok")) == ["config.json", "model.safetensors"]
+
+
+def test_output_under_a_file_is_refused_with_one_line(tiny_ckpt, tmp_path):
+    # a file stands where a parent folder of --out should be: status 2 and one line, as export says it
+    (tmp_path / "afile").write_text("keep")
+    out = str(tmp_path / "afile" / "sub" / "out")
+    line = f"error: {out}: cannot create the output directory: {tmp_path / 'afile'} is a file, not a directory"
+    for command in (("convert", "--model", tiny_ckpt[0]), ("make-checkpoint", "--preset", "tiny")):
+        r = run_cli(*command, "--layout", "pt", "--out", out)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [line], r.stderr
+    with pytest.raises(CheckpointError, match=f"^{line[len('error: '):]}$"):
+        make_checkpoint(tiny_ckpt[1], out)
+    assert os.listdir(tmp_path) == ["afile"] and (tmp_path / "afile").read_text() == "keep"
+
+
+def test_side_files_travel_with_convert_and_export(tiny_ckpt, tmp_path):
+    from ernie_paddle.export.pipeline import copy_checkpoint_files
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt[0], src)
+    side = {"tokenizer_config.json": '{"legacy": true}', "generation_config.json": '{"top_p": 0.8}'}
+    for name, text in side.items():
+        (src / name).write_text(text)
+    convert(str(src), str(tmp_path / "converted"), layout="pt", dtype="float32")
+    (tmp_path / "exported").mkdir()
+    copy_checkpoint_files(str(src), tiny_ckpt[1], str(tmp_path / "exported"))
+    assert sorted(os.listdir(tmp_path / "exported")) == ["config.json", *sorted(side)]
+    for folder in ("converted", "exported"):
+        assert {n: (tmp_path / folder / n).read_text() for n in side} == side
+        assert not (tmp_path / folder / "tokenizer.model").exists()  # only the files the source has
+
+
+def test_default_shard_size_is_5gb_as_hugging_face_means_it():
+    from ernie_paddle.safetensors_io import MAX_SHARD_BYTES
+    from ernie_paddle.sizes import parse_size
+
+    assert MAX_SHARD_BYTES == parse_size("5GB") == 5 * 10**9
 
 
 def test_pickled_pdparams_are_refused_unless_allowed(tiny_ckpt, tmp_path):

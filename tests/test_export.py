@@ -12,14 +12,14 @@ import onnx
 import pytest
 
 from ernie_paddle.checkpoint import read_canonical, write_checkpoint
-from ernie_paddle.errors import ExportError
+from ernie_paddle.errors import ExportError, InputError, OnnxFolderError
 from ernie_paddle.export import pipeline
 from ernie_paddle.export.portable import export_portable
 from ernie_paddle.export.quantize import round_trip
 from ernie_paddle.export.verify import compare
 from ernie_paddle.generation import GenerationConfig, generate
 from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-from ernie_paddle.onnx_runtime import OnnxCausalLM, OnnxFolderError
+from ernie_paddle.onnx_runtime import OnnxCausalLM
 
 from conftest import prompt, run_cli, run_cli_onnx, tiny_config
 
@@ -230,7 +230,7 @@ def test_export_refuses_and_leaves_nothing(exported, tmp_path, monkeypatch):
         pipeline.export(d, folder)
     with pytest.raises(ExportError, match="portable flavour .* fp32 only; use --flavor ort for --precision int4"):
         pipeline.export(d, str(tmp_path / "x"), flavor="portable", precision="int4")
-    with pytest.raises(ExportError, match="--block-size must be a power of two >= 16"):
+    with pytest.raises(InputError, match=r"^--block-size must be a power of two >= 16 \(MatMulNBits\), got 24$"):
         pipeline.export(d, str(tmp_path / "x"), precision="int4", block_size=24)
     monkeypatch.setattr(pipeline, "FP32_LOGIT_TOL", 0.0)  # a verification that cannot pass
     with pytest.raises(ExportError, match=r"verification failed: fp32 max \|logit diff\| .* nothing was written"):
@@ -294,8 +294,6 @@ def test_folder_mismatch_and_unavailable_provider_are_named(exported, tmp_path):
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        from ernie_paddle.errors import InputError
-
         with pytest.raises(InputError, match=r"provider cuda \(CUDAExecutionProvider\) is not available"):
             OnnxCausalLM(folder, provider="cuda")
     r = run_cli_onnx("generate", "--model", folder, "--input-ids", "1,2", "--provider", "cuda")
@@ -338,11 +336,11 @@ def test_disk_full_or_interrupted_export_leaves_nothing(exported, tmp_path, monk
 def test_bad_out_is_refused_before_any_work(tmp_path):
     # the model folder does not exist: the --out error comes first, before anything is read
     missing = str(tmp_path / "no-such-model")
-    with pytest.raises(ExportError, match="^--out is empty; give the name of a new folder to create$"):
+    with pytest.raises(ExportError, match="^the output folder name is empty; give a new folder to create$"):
         pipeline.export(missing, "")
     r = run_cli("export", "--model", missing, "--out", " ")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["error: --out is empty; give the name of a new folder to create"]
+    assert r.stderr.strip().splitlines() == ["error: the output folder name is empty; give a new folder to create"]
     assert os.listdir(tmp_path) == []
     # a file where a parent folder of --out should be
     (tmp_path / "afile").write_text("")
@@ -353,8 +351,6 @@ def test_bad_out_is_refused_before_any_work(tmp_path):
 
 
 def test_precision_the_provider_cannot_run_is_named(exported):
-    from ernie_paddle.errors import InputError
-
     _, _, folder = exported("paddle-untied-gqa2", "ort", "int4")
     with pytest.raises(InputError, match="int4 export holds QMoE/MatMulNBits weights in the CPU layout; CUDA needs"):
         OnnxCausalLM(folder, provider="cuda")
