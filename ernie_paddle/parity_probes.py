@@ -191,6 +191,8 @@ class LlamaProbe:
     def __init__(self, path: str, cfg, n_ctx: int):
         import llama_cpp
 
+        from .export.gguf import FILE_TYPE
+
         self.cfg = cfg
         try:
             self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
@@ -198,16 +200,18 @@ class LlamaProbe:
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise InputError(f"{path}: llama.cpp cannot load it ({e})") from None
         self._check_shape(path)
-        kind = {0: "F32", 1: "F16", 2: "Q4_0", 7: "Q8_0"}.get(int(self.llm.metadata.get("general.file_type", -1)), "?")
+        kind = {v: k for k, v in FILE_TYPE.items()}.get(int(self.llm.metadata.get("general.file_type", -1)), "?")
         self.name = f"llama.cpp:{os.path.basename(path)} ({kind})"
 
     def _check_shape(self, path: str) -> None:
         """The file must hold this model's shape: a GGUF of another model would give meaningless figures."""
+        from .export.gguf import ARCH
+
         meta, cfg = self.llm.metadata, self.cfg
         arch = meta.get("general.architecture")
         got = {"architecture": arch, "layers": meta.get(f"{arch}.block_count"),
                "hidden size": meta.get(f"{arch}.embedding_length"), "vocabulary": str(self.llm.n_vocab())}
-        want = {"architecture": "ernie4_5-moe", "layers": str(cfg.num_hidden_layers),
+        want = {"architecture": ARCH, "layers": str(cfg.num_hidden_layers),
                 "hidden size": str(cfg.hidden_size), "vocabulary": str(cfg.vocab_size)}
         wrong = [f"{k} {got[k]} (the model has {v})" for k, v in want.items() if str(got[k]) != v]
         if wrong:

@@ -55,15 +55,13 @@ def _causal_inputs(cfg, seqs: list[list[int]]) -> list[tuple]:
     """Per sequence: the rotary angles of positions 0..T-1 and the additive causal mask [1, 1, T, T]."""
     import paddle
 
-    from .modeling import Rotary
+    from .modeling import Rotary, attention_bias
 
     out = []
     for p in seqs:
         t = len(p)
         rotary = Rotary.at(paddle.to_tensor(np.arange(t, dtype=np.int64)[None]), cfg.head_dim, cfg.rope_theta)
-        allowed = np.tril(np.ones((t, t), bool))
-        mask = paddle.to_tensor(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))[None, None]
-        out.append((rotary, mask))
+        out.append((rotary, attention_bias(1, t, 0, None)))
     return out
 
 

@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 
-from .files import TOKENIZER_CONFIG
+from .files import SPM_MODEL, TOKENIZER_CONFIG
 from .metrics import perplexity
 from .tokenizer import MASK_TOKENS, SPECIAL
 
@@ -20,19 +20,20 @@ def train_tokenizer(train_text: str, out_dir: str, vocab_size: int) -> None:
     """BPE with byte fallback (no unknown characters), newlines kept as a piece, ERNIE's special tokens."""
     import sentencepiece as spm
 
+    prefix = os.path.join(out_dir, os.path.splitext(SPM_MODEL)[0])  # sentencepiece writes <prefix>.model / .vocab
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "train.txt")
         with open(path, "w", encoding="utf-8") as f:
             f.write(train_text)
         spm.SentencePieceTrainer.Train(
-            input=path, model_prefix=os.path.join(out_dir, "tokenizer"), model_type="bpe", vocab_size=vocab_size,
+            input=path, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
             character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
             pad_id=-1,
             unk_piece=SPECIAL["unk"], bos_piece=SPECIAL["bos"], eos_piece=SPECIAL["eos"],
             user_defined_symbols=[SPECIAL["cls"], SPECIAL["sep"], *MASK_TOKENS, "\n"], num_threads=1,
             minloglevel=2)
-    os.remove(os.path.join(out_dir, "tokenizer.vocab"))
+    os.remove(prefix + ".vocab")
     with open(os.path.join(out_dir, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
         json.dump({"tokenizer_class": "Ernie4_5Tokenizer", "add_bos_token": False, "add_eos_token": False,
                    "legacy": True, "bos_token": SPECIAL["bos"], "eos_token": SPECIAL["eos"],
