@@ -18,6 +18,7 @@ import numpy as np
 
 from ernie_paddle.atomic import write_json
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus
+from ernie_paddle.files import onnx_data
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.metrics import perplexity, shared_prefix
 
@@ -73,7 +74,7 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
         row = {"variant": label, "precision": precision, "block_size": block, "scheme": scheme,
                "perplexity": perplexity(cand.logits, heldout),
                "greedy_agreement": greedy_agreement(reference, cand, prompts, greedy_tokens),
-               "weights_mib": round(os.path.getsize(os.path.join(out, "model.onnx.data")) / 2**20, 2)}
+               "weights_mib": round(os.path.getsize(os.path.join(out, onnx_data())) / 2**20, 2)}
         if quantizer is not None:
             row["calibrated_tensors"] = len(quantizer.calibrated)
         row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"] - 1
