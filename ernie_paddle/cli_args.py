@@ -15,9 +15,11 @@ from typing import Callable
 
 from . import files
 from .errors import InputError
+from .generation import GenerationConfig
 from .interrupts import raise_if_interrupted
 from .precisions import DTYPES, check_block_size
 from .sizes import parse_size
+from .textfile import read_text
 
 
 def default_model_dir() -> str:
@@ -30,10 +32,9 @@ def token_ids(text: str) -> list[int]:
     """Comma-separated ids, or `@FILE`: ids separated by commas or whitespace in a file (long prompts)."""
     if text.startswith("@"):
         try:
-            with open(text[1:], encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise argparse.ArgumentTypeError(f"cannot read token ids from {text[1:]}: {e}") from None
+            text = read_text(text[1:], text)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     if not text.strip():
         raise argparse.ArgumentTypeError("no token ids given; expected comma-separated integers like 1,2,3")
     if re.search(r"(^|,)\s*(,|$)", text.strip()):
@@ -49,6 +50,15 @@ def token_ids(text: str) -> list[int]:
 def positive_int(text: str) -> int:
     """An integer >= 1 (counts: layers, tokens of context, batch, threads)."""
     return _int_at_least(text, 1, "a positive integer")
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated integers >= 1, e.g. 128,512 (prompt lengths, batch sizes, context lengths)."""
+    try:
+        return [positive_int(x) for x in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 128,512, got {text!r}") \
+            from None
 
 
 def non_negative_int(text: str) -> int:
@@ -116,6 +126,9 @@ def input_file(text: str) -> str:
 
 # ---- argument groups -----------------------------------------------------------------------------------------------
 SAMPLING = ("temperature", "top_p", "top_k", "seed")  # default None: not given, GenerationConfig's default applies
+DECODING = ("repetition_penalty", "prefill_chunk")  # likewise, and used by greedy decoding too
+MAX_NEW_TOKENS_IDS = GenerationConfig.max_new_tokens  # --max-new-tokens of an --input-ids prompt
+MAX_NEW_TOKENS_TEXT = 128  # of a text prompt: a few lines of text
 
 
 def model_arg(p: argparse.ArgumentParser, required: bool = False, help: str | None = None,
@@ -123,7 +136,7 @@ def model_arg(p: argparse.ArgumentParser, required: bool = False, help: str | No
     """--model: a checkpoint folder (default: the shipped model); `checked`: refused at once unless a folder."""
     kind = folder if checked else str
     if required:
-        p.add_argument("--model", required=True, type=kind, help=help)
+        p.add_argument("--model", required=True, type=kind, help=help or "checkpoint folder (-Paddle or -PT layout)")
     else:
         p.add_argument("--model", default=default_model_dir(), type=kind, help=help or
                        "checkpoint folder (-Paddle or -PT layout); default: the shipped Shakespeare model")
@@ -133,6 +146,27 @@ def dtype_arg(p: argparse.ArgumentParser, default: str, help: str | None = None)
     p.add_argument("--dtype", default=default, choices=DTYPES, help=help)
 
 
+def strict_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict-config", action="store_true",
+                   help="treat a missing config field that needs a default as an error")
+
+
+def allow_pickle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read pickled .pdparams weights (only files you trust: unpickling can run code)")
+
+
+def paddle_model_args(p: argparse.ArgumentParser, distributed: bool = False) -> None:
+    """How the Paddle model is read: --model, --dtype, --strict-config, --allow-pickle and (one process) --device.
+    `distributed` (dist_generate): --model is required and the launcher places the processes, so no --device."""
+    model_arg(p, required=distributed)
+    dtype_arg(p, "float32", "compute dtype (CPU computes in float32 only)")
+    if not distributed:
+        p.add_argument("--device", default=None, help="Paddle device, e.g. cpu or gpu:0 (default: Paddle's)")
+    strict_config_arg(p)
+    allow_pickle_arg(p)
+
+
 def generate_args(g: argparse.ArgumentParser) -> None:
     """The generate arguments: one contract for ernie-paddle, ernie-onnx and dist_generate."""
     src = g.add_mutually_exclusive_group(required=True)
@@ -140,16 +174,19 @@ def generate_args(g: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", help="prompt text (needs the model's tokenizer; streams text)")
     src.add_argument("--prompt-file", help="read the prompt text from this UTF-8 file (long contexts)")
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the ERNIE chat template")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="default 32 for --input-ids, 128 for --prompt")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {MAX_NEW_TOKENS_IDS} for --input-ids, {MAX_NEW_TOKENS_TEXT} for --prompt")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=None, help="with --do-sample (default 1.0)")
-    g.add_argument("--top-p", type=float, default=None, help="with --do-sample (default 1.0: no top-p filter)")
-    g.add_argument("--top-k", type=int, default=None, help="with --do-sample (default 0: no top-k filter)")
+    d = GenerationConfig  # the defaults of the flags left as None, named in their help
+    g.add_argument("--temperature", type=float, default=None, help=f"with --do-sample (default {d.temperature})")
+    g.add_argument("--top-p", type=float, default=None, help=f"with --do-sample (default {d.top_p}: no top-p filter)")
+    g.add_argument("--top-k", type=int, default=None, help=f"with --do-sample (default {d.top_k}: no top-k filter)")
     g.add_argument("--seed", type=non_negative_int, default=None, help="with --do-sample (default: a random draw)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"> 1 makes tokens already seen less likely (default {d.repetition_penalty}: no penalty)")
     g.add_argument("--stop-ids", type=token_ids, default=None, help="extra token ids that end generation")
-    g.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens per prefill pass (bounds attention memory at long contexts; default 512)")
+    g.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per prefill pass (bounds attention "
+                   f"memory at long contexts; default {d.prefill_chunk})")
     g.add_argument("--json", action="store_true", help='print one JSON object; "token_ids" holds the new tokens')
 
 
@@ -182,60 +219,3 @@ def progress_printer(label: str) -> Callable[[int, int, str], None]:
                   flush=True)
 
     return report
-
-
-# ---- inputs --------------------------------------------------------------------------------------------------------
-PARITY_TEXT_PROMPTS = ("ROMEO:\nBut, soft! what light through yonder window breaks?",
-                       "First Citizen:\nBefore we proceed any further, hear me speak.", "To be, or not to be:")
-
-
-def parity_prompts(path: str | None, model_dir: str, vocab_size: int) -> list[list[int]]:
-    """`parity --prompts FILE`: one prompt per line, text (needs the tokenizer) or comma-separated ids.
-
-    Without a file: three fixed text prompts when the model has a tokenizer, else three seeded random id prompts.
-    """
-    from .errors import InputError
-
-    lines = None
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = [ln.rstrip("\n") for ln in f if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"--prompts {path}: cannot read it as UTF-8 text ({e})") from None
-        if not lines:
-            raise InputError(f"--prompts {path}: no prompts in the file")
-    tok = None
-    if lines is None or not all(map(_is_ids, lines)):
-        tok = _parity_tokenizer(model_dir, required=lines is not None)
-    if lines is None:
-        if tok is None:
-            import numpy as np
-
-            rng = np.random.default_rng(0)
-            return [rng.integers(3, vocab_size, n).tolist() for n in (8, 16, 32)]
-        lines = list(PARITY_TEXT_PROMPTS)
-    prompts = [token_ids(ln) if _is_ids(ln) else tok.encode(ln) for ln in lines]
-    for i, ids in enumerate(prompts):
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad or not ids:
-            why = f"token id {bad[0]} is out of range for vocab_size {vocab_size}" if bad else "no tokens"
-            raise InputError(f"--prompts {path or '(default)'}: prompt {i + 1}: {why}")
-    return prompts
-
-
-def _parity_tokenizer(model_dir: str, required: bool):
-    """The model's tokenizer; None when it has none and no prompt needs it."""
-    from .errors import TokenizerError
-    from .tokenizer import ErnieTokenizer
-
-    try:
-        return ErnieTokenizer(model_dir)
-    except TokenizerError:
-        if required:
-            raise
-        return None
-
-
-def _is_ids(line: str) -> bool:
-    return all(x.strip().isdigit() for x in line.split(",")) and bool(line.strip())

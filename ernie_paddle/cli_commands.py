@@ -1,4 +1,4 @@
-"""The generate and logits commands, and the runner that turns bad input into one `error:` line.
+"""The generate and logits commands, the prompts of `parity`, and the runner of every command line.
 
 Shared by `ernie-paddle`, `ernie-onnx` and `tools/dist_generate`: each passes the function that loads its model.
 Everything the arguments decide (token ids against config.json's vocabulary, sampling values, the prompt and its
@@ -15,18 +15,20 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .cli_args import SAMPLING, sampling_given
-from .errors import ConfigDefaultWarning, ErnieError, InputError
+from .cli_args import DECODING, MAX_NEW_TOKENS_IDS, MAX_NEW_TOKENS_TEXT, SAMPLING, sampling_given, token_ids
+from .errors import ConfigDefaultWarning, InputError
 from .interrupts import raise_if_interrupted, run_command
 from .sysinfo import peak_rss
+from .textfile import read_text
 
 Load = Callable[[argparse.Namespace], Any]  # the model for these arguments (Paddle, ONNX Runtime, distributed)
 
 
 # ---- the runner ----------------------------------------------------------------------------------------------------
 def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
-    """Parse `argv` and run the chosen command: bad input is one `error:` line and status 2, an unreadable or
-    unwritable file status 1; Ctrl-C, SIGTERM and a closed stdout end with status 130, 143 and 141."""
+    """Parse `argv` and run the chosen command under `run_command`: bad input is one `error:` line and status 2,
+    an unreadable or unwritable file status 1; Ctrl-C, SIGTERM and a closed stdout end with 130, 143 and 141.
+    Config-default warnings print as one `warning:` line while it runs."""
     return run_command(lambda: _run(list(argv), parser), parser.prog)
 
 
@@ -35,15 +37,7 @@ def _run(argv: list[str], parser: argparse.ArgumentParser) -> int:
     warnings.showwarning = _show_warning
     warnings.simplefilter("always", ConfigDefaultWarning)
     try:
-        return args.func(args)
-    except ErnieError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        raise  # the reader of stdout has gone: run_command ends quietly
-    except (OSError, MemoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return args.func(args)  # errors become one line and a status in run_command
     finally:
         warnings.showwarning = _python_showwarning
 
@@ -91,11 +85,7 @@ def read_prompt(args: argparse.Namespace, vocab_size: int) -> Prompt:
     """The prompt's token ids, from --input-ids, --prompt or --prompt-file (with --chat: in the chat template)."""
     text = args.prompt
     if args.prompt_file is not None:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from None
+        text = read_text(args.prompt_file, f"--prompt-file {args.prompt_file}")
     if text is None:
         if args.chat:
             raise InputError("--chat needs --prompt (the chat template is text)")
@@ -109,6 +99,56 @@ def read_prompt(args: argparse.Namespace, vocab_size: int) -> Prompt:
         raise InputError(f"{'--prompt-file' if args.prompt_file else '--prompt'} is empty: give some text to continue")
     echo = None if args.json or args.prompt_file is not None else ("" if args.chat else text)
     return Prompt(ids, tok, echo)
+
+
+PARITY_TEXT_PROMPTS = ("ROMEO:\nBut, soft! what light through yonder window breaks?",
+                       "First Citizen:\nBefore we proceed any further, hear me speak.", "To be, or not to be:")
+
+
+def parity_prompts(path: str | None, model_dir: str, vocab_size: int) -> list[list[int]]:
+    """`parity --prompts FILE`: one prompt per line, text (needs the tokenizer) or comma-separated ids.
+
+    Without a file: three fixed text prompts when the model has a tokenizer, else three seeded random id prompts.
+    """
+    lines = None
+    if path:
+        lines = [ln for ln in read_text(path, f"--prompts {path}").split("\n") if ln.strip()]
+        if not lines:
+            raise InputError(f"--prompts {path}: no prompts in the file")
+    tok = None
+    if lines is None or not all(map(_is_ids, lines)):
+        tok = _parity_tokenizer(model_dir, required=lines is not None)
+    if lines is None:
+        if tok is None:
+            import numpy as np
+
+            rng = np.random.default_rng(0)
+            return [rng.integers(3, vocab_size, n).tolist() for n in (8, 16, 32)]
+        lines = list(PARITY_TEXT_PROMPTS)
+    prompts = [token_ids(ln) if _is_ids(ln) else tok.encode(ln) for ln in lines]
+    for i, ids in enumerate(prompts):
+        what = f"--prompts {path or '(default)'}: prompt {i + 1}"
+        if not ids:
+            raise InputError(f"{what}: no tokens")
+        check_ids(ids, vocab_size, what)
+    return prompts
+
+
+def _parity_tokenizer(model_dir: str, required: bool):
+    """The model's tokenizer; None when it has none and no prompt needs it."""
+    from .errors import TokenizerError
+    from .tokenizer import ErnieTokenizer
+
+    try:
+        return ErnieTokenizer(model_dir)
+    except TokenizerError:
+        if required:
+            raise
+        return None
+
+
+def _is_ids(line: str) -> bool:
+    return all(x.strip().isdigit() for x in line.split(",")) and bool(line.strip())
 
 
 def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
@@ -126,11 +166,12 @@ def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
     if given and not args.do_sample:
         print(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --do-sample "
               f"(decoding is greedy)", file=sys.stderr)
-    sampling = {k: getattr(args, k) for k in SAMPLING if getattr(args, k) is not None}
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else (128 if prompt.tokenizer else 32)
-    gen = GenerationConfig(max_new_tokens=max_new, do_sample=args.do_sample, repetition_penalty=args.repetition_penalty,
-                           stop_token_ids=tuple(stops), vocab_limit=usable, prefill_chunk=args.prefill_chunk,
-                           **sampling)
+    given_values = {k: getattr(args, k) for k in SAMPLING + DECODING if getattr(args, k) is not None}
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = MAX_NEW_TOKENS_TEXT if prompt.tokenizer else MAX_NEW_TOKENS_IDS
+    gen = GenerationConfig(max_new_tokens=max_new, do_sample=args.do_sample, stop_token_ids=tuple(stops),
+                           vocab_limit=usable, **given_values)  # flags not given: GenerationConfig's defaults
     gen.validate()
     return gen
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import InputError
+from .textfile import read_text
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tinyshakespeare.txt")
 HELD_OUT_SHARE = 0.1  # the last 10% by bytes
@@ -16,11 +16,7 @@ HELD_OUT_SHARE = 0.1  # the last 10% by bytes
 
 def read_corpus(path: str = DEFAULT_CORPUS) -> str:
     """The corpus text; an unreadable or non-UTF-8 file is an InputError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read the corpus as UTF-8 text ({e})") from None
+    return read_text(path, f"corpus {path}")
 
 
 def split_corpus(text: str) -> tuple[str, str]:

@@ -1,8 +1,10 @@
-"""Ctrl-C, SIGTERM and a closed pipe end a command with one line and the conventional exit status.
+"""Ctrl-C, SIGTERM, a closed pipe and bad input end a command with one line and the conventional exit status.
 
 SIGTERM is turned into an exception (`Terminated`) raised in the main thread, as Python does for Ctrl-C with
 KeyboardInterrupt, so every `finally` and context manager runs: temporary folders are removed, nothing
 half-written is kept. Both derive from BaseException, so `except Exception` never swallows them.
+`run_command` is the one runner of every program (the CLIs and tools/): bad input (an ErnieError) is one
+`error: ...` line and status 2, an unreadable or unwritable file (OSError) or exhausted memory one line and status 1.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import sys
 import threading
 from typing import Callable, Iterator
 
+from .errors import ErnieError
+
 SIGINT_STATUS = 128 + signal.SIGINT  # 130: what a shell reports for a command killed by Ctrl-C
 SIGTERM_STATUS = 128 + signal.SIGTERM  # 143
 SIGPIPE_STATUS = 128 + signal.SIGPIPE  # 141: as `yes | head` reports
+BAD_INPUT_STATUS = 2  # as argparse ends a bad argument
+FAILURE_STATUS = 1  # a file that cannot be read or written, or memory that ran out
 
 
 class Terminated(BaseException):
@@ -70,8 +76,9 @@ def _stdout_to_devnull() -> None:
 
 
 def run_command(command: Callable[[], int], prog: str) -> int:
-    """Run `command` and return its exit status; an interrupt or a closed stdout ends it with one line on stderr
-    (none for the pipe: its reader is gone on purpose) and 130 (Ctrl-C), 143 (SIGTERM) or 141 (closed pipe)."""
+    """Run `command` and return its exit status. Bad input ends it with one `error: ...` line on stderr and status
+    2, an OSError or MemoryError with one line and status 1; an interrupt or a closed stdout with one line (none
+    for the pipe: its reader is gone on purpose) and 130 (Ctrl-C), 143 (SIGTERM) or 141 (closed pipe)."""
     global _received
     _received = None
     try:
@@ -86,6 +93,12 @@ def run_command(command: Callable[[], int], prog: str) -> int:
     except Terminated:
         print(f"{prog}: terminated (SIGTERM)", file=sys.stderr, flush=True)
         return SIGTERM_STATUS
-    except BrokenPipeError:
+    except BrokenPipeError:  # an OSError, but no error: the reader of stdout has gone
         _stdout_to_devnull()
         return SIGPIPE_STATUS
+    except ErnieError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return BAD_INPUT_STATUS
+    except (OSError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return FAILURE_STATUS

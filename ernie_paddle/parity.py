@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import InputError
 from .metrics import shared_prefix
-from .parity_report import Trace, compare_traces, format_table, plot  # noqa: F401  (the CLI's entry points)
+from .parity_report import Trace, compare_traces
 
 
 @dataclass

@@ -73,6 +73,36 @@ def test_context_bench_estimates_and_measures(ckpt_factory, tmp_path):
     assert r.returncode == 2 and "exceeds max_position_embeddings 8192" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--batches", "1,0"], "argument --batches: expected comma-separated positive integers like 128,512, got '1,0'"),
+    (["--prompt-lengths", "16,"],
+     "argument --prompt-lengths: expected comma-separated positive integers like 128,512, got '16,'"),
+    (["--decode-tokens", "0"], "argument --decode-tokens: must be a positive integer, got 0"),
+    (["--threads", "x"], "argument --threads: expected a positive integer, got 'x'"),
+    (["--num-layers", "-1"], "argument --num-layers: must be a positive integer, got -1"),
+])
+def test_bench_arguments_are_refused_as_they_are_read(capsys, argv, message):
+    from ernie_paddle.tools.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"ernie-paddle bench: error: {message}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--context", "8192,0"],
+     "argument --context: expected comma-separated positive integers like 128,512, got '8192,0'"),
+    (["--chunk", "0"], "argument --chunk: must be a positive integer, got 0"),
+    (["--repeats", "two"], "argument --repeats: expected a positive integer, got 'two'"),
+])
+def test_context_bench_arguments_are_refused_as_they_are_read(capsys, tmp_path, argv, message):
+    from ernie_paddle.tools.context_bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), *argv])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+
+
 def test_ttft_estimate_averages_the_first_and_last_chunk_over_every_chunk():
     assert ttft_estimate(4096, 512, 1.0, 3.0) == 8 * 2.0
     assert ttft_estimate(1000, 512, 1.0, 2.0) == 2 * 1.5  # a partial last chunk counts as one

@@ -139,6 +139,23 @@ def test_config_defaults_warn_and_strict_config_refuses(tiny_ckpt, tmp_path):
     assert "error: " in r.stderr and "field 'rope_theta' is missing" in r.stderr and "strict config" in r.stderr
 
 
+def test_generate_flags_not_given_take_generation_configs_defaults(tiny_ckpt):
+    """--repetition-penalty, --prefill-chunk and the sampling flags default to GenerationConfig's own values (one
+    place); --max-new-tokens of an --input-ids prompt too; given flags pass through as given."""
+    from ernie_paddle.cli import build_parser
+    from ernie_paddle.cli_commands import Prompt, generation_config
+
+    d, cfg = tiny_ckpt
+    parse = build_parser().parse_args
+    args = parse(["generate", "--model", d, "--input-ids", "1,2"])
+    assert generation_config(args, Prompt([1, 2]), cfg) == GenerationConfig()
+    args = parse(["generate", "--model", d, "--input-ids", "1,2", "--repetition-penalty", "1.3", "--prefill-chunk",
+                  "7", "--max-new-tokens", "5", "--do-sample", "--temperature", "0.5", "--stop-ids", "3"])
+    assert generation_config(args, Prompt([1, 2]), cfg) == GenerationConfig(
+        max_new_tokens=5, do_sample=True, temperature=0.5, repetition_penalty=1.3, prefill_chunk=7,
+        stop_token_ids=(3,))
+
+
 def test_input_ids_from_file_and_prefill_chunk(tiny_ckpt, tmp_path):
     """`--input-ids @FILE` reads long prompts; any `--prefill-chunk` gives the same greedy tokens."""
     d, cfg = tiny_ckpt
@@ -154,6 +171,8 @@ def test_input_ids_from_file_and_prefill_chunk(tiny_ckpt, tmp_path):
         outs.append(out["token_ids"])
     assert outs[0] == outs[1] and len(outs[0]) == 6
     r = run_cli("generate", "--model", d, "--input-ids", f"@{tmp_path / 'missing.txt'}")
-    assert r.returncode == 2 and f"cannot read token ids from {tmp_path / 'missing.txt'}" in r.stderr
+    missing = tmp_path / "missing.txt"
+    assert r.returncode == 2 and (f"error: argument --input-ids: @{missing}: cannot read it as UTF-8 text ([Errno 2] "
+                                  f"No such file or directory: '{missing}')") in r.stderr, r.stderr
     r = run_cli("generate", "--model", d, "--input-ids", "1,2", "--prefill-chunk", "0")
     assert r.returncode == 2 and "error: prefill_chunk must be a positive integer, got 0" in r.stderr

@@ -1,7 +1,8 @@
 """Ctrl-C and SIGTERM in the middle of real work: one line, exit status 130 / 143, nothing half-written left.
 
 Each test starts the CLI as users do (a subprocess), waits until the work has visibly started, then signals it.
-A closed stdout (`... | head`) ends quietly too.
+A closed stdout (`... | head`) ends quietly too; bad input, in the CLIs and in every program of tools/, with one
+`error:` line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import pytest
 
 from ernie_paddle.cli_args import progress_printer
+from ernie_paddle.errors import CheckpointError, InputError
 from ernie_paddle.interrupts import run_command
 
 STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -132,6 +134,30 @@ def test_a_swallowed_interrupt_still_ends_the_command(capsys, next_step):
     assert steps == ([] if next_step else ["went on"])
     assert capsys.readouterr().err.splitlines()[-1] == "prog: terminated (SIGTERM)"
     assert signal.getsignal(signal.SIGTERM) == before  # the handler in place before is back
+
+
+@pytest.mark.parametrize("error,status", [(InputError("--x 3: too big"), 2), (CheckpointError("a.bin: truncated"), 2),
+                                          (FileNotFoundError(2, "No such file or directory", "w.bin"), 1),
+                                          (MemoryError("out of memory"), 1)])
+def test_every_program_ends_bad_input_with_one_line(capsys, error, status):
+    """run_command is the runner of the CLIs and of every program in tools/: bad input (an ErnieError) ends with
+    one `error:` line and status 2, a file or memory failure with one line and status 1, never a traceback."""
+    def command() -> int:
+        print("partial output")
+        raise error
+
+    assert run_command(command, "prog") == status
+    out, err = capsys.readouterr()
+    assert out == "partial output\n" and err == f"error: {error}\n"
+
+
+def test_tool_program_ends_bad_input_with_one_line(tmp_path):
+    """A program of tools/ run as users do: `gguf_export` of a folder with no checkpoint in it."""
+    r = subprocess.run([sys.executable, "-m", "ernie_paddle.tools.gguf_export", "--model", str(tmp_path), "--out",
+                        str(tmp_path / "m.gguf")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path}") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_closed_stdout_ends_quietly(tiny_ckpt):

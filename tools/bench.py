@@ -21,6 +21,7 @@ import time
 from typing import NamedTuple
 
 from ernie_paddle.atomic import write_json, write_png
+from ernie_paddle.cli_args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.generation import logits_numpy
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.precisions import BITS
@@ -345,17 +346,6 @@ def _plot(rows: list[dict], batches: list[int], path: str) -> bool:
     return True
 
 
-def _int_list(text: str) -> list[int]:
-    """A comma-separated list of positive integers, e.g. 128,512."""
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 128,512, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _engine_list(text: str) -> list[str]:
     engines = [e for e in text.split(",") if e]
     unknown = [e for e in engines if e not in ENGINES]
@@ -372,23 +362,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "engines only")
     p.add_argument("--engines", default=None, type=_engine_list,
                    help="comma-separated subset (default: the preset's engines)")
-    p.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--num-layers", type=positive_int, default=None, help="override the preset's layer count")
     p.add_argument("--work", default=None, help="folder for the checkpoint, exports and GGUF files (reused)")
-    p.add_argument("--prompt-lengths", default=[128, 512], type=_int_list)
-    p.add_argument("--batches", default=[1, 4], type=_int_list)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-lengths", default=[128, 512], type=positive_int_list)
+    p.add_argument("--batches", default=[1, 4], type=positive_int_list)
+    p.add_argument("--decode-tokens", type=positive_int, default=32)
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     p.add_argument("--run-engine", default=None, help=argparse.SUPPRESS)  # internal: measure one engine
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    for name in ("num_layers", "decode_tokens", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"argument --{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    return args
+    return p.parse_args(argv)
 
 
 def _measure_in_child(engine: str, path: str, args: argparse.Namespace, vocab: int) -> dict:
@@ -443,5 +429,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+if __name__ == "__main__":  # bad input, Ctrl-C, SIGTERM: cleanup runs, one line and a status (run_command)
     sys.exit(run_command(main, "ernie-paddle bench"))

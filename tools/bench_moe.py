@@ -77,5 +77,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+if __name__ == "__main__":  # bad input, Ctrl-C, SIGTERM: cleanup runs, one line and a status (run_command)
     sys.exit(run_command(main, "bench_moe"))

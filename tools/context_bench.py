@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from ernie_paddle.cli_args import positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
 
 
@@ -101,22 +102,16 @@ def measure(folder: str, context: int, chunk: int, decode: int, threads: int | N
     return row
 
 
-def _check(p: argparse.ArgumentParser, args: argparse.Namespace, contexts: list[int]) -> None:
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse contexts the folder's model cannot hold, before any model is loaded."""
     from ernie_paddle.config import ErnieConfig
     from ernie_paddle.errors import ErnieError
-
-    for name in ("chunk", "decode", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"argument --{name}: must be at least 1, got {getattr(args, name)}")
-    if not contexts or min(contexts) < 1:
-        p.error(f"argument --context: expected positive token counts, got {args.context!r}")
 
     try:
         cfg = ErnieConfig.from_file(args.model)
     except ErnieError as e:
         p.error(f"argument --model: {e}")
-    for n in contexts:
+    for n in args.context:
         if n + args.decode > cfg.max_position_embeddings:
             p.error(f"--context {n} + --decode {args.decode} exceeds max_position_embeddings "
                     f"{cfg.max_position_embeddings}")
@@ -125,28 +120,25 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, contexts: list[
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="exported folder (ernie-paddle export)")
-    p.add_argument("--context", default="8192,32768", help="comma-separated context lengths")
-    p.add_argument("--chunk", type=int, default=512, help="prefill chunk (as --prefill-chunk)")
-    p.add_argument("--decode", type=int, default=16, help="decode steps timed at each context")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--context", default=[8192, 32768], type=positive_int_list,
+                   help="comma-separated context lengths (default 8192,32768)")
+    p.add_argument("--chunk", type=positive_int, default=512, help="prefill chunk (as --prefill-chunk)")
+    p.add_argument("--decode", type=positive_int, default=16, help="decode steps timed at each context")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--full", action="store_true", help="also time the real chunked prefill (slow)")
-    p.add_argument("--repeats", type=int, default=1, help="time each prefill this many times, keep the fastest")
+    p.add_argument("--repeats", type=positive_int, default=1, help="time each prefill this many times, keep the fastest")
     p.add_argument("--json", default=None, help="write the rows as JSON")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: one context
     args = p.parse_args(argv)
-    try:
-        contexts = [int(x) for x in args.context.split(",") if x]
-    except ValueError:
-        p.error(f"argument --context: expected comma-separated token counts like 8192,32768, got {args.context!r}")
-    _check(p, args, contexts)
+    _check(p, args)
     if args.one:
-        print(json.dumps(measure(args.model, contexts[0], args.chunk, args.decode, args.threads, args.full,
+        print(json.dumps(measure(args.model, args.context[0], args.chunk, args.decode, args.threads, args.full,
                                  args.repeats)))
         return 0
     rows = []
     print("| context | load s | first chunk s | last chunk s | TTFT estimate s | TTFT measured s | decode tok/s | "
           "peak RSS GiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    for n in contexts:
+    for n in args.context:
         cmd = [sys.executable, "-m", "ernie_paddle.tools.context_bench", "--one", "--model", args.model,
                "--context", str(n), "--chunk", str(args.chunk), "--decode", str(args.decode), "--repeats",
                str(args.repeats)]
@@ -168,5 +160,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+if __name__ == "__main__":  # bad input, Ctrl-C, SIGTERM: cleanup runs, one line and a status (run_command)
     sys.exit(run_command(main, "context_bench"))

@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from ernie_paddle import cli_commands
-from ernie_paddle.cli_args import dtype_arg, folder, generate_args, logits_args, positive_int
+from ernie_paddle.cli_args import generate_args, logits_args, paddle_model_args, positive_int
 
 
 def _load(args):
@@ -69,13 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("--model", required=True, type=folder, help="checkpoint folder (-Paddle or -PT layout)")
-        dtype_arg(sp, "float32", "compute dtype (CPU computes in float32 only)")
+        paddle_model_args(sp, distributed=True)
         sp.add_argument("--ep", type=positive_int, default=None,
                         help="expert-parallel degree: the number of processes (default; experts split by id) "
                              "or 1 (every expert split by width)")
-        sp.add_argument("--strict-config", action="store_true")
-        sp.add_argument("--allow-pickle", action="store_true", help="also read pickled .pdparams (trusted only)")
 
     g = sub.add_parser("generate", help="generate tokens from a prompt")
     common(g)

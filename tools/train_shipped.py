@@ -24,12 +24,11 @@ import numpy as np  # noqa: E402
 
 from ernie_paddle import paddle_env  # noqa: E402,F401  (MKL settings before Paddle)
 
-from ernie_paddle.atomic import check_new_dir, write_json  # noqa: E402
+from ernie_paddle.atomic import atomic_dir, check_new_dir, write_json  # noqa: E402
 from ernie_paddle.config import ErnieConfig, preset  # noqa: E402
 from ernie_paddle.interrupts import run_command  # noqa: E402
 from ernie_paddle.layout import Role, canonical_maps  # noqa: E402
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus  # noqa: E402
-from ernie_paddle.errors import ErnieError  # noqa: E402
 from ernie_paddle.files import SPM_MODEL, TOKENIZER_CONFIG  # noqa: E402
 from ernie_paddle.training import evaluate, train_tokenizer  # noqa: E402
 
@@ -135,12 +134,8 @@ def _train(model, cfg: ErnieConfig, train_ids: np.ndarray, args: argparse.Namesp
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    try:
-        check_new_dir(args.out)  # before an hour of training, not after
-        _train_and_save(args)
-    except ErnieError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_new_dir(args.out)  # before an hour of training, not after
+    _train_and_save(args)
     return 0
 
 
@@ -156,8 +151,9 @@ def _train_and_save(args: argparse.Namespace) -> None:
     paddle.seed(args.seed)
     rng = np.random.default_rng(args.seed)
     train_text, heldout_text = split_corpus(read_corpus(args.data))
-    # the work folder (tokenizer, then the checkpoint) goes away on any failure or interrupt
-    with tempfile.TemporaryDirectory(prefix=".train-", dir=os.path.dirname(os.path.abspath(args.out))) as work:
+    # the tokenizer's work folder and the unfinished checkpoint go away on any failure or interrupt
+    parent = os.path.dirname(os.path.abspath(args.out))
+    with atomic_dir(args.out) as ckpt, tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=parent) as work:
         train_tokenizer(train_text, work, args.vocab_size)
         tok = ErnieTokenizer(work)
         train_ids = np.array(tok.encode(train_text), np.int64)
@@ -174,7 +170,6 @@ def _train_and_save(args: argparse.Namespace) -> None:
         ppl, loads = evaluate(model, heldout_ids, args.seq)
         balance = [round(max(l) / (1.0 / cfg.moe_num_experts), 3) for l in loads]
         print(f"held-out perplexity {ppl:.2f}; max expert load / mean per MoE layer {balance}", file=sys.stderr)
-        ckpt = os.path.join(work, "ckpt")
         save_pretrained(model, ckpt, layout="paddle", dtype="float32")
         for f in (SPM_MODEL, TOKENIZER_CONFIG):
             os.replace(os.path.join(work, f), os.path.join(ckpt, f))
@@ -187,10 +182,8 @@ def _train_and_save(args: argparse.Namespace) -> None:
                   "parameters": int(sum(int(np.prod(q.shape)) for q in model.parameters())),
                   "paddle": paddle.__version__}
         write_json(os.path.join(ckpt, "training_report.json"), report)
-        check_new_dir(args.out)  # nothing appeared there meanwhile
-        os.rename(ckpt, args.out)
     print(f"wrote {args.out} in {time.time() - t0:.0f}s", file=sys.stderr)
 
 
-if __name__ == "__main__":  # Ctrl-C / SIGTERM: cleanup runs, one line, status 130 / 143
+if __name__ == "__main__":  # bad input, Ctrl-C, SIGTERM: cleanup runs, one line and a status (run_command)
     sys.exit(run_command(main, "train_shipped"))
