@@ -103,6 +103,21 @@ def test_context_bench_arguments_are_refused_as_they_are_read(capsys, tmp_path, 
     assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
 
 
+@pytest.mark.parametrize("module,argv,message", [
+    ("long_context", ["--tokens", "0"], "argument --tokens: must be a positive integer, got 0"),
+    ("long_context", ["--decode", "-1"], "argument --decode: must be a non-negative integer, got -1"),
+    ("bench_moe", ["--tokens", "1,x"],
+     "argument --tokens: expected comma-separated positive integers like 128,512, got '1,x'"),
+    ("bench_moe", ["--repeats", "0"], "argument --repeats: must be a positive integer, got 0"),
+])
+def test_other_tools_refuse_bad_counts_as_they_are_read(capsys, module, argv, message):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"ernie_paddle.tools.{module}").main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+
+
 def test_ttft_estimate_averages_the_first_and_last_chunk_over_every_chunk():
     assert ttft_estimate(4096, 512, 1.0, 3.0) == 8 * 2.0
     assert ttft_estimate(1000, 512, 1.0, 2.0) == 2 * 1.5  # a partial last chunk counts as one

@@ -18,15 +18,17 @@ import time
 import numpy as np
 
 from ernie_paddle.atomic import write_json
+from ernie_paddle.cli_args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", default="1,16,128,512", help="comma-separated token counts")
+    p.add_argument("--tokens", default=[1, 16, 128, 512], type=positive_int_list,
+                   help="comma-separated token counts (default 1,16,128,512)")
     p.add_argument("--preset", default="21b-a3b", help="config preset giving the layer widths")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
           f"built in {time.time() - t0:.1f}s; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE')}", file=sys.stderr)
     rows = []
-    for n in [int(t) for t in args.tokens.split(",")]:
+    for n in args.tokens:
         x = paddle.randn([n, cfg.hidden_size])
         row = {"tokens": n}
         outs = {}

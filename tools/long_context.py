@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from ernie_paddle.cli_args import non_negative_int, positive_int
 from ernie_paddle.interrupts import run_command
 
 RUNTIMES = ("paddle", "ort", "hf")
@@ -117,18 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="checkpoint folder (default: a random one of --preset)")
     p.add_argument("--onnx", default=None, help="an exported ort-flavour folder of --model (default: export one)")
     p.add_argument("--preset", default="tiny", help="config preset of the random checkpoint (131072 positions)")
-    p.add_argument("--tokens", type=int, default=32768, help="prompt length")
-    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens per pass)")
-    p.add_argument("--decode", type=int, default=8, help="greedy decode steps after the prompt")
+    p.add_argument("--tokens", type=positive_int, default=32768, help="prompt length")
+    p.add_argument("--chunk", type=positive_int, default=2048, help="prefill chunk (tokens per pass)")
+    p.add_argument("--decode", type=non_negative_int, default=8, help="greedy decode steps after the prompt")
     p.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, from paddle,ort,hf")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.runtimes = [r for r in args.runtimes.split(",") if r]
     if "paddle" not in args.runtimes or any(r not in RUNTIMES for r in args.runtimes):
         p.error(f"--runtimes must include paddle (the reference) and only name {', '.join(RUNTIMES)}")
-    if args.tokens < 1 or args.chunk < 1 or args.decode < 0:
-        p.error("--tokens and --chunk must be positive, --decode non-negative")
 
     from ernie_paddle.config import ErnieConfig
 
