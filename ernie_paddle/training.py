@@ -11,6 +11,7 @@ import tempfile
 
 import numpy as np
 
+from .errors import InputError
 from .files import SPM_MODEL, TOKENIZER_CONFIG
 from .metrics import perplexity
 from .tokenizer import MASK_TOKENS, SPECIAL
@@ -25,14 +26,16 @@ def train_tokenizer(train_text: str, out_dir: str, vocab_size: int) -> None:
         path = os.path.join(tmp, "train.txt")
         with open(path, "w", encoding="utf-8") as f:
             f.write(train_text)
-        spm.SentencePieceTrainer.Train(
-            input=path, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-            character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
-            pad_id=-1,
-            unk_piece=SPECIAL["unk"], bos_piece=SPECIAL["bos"], eos_piece=SPECIAL["eos"],
-            user_defined_symbols=[SPECIAL["cls"], SPECIAL["sep"], *MASK_TOKENS, "\n"], num_threads=1,
-            minloglevel=2)
+        try:
+            spm.SentencePieceTrainer.Train(
+                input=path, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
+                character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True, unk_id=0, bos_id=1,
+                eos_id=2, pad_id=-1, unk_piece=SPECIAL["unk"], bos_piece=SPECIAL["bos"], eos_piece=SPECIAL["eos"],
+                user_defined_symbols=[SPECIAL["cls"], SPECIAL["sep"], *MASK_TOKENS, "\n"], num_threads=1,
+                minloglevel=2)
+        except RuntimeError as e:  # sentencepiece refuses, e.g., a vocabulary too small for its fixed pieces
+            raise InputError(f"--vocab-size {vocab_size}: sentencepiece cannot train this tokenizer ({e})") from None
     os.remove(prefix + ".vocab")
     with open(os.path.join(out_dir, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
         json.dump({"tokenizer_class": "Ernie4_5Tokenizer", "add_bos_token": False, "add_eos_token": False,

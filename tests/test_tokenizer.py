@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ernie_paddle.errors import TokenizerError
+from ernie_paddle.errors import InputError, TokenizerError
 from ernie_paddle.tokenizer import ErnieTokenizer, IncrementalDecoder, chat_prompt
 from ernie_paddle.corpus import split_corpus
 from ernie_paddle.training import train_tokenizer
@@ -105,3 +105,9 @@ def test_split_corpus_holds_out_the_last_tenth_at_a_line_boundary():
     train, held = split_corpus(text)
     assert train + held == text and train.endswith("\n")
     assert abs(len(held.encode()) - 0.1 * len(text.encode())) < 12
+
+
+def test_a_vocabulary_too_small_for_the_corpus_is_refused_by_name(tmp_path):
+    with pytest.raises(InputError, match="--vocab-size 40: sentencepiece cannot train this tokenizer .*smaller"):
+        train_tokenizer(CORPUS, str(tmp_path), vocab_size=40)
+    assert os.listdir(tmp_path) == []
