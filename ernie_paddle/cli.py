@@ -18,7 +18,7 @@ from . import cli_commands
 from .cli_args import (allow_pickle_arg, block_size, dtype_arg, folder, generate_args, input_file, log_line,
                        logits_args, model_arg, non_negative_int, output_file, paddle_model_args, positive_int,
                        progress_printer, size, strict_config_arg)
-from .cli_args import default_model_dir  # noqa: F401  (the README's Python example imports it from here)
+from .cli_args import default_model_dir  # noqa: F401  (public: earlier READMEs imported it from here)
 from .errors import CheckpointError, ErnieError
 from .export.pipeline import FLAVORS
 from .interrupts import run_command
