@@ -15,7 +15,7 @@ from typing import Any
 
 from . import files
 from .errors import ConfigDefaultWarning, ConfigError
-from .jsonfile import read_json_object
+from .textfile import read_json_object
 
 MOE_TYPE = "ernie4_5_moe"
 DENSE_TYPE = "ernie4_5"

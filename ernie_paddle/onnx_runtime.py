@@ -19,7 +19,7 @@ import numpy as np
 from . import files
 from .config import ErnieConfig
 from .errors import InputError, OnnxFolderError
-from .jsonfile import read_json_object
+from .textfile import read_json_object
 from .precisions import BITS
 from .token_ids import check_token_ids
 from .rope import check_position_ids

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 from . import files
 from .errors import ErnieError, TokenizerError
-from .jsonfile import read_json_object
+from .textfile import read_json_object
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<unk>", "cls": "<|begin_of_sentence|>",
            "sep": "<|end_of_sentence|>", "mask": "<mask:1>"}
