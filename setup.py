@@ -33,6 +33,7 @@ setup(
         "paddle2onnx==2.1.0",  # the portable flavour (pins onnx 1.17)
         "sentencepiece>=0.2",  # tokenizer.model
         "tokenizers>=0.19",  # tokenizer.json
+        "jinja2>=3.1",  # checkpoints' chat templates, rendered in its sandbox as transformers does
     ] + PADDLE + ORT,
     extras_require={
         # The independent oracle for tests; never imported at run time.
