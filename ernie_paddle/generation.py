@@ -1,7 +1,7 @@
-"""Token generation for the Paddle model: greedy and sampling, streaming, and left-padded batches.
+"""Token generation for the Paddle model and the ONNX runtime: greedy and sampling, streaming, and padded batches.
 
-The model runs a prefill over the (left-padded) prompts into a preallocated KV cache, then one token per
-step with explicit positions. Token choice (repetition penalty, temperature, top-k, top-p) happens on the
+The model runs a prefill over the prompts, padded on the right as onnxruntime-genai pads them, into a
+preallocated KV cache, then one token per step with explicit positions. Token choice (repetition penalty, temperature, top-k, top-p) happens on the
 host in numpy on float32 logits, so it is the same code whatever device computed them.
 """
 
@@ -107,22 +107,46 @@ def _check_prompts(model, prompts: Sequence[Sequence[int]], gen: GenerationConfi
     return out
 
 
-def prefill(model, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache, chunk: int):
-    """Run the prompt into the cache `chunk` tokens at a time; returns the last pass's output (last token only).
+def prefill(model, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache, chunk: int,
+            lengths: np.ndarray | None = None) -> np.ndarray:
+    """Run right-padded prompts into the cache `chunk` tokens at a time; returns float32 logits [B, V] at each
+    row's last real token (`lengths`, default: every row full).
 
     Attention scores of one pass are [heads x chunk x cached tokens]: at a 32K-token context a single pass would
     need tens of GB, chunks of 512 a few hundred MB, for the same result. A model whose `chunked_prefill_max_batch`
     is below the batch size (ONNX Runtime's GroupQueryAttention takes several new tokens over a past for batch 1
-    only) gets the whole prompt in one pass.
+    only) gets the whole prompt in one pass. A pass asks for every position's logits only when a row ends inside it
+    and not on its last token.
     """
-    if ids.shape[0] > getattr(model, "chunked_prefill_max_batch", ids.shape[0]):
-        chunk = ids.shape[1]
-    out = None
-    for s in range(0, ids.shape[1], chunk):
-        e = min(s + chunk, ids.shape[1])
-        out = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], cache=cache,
-                    last_only=True)
-    return out
+    b, t = ids.shape
+    last = np.full(b, t - 1) if lengths is None else np.asarray(lengths) - 1
+    if b > getattr(model, "chunked_prefill_max_batch", b):
+        chunk = t
+    logits: list[np.ndarray | None] = [None] * b
+    for s in range(0, t, chunk):
+        e = min(s + chunk, t)
+        ends = np.flatnonzero((last >= s) & (last < e))
+        last_only = bool(np.all(last[ends] == e - 1))
+        out = logits_numpy(model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e],
+                                 cache=cache, last_only=last_only))
+        for i in ends:
+            logits[i] = out[i, -1] if last_only else out[i, last[i] - s]
+    return np.stack(logits).astype(np.float32, copy=False)
+
+
+def right_padded(rows: Sequence[np.ndarray], pad: int, total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [B, longest], attention_mask [B, total], positions [B, longest]) of prompts padded on the right, as
+    onnxruntime-genai pads a batch: row i's tokens sit at slots 0..len-1 and its mask counts them, so a model that
+    reads per-row lengths from the mask (GroupQueryAttention's seqlens_k) and one that masks keys (Paddle, the
+    portable graph) see the same sequences. Pads get the row's last position; their outputs are never read."""
+    b, longest = len(rows), max(len(r) for r in rows)
+    ids = np.full((b, longest), pad, dtype=np.int64)
+    mask = np.zeros((b, total), dtype=np.int64)  # int64 as the graphs take it: no conversion per step
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    positions = np.maximum(np.cumsum(mask[:, :longest], axis=1) - 1, 0)
+    return ids, mask, positions
 
 
 def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None
@@ -134,25 +158,19 @@ def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig 
     if gen.max_new_tokens == 0:
         return
     b, longest = len(rows), max(len(r) for r in rows)
-    total = longest + gen.max_new_tokens
+    lengths = np.array([len(r) for r in rows])
     pad = model.config.pad_token_id
-    ids = np.full((b, longest), pad, dtype=np.int64)
-    mask = np.zeros((b, total), dtype=bool)
-    for i, r in enumerate(rows):  # left padding: every prompt ends at slot `longest - 1`
-        ids[i, longest - len(r):] = r
-        mask[i, longest - len(r):] = True
-    positions = np.maximum(np.cumsum(mask[:, :longest], axis=1) - 1, 0)
+    ids, mask, positions = right_padded(rows, pad, longest + gen.max_new_tokens)
     stops = set(gen.eos_token_ids if gen.eos_token_ids is not None else model.config.eos_token_ids)
     stops |= set(gen.stop_token_ids)
     rng = np.random.default_rng(gen.seed)
     history = [r.copy() for r in rows]
     finished = np.zeros(b, dtype=bool)
-    cache = model.allocate_cache(b, total)
+    cache = model.allocate_cache(b, mask.shape[1])
 
-    out = prefill(model, ids, mask[:, :longest], positions, cache, gen.prefill_chunk)
-    next_pos = positions[:, -1:] + 1
+    logits = prefill(model, ids, mask[:, :longest], positions, cache, gen.prefill_chunk, lengths)
+    next_pos = lengths[:, None].astype(np.int64)  # each row's next position: its own length
     for step in range(gen.max_new_tokens):
-        logits = logits_numpy(out)[:, -1]
         tokens = choose(process_logits(logits, history, gen), gen, rng)
         yield [None if finished[i] else int(tokens[i]) for i in range(b)]
         for i in range(b):
@@ -162,9 +180,10 @@ def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig 
         if finished.all() or step == gen.max_new_tokens - 1:
             return
         tokens = np.where(finished, pad, tokens)
-        mask[:, longest + step] = True
+        mask[:, longest + step] = 1
         out = model(tokens[:, None], attention_mask=mask[:, :longest + step + 1], position_ids=next_pos,
                     cache=cache, last_only=True)
+        logits = logits_numpy(out)[:, -1]
         next_pos = next_pos + 1
 
 

@@ -3,7 +3,7 @@
 
 `OnnxCausalLM` offers the same small interface as the Paddle model (`config`, `check_ids`, `allocate_cache`,
 a call returning logits), so `ernie_paddle.generation` drives both: greedy and sampling, streaming, and
-left-padded batches. The KV cache lives in OrtValues on the execution provider's device, bound through IOBinding:
+batches padded on the right (onnxruntime-genai's convention: a row's length is the sum of its attention_mask). The KV cache lives in OrtValues on the execution provider's device, bound through IOBinding:
 for the `ort` flavour one preallocated [B, kv_heads, max_len, head_dim] buffer per layer that GroupQueryAttention
 updates in place (bound as both `past_key_values.N.*` and `present.N.*`); for the portable flavour the
 `present.N.*` outputs, which are the grown cache, are fed back as the next step's past.
@@ -32,6 +32,7 @@ class OnnxCache:
     max_len: int = 0
     length: int = 0
     shared: bool = False  # layers are [B, nkv, max_len, d] buffers that GQA updates in place (past = present)
+    binding: object = None  # the shared cache's IOBinding, its past/present bound once for every step
 
 
 @dataclass
@@ -94,6 +95,7 @@ class OnnxCausalLM:
         """`model_file` overrides the manifest's graph (the parity report's copy with extra outputs)."""
         import onnxruntime as ort
 
+        self._ort = ort
         self.folder = folder
         self.manifest = load_manifest(folder)
         self.config = ErnieConfig.from_file(os.path.join(folder, files.CONFIG))
@@ -136,6 +138,8 @@ class OnnxCausalLM:
         past0 = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
         self.kv_dtype = np.float16 if "float16" in past0.type else np.float32
         self.has_position_ids = "position_ids" in self.input_names
+        # outputs besides logits and the cache (the parity report's copy of the graph exposes hidden states)
+        self.extra_outputs = [n for n in self.output_names if n != "logits" and not n.startswith("present.")]
         self.shares_kv_buffer = self.manifest.get("flavor") == "ort"  # GroupQueryAttention (see allocate_cache)
         n = self.config.num_hidden_layers
         if sum(1 for x in self.input_names if x.startswith("past_key_values.")) != 2 * n:
@@ -176,40 +180,56 @@ class OnnxCausalLM:
             raise InputError(f"sequence length {total} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         mask = np.ones((b, total), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if cache.shared and mask.ndim == 2 and mask.shape[1] and not mask[:, 0].all():
+            raise InputError(f"{self.folder}: attention_mask row {int(np.argmin(mask[:, 0]))} starts with padding: "
+                             f"this export reads each row's length from its mask (onnxruntime-genai's convention), "
+                             f"so pad prompts on the right")
         if position_ids is not None:
             position_ids = np.asarray(position_ids, np.int64)
             check_position_ids(position_ids, self.config.max_position_embeddings)
             if not self.has_position_ids:
                 self._check_positions_from_mask(position_ids, mask, t)
-        binding = self.session.io_binding()
+        binding = self._binding(cache)
+        logits = np.empty((b, t, self.config.vocab_size), np.float32)  # ONNX Runtime writes into it
+        for name in self.extra_outputs:  # unallocated again: their shapes follow the step's
+            binding.bind_output(name, self.device)
+        binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         if self.has_position_ids:
             if position_ids is None:
                 position_ids = _positions_from_mask(mask, t)
             binding.bind_cpu_input("position_ids", position_ids)
+        self.session.run_with_iobinding(binding)
+        if not own_cache:
+            if not cache.shared:
+                bound = [n for n in self.output_names if n != "logits"] + ["logits"]  # the order _binding binds
+                named = dict(zip(bound, binding.get_outputs()))
+                cache.layers = [(named[f"present.{i}.key"], named[f"present.{i}.value"])
+                                for i in range(self.config.num_hidden_layers)]
+            cache.length = total
+        return OnnxOutput(logits[:, -1:] if last_only else logits)
+
+    def _binding(self, cache: OnnxCache):
+        """An IOBinding with the cache bound: made once per shared cache (its buffers never move), anew per step
+        for a grown cache. Outputs other than the shared presents go to the device ONNX Runtime chooses."""
+        if cache.binding is not None:
+            return cache.binding
+        binding = self.session.io_binding()
         for i, (k, v) in enumerate(cache.layers):
             binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
             binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
         for name in self.output_names:
             if name == "logits":
-                binding.bind_output(name, "cpu")
-            elif cache.shared and name.startswith("present."):
+                continue  # bound each step, to a buffer of the step's shape
+            if cache.shared and name.startswith("present."):
                 i, kv = name.split(".")[1:]
                 binding.bind_ortvalue_output(name, cache.layers[int(i)][kv == "value"])
             else:
                 binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outs = dict(zip(self.output_names, binding.get_outputs()))
-        n = self.config.num_hidden_layers
-        if not own_cache:
-            if not cache.shared:
-                cache.layers = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(n)]
-            cache.length = total
-        logits = outs["logits"].numpy()
-        if last_only:
-            logits = logits[:, -1:]
-        return OnnxOutput(np.asarray(logits, dtype=np.float32))
+        if cache.shared:
+            cache.binding = binding
+        return binding
 
     def _check_positions_from_mask(self, given: np.ndarray, mask: np.ndarray, t: int) -> None:
         """A graph without a position_ids input (the ort flavour) derives positions from attention_mask: explicit
@@ -220,6 +240,8 @@ class OnnxCausalLM:
         except ValueError:
             raise InputError(f"position_ids has shape {list(np.shape(given))}, expected "
                              f"{list(from_mask.shape)}") from None
+        if np.array_equal(given, from_mask):
+            return
         bad = np.argwhere(given != from_mask)
         if len(bad):
             r, c = (int(i) for i in bad[0])

@@ -40,6 +40,8 @@ def check_position_ids(positions: np.ndarray, max_positions: int) -> None:
     one. Explicit position ids are not bounded by the sequence length check, and the fused GPU RoPE and the ONNX
     RotaryEmbedding caches are tables of exactly max_position_embeddings rows."""
     positions = np.asarray(positions)
+    if positions.size == 0 or (positions.min() >= 0 and positions.max() < max_positions):  # per-step fast path
+        return
     bad = np.argwhere((positions < 0) | (positions >= max_positions))
     if len(bad):
         at = tuple(int(i) for i in bad[0])

@@ -9,6 +9,8 @@ from .errors import InputError
 
 def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
     """Every id must index the embedding: the error names the first bad id and its position."""
+    if ids.size == 0 or (ids.min() >= 0 and ids.max() < vocab_size):  # the per-token fast path
+        return
     bad = np.argwhere((ids < 0) | (ids >= vocab_size))
     if len(bad):
         pos = tuple(int(i) for i in bad[0])

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from ernie_paddle.config import ErnieConfig
 
 
-def genai_config(cfg: ErnieConfig, model_file: str, has_position_ids: bool, provider: str = "cpu") -> dict:
-    """The decoder description in onnxruntime-genai's format (names as its own builder writes them)."""
+def genai_config(cfg: ErnieConfig, model_file: str, has_position_ids: bool, provider: str = "cpu",
+                 eos_token_ids: Sequence[int] = (), share_buffer: bool = False) -> dict:
+    """The decoder description in onnxruntime-genai's format (names as its own builder writes them).
+
+    `eos_token_ids`: every id that ends a generation (config.json's and the tokenizer's: a chat turn ends with
+    <|end_of_sentence|>), default config.json's. `share_buffer`: the graph updates a preallocated cache in place
+    (GroupQueryAttention), so genai binds one buffer as past and present."""
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     if has_position_ids:
         inputs["position_ids"] = "position_ids"
     session = {"log_id": "onnxruntime-genai", "provider_options": [] if provider == "cpu" else [{provider: {}}]}
-    eos = cfg.eos_token_ids
+    eos = sorted(set(cfg.eos_token_ids) | set(eos_token_ids))
     return {
         "model": {
             "bos_token_id": cfg.bos_token_id,
@@ -36,6 +43,6 @@ def genai_config(cfg: ErnieConfig, model_file: str, has_position_ids: bool, prov
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": min(cfg.max_position_embeddings, 4096), "min_length": 0, "no_repeat_ngram_size": 0,
-                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": share_buffer,
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }

@@ -9,8 +9,10 @@ their bytes go straight to external data.
 The routing is built from ONNX ops here (a different language from the Paddle side), but it mirrors
 `ernie_paddle.moe` (`router_probs`, `select`, `mix_weights`), which is its definition.
 
-Left padding is handled exactly: positions are `cumsum(attention_mask) - 1` computed in the graph and given to
-the RotaryEmbedding ops, and padded keys are masked through GQA's `attention_bias`.
+Padded batches follow onnxruntime-genai's convention: each row's length is the sum of its `attention_mask` (GQA's
+per-row `seqlens_k`), so a row's keys fill its cache slots 0..length-1 and rows of different lengths share one
+decode step. Prompts are padded on the right; positions are `cumsum(attention_mask) - 1`, computed in the graph
+for the RotaryEmbedding ops.
 """
 
 from __future__ import annotations
@@ -33,11 +35,10 @@ from .quantize import matmul_nbits_weights, qmoe_weights, rtn
 class SequenceInputs(NamedTuple):
     """Graph values (names) of the sequence bookkeeping that every layer's attention reads."""
 
-    batch: str  # batch size, scalar int64
     seq: str  # new tokens this call, scalar int64
     total: str  # past + new slots (the mask's length), scalar int64
     total32: str  # the same, int32 (GQA's total_sequence_length)
-    seqlens: str  # GQA's seqlens_k [B] int32: total - 1 for every row (left padding)
+    seqlens: str  # GQA's seqlens_k [B] int32: each row's length (sum of its mask) - 1
     positions: str  # rotary positions of the new tokens [B, S]: cumsum(mask) - 1
 
 
@@ -91,7 +92,6 @@ class ErnieOrtBuilder:
         cfg, g = self.cfg, self.g
         ids, mask = self.inputs()
         seq = self.sequence(ids, mask)
-        bias = self.attention_bias(mask, seq)
         cos, sin = self.rope_caches()
 
         embed = tensors.take("embed_tokens.weight")
@@ -106,7 +106,7 @@ class ErnieOrtBuilder:
             L = f"layers.{i}"
             normed, residual = self.norm(delta, residual, tensors.take(f"{L}.input_layernorm.weight"),
                                          f"{L}.input_layernorm")
-            o = self.attention(i, normed, tensors, seq, bias, cos, sin)
+            o = self.attention(i, normed, tensors, seq, cos, sin)
             normed, residual = self.norm(o, residual, tensors.take(f"{L}.post_attention_layernorm.weight"),
                                          f"{L}.post_attention_layernorm")
             if cfg.is_moe_layer(i):
@@ -139,31 +139,18 @@ class ErnieOrtBuilder:
         total = g.op("Gather", [g.op("Shape", [mask]), g.const(1)], axis=0)  # scalar int64
         seq = g.op("Gather", [g.op("Shape", [ids]), g.const(1)], axis=0)
         total32 = g.op("Cast", [total], to=TensorProto.INT32)
-        batch = g.op("Gather", [g.op("Shape", [ids]), g.const(0)], axis=0)
-        # every row holds `total` slots (left padding): seqlens_k = total - 1 for all rows
-        last = g.op("Sub", [total, g.const(1)])
-        seqlens = g.op("Cast", [g.op("Expand", [last, g.op("Unsqueeze", [batch, g.const([0])])])], to=TensorProto.INT32)
+        # each row's own length (genai's convention): its keys sit in slots 0..length-1 of its cache row
+        lengths = g.op("ReduceSum", [mask, g.const([1])], keepdims=0)
+        seqlens = g.op("Cast", [g.op("Sub", [lengths, g.const(1)])], to=TensorProto.INT32)
         # positions = cumsum(mask) - 1 (pads clipped to 0), last `seq` slots
         cums = g.op("Sub", [g.op("CumSum", [mask, g.const(1)]), g.const(1)])
         cums = g.op("Max", [cums, g.const(0)])
         past = g.op("Sub", [total, seq])
         positions = g.op("Slice", [cums, g.op("Unsqueeze", [past, g.const([0])]),
                                    g.op("Unsqueeze", [total, g.const([0])]), g.const([1])])
-        return SequenceInputs(batch, seq, total, total32, seqlens, positions)
+        return SequenceInputs(seq, total, total32, seqlens, positions)
 
-    def attention_bias(self, mask: str, s: SequenceInputs) -> str:
-        """GQA's additive key mask [B, 1, S, T]: 0 for real keys, a large negative number for left padding."""
-        g = self.g
-        neg = -6.0e4 if self.precision == "fp16" else -1.0e9
-        keep = g.op("Cast", [mask], to=self.onnx_dtype)
-        bias = g.op("Mul", [g.op("Sub", [g.const(1.0, self.np_dtype), keep]), g.const(neg, self.np_dtype)])
-        bias = g.op("Unsqueeze", [bias, g.const([1, 2])])  # [B, 1, 1, T]
-        # attention_bias must be [B, 1, S, T]: broadcast over query positions
-        return g.op("Expand", [bias, g.op("Concat", [g.op("Unsqueeze", [s.batch, g.const([0])]), g.const([1]),
-                                                     g.op("Unsqueeze", [s.seq, g.const([0])]),
-                                                     g.op("Unsqueeze", [s.total, g.const([0])])], axis=0)])
-
-    def attention(self, i: int, x: str, tensors: TensorStream, s: SequenceInputs, bias: str, cos: str, sin: str) -> str:
+    def attention(self, i: int, x: str, tensors: TensorStream, s: SequenceInputs, cos: str, sin: str) -> str:
         """Layer i's self-attention on normed `x`: packed QKV, rotary, GQA over the KV cache, o_proj; adds the
         layer's present key/value outputs."""
         cfg, g = self.cfg, self.g
@@ -179,7 +166,7 @@ class ErnieOrtBuilder:
                  name=f"{L}.self_attn.rotary_k")
         attn, pk, pv = g.op("GroupQueryAttention",
                             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", s.seqlens,
-                             s.total32, "", "", "", bias],
+                             s.total32],
                             n_out=3, domain=MS, name=f"{L}.self_attn", num_heads=nh, kv_num_heads=nkv,
                             scale=float(d ** -0.5))
         g.output(pk, f"present.{i}.key", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])

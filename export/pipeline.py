@@ -120,7 +120,9 @@ def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precisio
             skipped = "in-memory tensors: there is no checkpoint to load the Paddle reference from"
         has_position_ids = write_graph(tmp, model_dir, cfg, opts, tensors, log)
         copy_checkpoint_files(model_dir, cfg, tmp)
-        write_json(os.path.join(tmp, GENAI_CONFIG), genai_config(cfg, ONNX_MODEL, has_position_ids, opts.provider))
+        write_json(os.path.join(tmp, GENAI_CONFIG),
+                   genai_config(cfg, ONNX_MODEL, has_position_ids, opts.provider, eos_token_ids=_stop_ids(tmp),
+                                share_buffer=opts.flavor == "ort"))
         manifest = _manifest(tmp, model_dir, cfg, opts, has_position_ids)
         write_json(os.path.join(tmp, MANIFEST), manifest)  # the runtime reads it during verification
         manifest["verification"] = {"skipped": skipped} if skipped else _verify(model_dir, tmp, cfg, opts, log)
@@ -163,6 +165,16 @@ def copy_checkpoint_files(model_dir: str | None, cfg: ErnieConfig, folder: str) 
     copy_side_files(model_dir, folder)
 
 
+def _stop_ids(folder: str) -> list[int]:
+    """The ids the folder's tokenizer ends a generation with (none without a tokenizer)."""
+    from ernie_paddle.files import SPM_MODEL, TOKENIZER_JSON
+    from ernie_paddle.tokenizer import ErnieTokenizer
+
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in (SPM_MODEL, TOKENIZER_JSON)):
+        return []
+    return ErnieTokenizer(folder).stop_ids()
+
+
 def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Options, has_position_ids: bool) -> dict:
     """What the folder holds and where it came from; `verification` and `export_seconds` are filled in last."""
     quantized = opts.quantized
@@ -172,7 +184,7 @@ def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Option
         "block_size": opts.block_size if quantized else None,
         "accuracy_level": opts.accuracy_level if quantized else None,
         "quantization": opts.quantizer_name if quantized else None,
-        "padding": "left", "inputs": ["input_ids", "attention_mask"] + (["position_ids"] if has_position_ids else [])
+        "padding": "right", "inputs": ["input_ids", "attention_mask"] + (["position_ids"] if has_position_ids else [])
         + ["past_key_values.N.key", "past_key_values.N.value"],
         "outputs": ["logits", "present.N.key", "present.N.value"], "execution_provider": opts.provider,
         "source": ({"path": os.path.abspath(model_dir), **source_hash(model_dir)} if model_dir

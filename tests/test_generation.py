@@ -1,4 +1,4 @@
-"""KV-cache decoding, left-padded batches, sampling controls and input errors of the Paddle model."""
+"""KV-cache decoding, padded batches, sampling controls and input errors of the Paddle model."""
 
 from __future__ import annotations
 
@@ -37,41 +37,43 @@ def test_cached_decode_equals_uncached(model):
     assert np.abs(np.concatenate(steps) - full[:-1]).max() <= 1e-4
 
 
-def test_left_padded_batch_equals_each_prompt_alone(model):
+def test_padded_batch_equals_each_prompt_alone(model):
     prompts = [prompt(n, model.config.vocab_size, seed=n) for n in (3, 9, 17)]
     gen = GenerationConfig(max_new_tokens=32, **NO_EOS)
     batch = generate(model, prompts, gen)
     for p, out in zip(prompts, batch):
         assert out == generate(model, p, gen)
-    # and the padded prefill logits of each row equal its own forward pass
+    # the model masks keys, so padding on either side gives each row its own forward pass's logits
     longest = max(map(len, prompts))
-    ids = np.zeros((3, longest), np.int64)
-    mask = np.zeros((3, longest), bool)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):], mask[i, longest - len(p):] = p, True
-    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    logits = model(ids, attention_mask=mask, position_ids=pos).logits.numpy()
-    for i, p in enumerate(prompts):
-        assert np.abs(logits[i, longest - len(p):] - model.logits(p)).max() <= 1e-4
-
+    for side in ("right", "left"):
+        ids = np.zeros((3, longest), np.int64)
+        mask = np.zeros((3, longest), bool)
+        for i, p in enumerate(prompts):
+            cols = slice(0, len(p)) if side == "right" else slice(longest - len(p), longest)
+            ids[i, cols], mask[i, cols] = p, True
+        pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        logits = model(ids, attention_mask=mask, position_ids=pos).logits.numpy()
+        for i, p in enumerate(prompts):
+            cols = slice(0, len(p)) if side == "right" else slice(longest - len(p), longest)
+            assert np.abs(logits[i, cols] - model.logits(p)).max() <= 1e-4, side
 
 
 def test_chunked_prefill_equals_one_pass(model):
-    """A left-padded batch prefilled 4 tokens at a time (chunks cut through the padding) gives the same last
-    logits and greedy tokens as one prefill pass."""
-    from ernie_paddle.generation import prefill
+    """A right-padded batch prefilled 4 tokens at a time (the short row ends inside a chunk, not at its end) gives
+    each row's own last logits and the same greedy tokens as one prefill pass."""
+    from ernie_paddle.generation import prefill, right_padded
 
     prompts = [prompt(n, model.config.vocab_size, seed=n) for n in (5, 18)]
     one = generate(model, prompts, GenerationConfig(max_new_tokens=16, **NO_EOS))
     assert generate(model, prompts, GenerationConfig(max_new_tokens=16, prefill_chunk=4, **NO_EOS)) == one
-    ids = np.zeros((2, 18), np.int64)
-    mask = np.zeros((2, 18), bool)
-    for i, p in enumerate(prompts):
-        ids[i, 18 - len(p):], mask[i, 18 - len(p):] = p, True
-    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    last = [prefill(model, ids, mask, pos, model.allocate_cache(2, 18), chunk).logits.numpy()[:, -1]
-            for chunk in (18, 4)]
+    ids, mask, pos = right_padded([np.array(p) for p in prompts], 0, 18)
+    lengths = np.array([5, 18])
+    last = [prefill(model, ids, mask, pos, model.allocate_cache(2, 18), chunk, lengths) for chunk in (18, 4)]
+    assert last[0].shape == (2, model.config.vocab_size)
     assert np.abs(last[0] - last[1]).max() <= 1e-5
+    for i, p in enumerate(prompts):
+        assert np.abs(last[1][i] - model.logits(p)[-1]).max() <= 1e-4
+
 
 def test_sampling_is_seeded_and_filters_agree_with_greedy(model):
     ids = prompt(5, model.config.vocab_size, seed=9)
