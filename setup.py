@@ -23,7 +23,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["ernie_paddle", "ernie_paddle.export", "ernie_paddle.tools"],
+    packages=["ernie_paddle", "ernie_paddle.serving", "ernie_paddle.export", "ernie_paddle.tools"],
     package_dir={"ernie_paddle": "ernie_paddle", "ernie_paddle.export": "export", "ernie_paddle.tools": "tools"},
     # the shipped trained model (the default --model) and its corpus: a few MB, installed with the package
     package_data={"ernie_paddle": ["models/ernie-4.5-shakespeare/*", "data/*"]},
@@ -38,7 +38,10 @@ setup(
     extras_require={
         # The independent oracle for tests; never imported at run time.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.54", "safetensors>=0.4",
-                 "onnxruntime-genai>=0.18", "matplotlib", "hypothesis>=6", "gguf>=0.17"],
+                 "onnxruntime-genai>=0.18", "matplotlib", "hypothesis>=6", "gguf>=0.17", "openai>=1.0",
+                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
+        # `ernie-onnx serve` / `ernie-paddle serve`: the OpenAI-compatible HTTP server
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
         # benchmarks: charts, GGUF files; llama-cpp-python builds llama.cpp from source (see README)
         "bench": ["matplotlib", "gguf>=0.17", "llama-cpp-python>=0.3.16"],
     },

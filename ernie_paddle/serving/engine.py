@@ -1,0 +1,292 @@
+"""Continuous batching: requests join and leave the running decode batch between steps.
+
+One thread runs the model. Each iteration it drops cancelled requests (freeing their rows at once), admits
+waiting ones into free rows, runs one prefill chunk of the request being prefilled, then one decode step for
+every running request. Prefilling in chunks between decode steps keeps a long prompt from stalling the streams.
+Running requests occupy rows 0..n-1 of the cache (`slots`), so a decode step is one model call over them;
+when one finishes, the last row moves into its place.
+
+A request's tokens are chosen exactly as `generation.stream` chooses them (its own sampling settings and seeded
+generator), and each row's numbers do not depend on the others, so its output is that of running it alone.
+Events reach the request's `emit` callback from the engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ErnieError, InputError
+from ..generation import GenerationConfig, choose, process_logits
+from .slots import Slots, slots_for
+
+
+class QueueFull(ErnieError):
+    """The engine's waiting queue is full (the server answers 429)."""
+
+
+class ShuttingDown(ErnieError):
+    """The engine accepts no new requests."""
+
+
+@dataclass
+class Token:
+    """A generated token; `logprob` and `top` (the most likely (id, logprob) pairs) when the request asked."""
+
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Finished:
+    """The last event of a request: reason is "stop", "length", "cancelled", "aborted" or "error"."""
+
+    reason: str
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt to continue: `gen` decides the tokens (validated on submit); `emit` receives Token and Finished."""
+
+    prompt: list[int]
+    gen: GenerationConfig
+    emit: Callable[[Token | Finished], None]
+    logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    # engine state
+    history: np.ndarray | None = None
+    rng: np.random.Generator | None = None
+    filled: int = 0  # tokens in the cache
+    generated: int = 0
+    next_token: int | None = None
+    finish: Finished | None = None
+
+
+_ids = itertools.count(1)
+
+
+class Engine:
+    """Schedules requests on a model (`OnnxCausalLM`, or anything `generation` drives) with `max_batch` rows."""
+
+    def __init__(self, model, max_batch: int = 4, max_queue: int = 64, max_len: int | None = None,
+                 prefill_chunk: int = 256, slots: Slots | None = None):
+        limit = model.config.max_position_embeddings
+        self.model = model
+        self.max_len = min(max_len or limit, limit)
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.slots = slots or slots_for(model, max_batch, self.max_len)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # rows 0..n-1, in order
+        self.prefilling: Request | None = None
+        self.prefill_slot = -1
+        self.accepting = True
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0
+
+    # ---- the caller's side ----------------------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        """Raise InputError naming what does not fit: the prompt and its new tokens must fit a row."""
+        req.gen.validate()
+        if not req.prompt:
+            raise InputError("prompt is empty: generation needs at least one input token")
+        self.model.check_ids(np.asarray(req.prompt, np.int64)[None])
+        need = len(req.prompt) + req.gen.max_new_tokens
+        if need > self.max_len:
+            raise InputError(f"prompt of {len(req.prompt)} tokens + max_tokens {req.gen.max_new_tokens} = {need} "
+                             f"exceeds the context of {self.max_len} tokens")
+
+    def submit(self, req: Request) -> None:
+        """Queue `req` (checked first); raises QueueFull or ShuttingDown."""
+        self.check(req)
+        with self._lock:
+            if not self.accepting:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
+            self.waiting.append(req)
+            self._wake.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Stop `req` at the next step boundary; its row is freed then (its last event is Finished("cancelled"))."""
+        with self._lock:
+            req.cancelled = True
+            self._wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running) + (self.prefilling is not None)
+
+    def idle(self) -> bool:
+        return not self.waiting and not self.running and self.prefilling is None
+
+    def free_slots(self) -> int:
+        return self.slots.capacity - self.batch_size
+
+    # ---- the thread ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="ernie-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and self.idle():
+                    self._wake.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def shutdown(self, grace: float) -> None:
+        """Accept nothing more; let running and waiting requests finish for `grace` seconds, then abort the rest."""
+        with self._lock:
+            self.accepting = False
+        end = time.monotonic() + grace
+        while time.monotonic() < end and not self.idle():
+            time.sleep(0.02)
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for req in list(self.waiting) + self.running + ([self.prefilling] if self.prefilling else []):
+            req.emit(Finished("aborted", "the server shut down before the request finished"))
+        self.waiting.clear()
+        self.running.clear()
+        self.prefilling = None
+
+    # ---- one iteration ---------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Drop cancelled requests, admit one waiting request, run one prefill chunk and one decode step."""
+        self._drop_cancelled()
+        with self._lock:
+            if self.prefilling is None and self.waiting and self.free_slots() > 0:
+                self.prefilling = self.waiting.popleft()
+                self.prefill_slot = len(self.running)
+        if self.prefilling is not None:
+            self._prefill_chunk()
+        if self.running:
+            self._decode()
+        self.steps += 1
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in gone:
+            r.emit(Finished("cancelled"))
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self._end_prefill(Finished("cancelled"))
+        for r in [r for r in self.running if r.cancelled]:
+            self._leave(r, Finished("cancelled"))
+
+    def _prefill_chunk(self) -> None:
+        req = self.prefilling
+        if req.history is None:
+            req.history = np.asarray(req.prompt, np.int64)
+            req.rng = np.random.default_rng(req.gen.seed)
+        chunk = req.history[req.filled:req.filled + self.prefill_chunk]
+        try:
+            logits = self.slots.prefill(self.prefill_slot, chunk, req.filled)
+        except Exception as e:  # noqa: BLE001 - a failure inside the model fails this request alone
+            self._end_prefill(Finished("error", _describe(e)))
+            return
+        req.filled += len(chunk)
+        if req.filled < len(req.history):
+            return
+        self.prefilling = None
+        row = len(self.running)
+        if self.prefill_slot != row:  # a running request left meanwhile: move into the first free row
+            self.slots.move(self.prefill_slot, row, req.filled)
+        self.running.append(req)
+        self._emit_token(req, logits)
+        if req.next_token is None:
+            self._leave(req, None)
+
+    def _end_prefill(self, event: Finished) -> None:
+        req, self.prefilling = self.prefilling, None
+        self.slots.release(self.prefill_slot)
+        req.emit(event)
+
+    def _decode(self) -> None:
+        reqs = list(self.running)
+        tokens = np.array([r.next_token for r in reqs], np.int64)
+        lengths = np.array([r.filled for r in reqs], np.int64)
+        try:
+            rows = list(self.slots.decode(0, tokens, lengths))
+        except Exception:  # noqa: BLE001 - find the failing request: each row again on its own
+            rows = []
+            for i, r in enumerate(reqs):
+                try:
+                    rows.append(self.slots.decode(i, tokens[i:i + 1], lengths[i:i + 1])[0])
+                except Exception as e:  # noqa: BLE001
+                    rows.append(e)
+        for r, logits in zip(reqs, rows):
+            if isinstance(logits, Exception):
+                self._leave(r, Finished("error", _describe(logits)))
+                continue
+            r.filled += 1
+            self._emit_token(r, logits)
+        for r in [r for r in self.running if r.next_token is None]:
+            self._leave(r, None)
+
+    def _emit_token(self, req: Request, logits: np.ndarray) -> None:
+        """Choose the request's next token from its logits [V] and emit it; `next_token` is None once finished."""
+        gen = req.gen
+        x = process_logits(logits[None], [req.history], gen)
+        token = int(choose(x, gen, req.rng)[0])
+        req.history = np.append(req.history, token)
+        req.generated += 1
+        event = Token(token)
+        if req.logprobs is not None:
+            event.logprob, event.top = _logprobs(logits, token, req.logprobs)
+        req.emit(event)
+        stops = set(gen.eos_token_ids if gen.eos_token_ids is not None else self.model.config.eos_token_ids)
+        if token in stops or token in gen.stop_token_ids:
+            req.next_token, req.finish = None, Finished("stop")
+        elif req.generated >= gen.max_new_tokens:
+            req.next_token, req.finish = None, Finished("length")
+        else:
+            req.next_token = token
+
+    def _leave(self, req: Request, event: Finished | None) -> None:
+        """Free `req`'s row; the last running row moves into it, so rows 0..n-1 stay the running ones."""
+        i = self.running.index(req)
+        last = len(self.running) - 1
+        if i != last:
+            moved = self.running[last]
+            self.slots.move(last, i, moved.filled)
+            self.running[i] = moved
+        self.running.pop()
+        self.slots.release(last)
+        req.emit(event or req.finish)
+
+
+def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability under the model's distribution, and the k most likely tokens."""
+    x = logits.astype(np.float64)
+    logp = x - x.max()
+    logp -= np.log(np.exp(logp).sum())
+    top = np.argsort(-logp, kind="stable")[:k] if k else []
+    return float(logp[token]), [(int(i), float(logp[i])) for i in top]
+
+
+def _describe(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -1,0 +1,122 @@
+"""KV-cache slots for continuous batching: each running request owns one row of a preallocated cache.
+
+`SharedSlots` (the ort flavour): one [slots, kv_heads, max_len, head_dim] buffer per layer, which
+GroupQueryAttention updates in place. Row i holds one sequence in its slots 0..length-1 (onnxruntime-genai's
+per-row lengths), so requests of different lengths decode in one call over rows 0..n-1, and a new prompt is
+prefilled alone into its own row, in chunks. Nothing is copied per step: a row's filled part is copied only when
+a request leaves and another row moves into its place.
+
+`SeparateSlots` (any other model: Paddle, the portable graph): a batch-1 cache per request, decoded one row at a
+time. The same interface, without the batching.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ..generation import logits_numpy
+
+
+class Slots(Protocol):
+    """What the engine needs of a model's cache: rows it prefills, decodes together, moves and frees."""
+
+    capacity: int
+    max_len: int
+
+    def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
+        """Run prompt tokens `ids` (1-D) at positions start.. of row `slot`; float32 logits [V] of the last."""
+
+    def decode(self, start: int, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One token per row start..start+n-1, whose sequences hold `lengths` tokens; float32 logits [n, V]."""
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Row `src`'s first `length` cached tokens become row `dst`'s."""
+
+    def release(self, slot: int) -> None:
+        """Row `slot` is free."""
+
+
+class SharedSlots:
+    """Rows of one preallocated in-place cache (the ort flavour's GroupQueryAttention)."""
+
+    def __init__(self, model, capacity: int, max_len: int):
+        import onnxruntime as ort
+
+        cfg = model.config
+        shape = (capacity, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.model, self.capacity, self.max_len, self._ort = model, capacity, max_len, ort
+        self.arrays = [(np.zeros(shape, model.kv_dtype), np.zeros(shape, model.kv_dtype))
+                       for _ in range(cfg.num_hidden_layers)]
+        self._views: dict[tuple[int, int], object] = {}
+
+    def _cache(self, start: int, n: int, length: int):
+        """The runtime's cache over rows start..start+n-1 (OrtValues over the same memory, made once per range)."""
+        from ..onnx_runtime import OnnxCache
+
+        view = self._views.get((start, n))
+        if view is None:
+            layers = [tuple(self._ort.OrtValue.ortvalue_from_numpy(a[start:start + n]) for a in kv)
+                      for kv in self.arrays]
+            view = self._views[(start, n)] = OnnxCache(layers, self.max_len, shared=True)
+        view.length = length
+        return view
+
+    def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
+        end = start + len(ids)
+        out = self.model(ids[None], attention_mask=np.ones((1, end), np.int64), cache=self._cache(slot, 1, start),
+                         last_only=True)
+        return out.logits[0, -1]
+
+    def decode(self, start: int, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        n, total = len(tokens), int(lengths.max()) + 1
+        mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
+        mask[:, -1] = 1  # the new token; a row's length is its mask's sum
+        out = self.model(np.asarray(tokens, np.int64)[:, None], attention_mask=mask,
+                         cache=self._cache(start, n, total - 1), last_only=True)
+        return out.logits[:, -1]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for kv in self.arrays:
+            for a in kv:
+                a[dst, :, :length] = a[src, :, :length]
+
+    def release(self, slot: int) -> None:
+        pass  # the row is overwritten by its next prompt
+
+
+class SeparateSlots:
+    """A batch-1 cache per request for models without an in-place cache; rows decode one at a time."""
+
+    def __init__(self, model, capacity: int, max_len: int):
+        self.model, self.capacity, self.max_len = model, capacity, max_len
+        self.caches: list = [None] * capacity
+
+    def _run(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
+        end = start + ids.shape[1]
+        out = self.model(ids, attention_mask=np.ones((1, end), np.int64),
+                         position_ids=np.arange(start, end, dtype=np.int64)[None], cache=self.caches[slot],
+                         last_only=True)
+        return logits_numpy(out)[0, -1]
+
+    def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
+        if start == 0:
+            self.caches[slot] = self.model.allocate_cache(1, self.max_len)
+        return self._run(slot, np.asarray(ids, np.int64)[None], start)
+
+    def decode(self, start: int, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        return np.stack([self._run(start + i, np.array([[t]], np.int64), int(n))
+                         for i, (t, n) in enumerate(zip(tokens, lengths))]).astype(np.float32, copy=False)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.caches[dst], self.caches[src] = self.caches[src], None
+
+    def release(self, slot: int) -> None:
+        self.caches[slot] = None
+
+
+def slots_for(model, capacity: int, max_len: int) -> Slots:
+    """Shared rows when the model updates its cache in place (the ort flavour), else a cache per request."""
+    kind = SharedSlots if getattr(model, "shares_kv_buffer", False) else SeparateSlots
+    return kind(model, capacity, max_len)
