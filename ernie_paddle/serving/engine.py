@@ -238,12 +238,16 @@ class Engine:
                     rows.append(self.slots.decode(i, tokens[i:i + 1], lengths[i:i + 1])[0])
                 except Exception as e:  # noqa: BLE001
                     rows.append(e)
+        failed = []
         for r, logits in zip(reqs, rows):
             if isinstance(logits, Exception):
-                self._leave(r, Finished("error", _describe(logits)))
-                continue
-            r.filled += 1
-            self._emit_token(r, logits)
+                failed.append((r, Finished("error", _describe(logits))))
+            else:
+                r.filled += 1
+                self._emit_token(r, logits)
+        # rows leave only once every row's length is final: a row that moves takes all its cached tokens
+        for r, event in failed:
+            self._leave(r, event)
         for r in [r for r in self.running if r.next_token is None]:
             self._leave(r, None)
 
