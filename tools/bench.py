@@ -1,5 +1,6 @@
 """Benchmark ERNIE-4.5 engines on the same weights: Paddle eager, ONNX Runtime (portable / ort fp32 / int8 /
-int4), transformers eager (torch), and llama.cpp through llama-cpp-python (GGUF F16 / Q8_0 / Q4_0) when installed.
+int4), onnxruntime-genai on the int4 folder, transformers eager (torch), and llama.cpp through llama-cpp-python
+(GGUF F16 / Q8_0 / Q4_0) when installed.
 
 For each engine, in its own process (so peak RSS is that engine's): prefill tokens/s at each prompt length,
 time to first token, decode tokens/s at each batch size. Prints a table with every engine's ratio to Paddle
@@ -26,23 +27,28 @@ from ernie_paddle.generation import logits_numpy
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.precisions import BITS
 
-ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "hf", "llama-f16", "llama-q8_0",
-                   "llama-q4_0"]
+ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "genai-int4", "hf", "llama-f16",
+                   "llama-q8_0", "llama-q4_0"]
 
 
 class Setup(NamedTuple):
-    """What `--preset NAME` benchmarks: a model shape (a config preset, maybe cut to fewer layers) and its engines."""
+    """What `--preset NAME` benchmarks: a model shape (a config preset, maybe cut to fewer layers) and its engines,
+    on random weights, or on the shipped trained checkpoint (`shipped`)."""
 
-    config_preset: str
+    config_preset: str | None
     layers: int | None
     engines: list[str]
+    shipped: bool = False
 
 
 SETUPS = {
     "tiny": Setup("tiny", None, ALL_CPU_ENGINES),  # a smoke test
+    "shipped": Setup(None, None, ["paddle", "ort-fp32", "ort-int4", "genai-int4", "llama-f16", "llama-q4_0"],
+                     shipped=True),  # the trained model that ships with the package
     "mid": Setup("21b-a3b", 3, ALL_CPU_ENGINES),  # the 21B-A3B widths, 3 layers: one dense, two MoE
-    "21b-a3b": Setup("21b-a3b", None, ["ort-int8", "ort-int4", "llama-q8_0", "llama-q4_0"]),  # int only
+    "21b-a3b": Setup("21b-a3b", None, ["ort-int8", "ort-int4", "genai-int4", "llama-q8_0", "llama-q4_0"]),  # int only
 }
+SAME_FOLDER = {"genai-int4": "ort-int4"}  # onnxruntime-genai runs the ort-int4 export as written
 ORT_PRECISION = {"ort-fp32": "fp32", "ort-int8": "int8", "ort-int4": "int4", "ort-cuda-fp16": "fp16"}
 GPU_ENGINES = ("paddle-gpu", "ort-cuda-fp16")  # Paddle bf16 with the fused kernels; ONNX Runtime CUDA fp16
 GGUF_TYPES = {"llama-f16": "F16", "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}
@@ -61,21 +67,34 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
     from ernie_paddle.checkpoint import make_checkpoint
     from ernie_paddle.config import preset as make_preset
 
+    from ernie_paddle.cli_args import default_model_dir
+    from ernie_paddle.config import ErnieConfig
+
     setup = SETUPS[preset]
     layers = num_layers or setup.layers
-    cfg = make_preset(setup.config_preset, **({"num_hidden_layers": layers} if layers else {}))
     os.makedirs(work, exist_ok=True)
-    ckpt = os.path.join(work, f"{preset}-ckpt")
+    if setup.shipped:
+        ckpt = default_model_dir()
+        cfg = ErnieConfig.from_file(ckpt)
+    else:
+        ckpt = os.path.join(work, f"{preset}-ckpt")
+        cfg = make_preset(setup.config_preset, **({"num_hidden_layers": layers} if layers else {}))
     # the full shape is benchmarked in int8/int4 only: its artifacts are made straight from random tensors,
     # without a 44 GB bf16 checkpoint on disk
-    direct = preset == "21b-a3b" and all(e.startswith(("ort-int", "llama-q")) for e in engines)
+    direct = preset == "21b-a3b" and all(e.startswith(("ort-int", "genai-", "llama-q")) for e in engines)
     if not direct and not os.path.isdir(ckpt):
         log(f"bench: writing a random {preset} checkpoint to {ckpt}")
         make_checkpoint(cfg, ckpt, layout="paddle", dtype="bfloat16", seed=seed)
     source = (None, cfg, seed) if direct else (ckpt, None, None)
     paths = {"paddle": ckpt, "paddle-gpu": ckpt}
     refused: dict[str, str] = {}
-    for e in engines:
+    for e in sorted(engines, key=lambda e: e in SAME_FOLDER):  # a folder's own engine first
+        if e in SAME_FOLDER:
+            if SAME_FOLDER[e] in paths:
+                paths[e] = paths[SAME_FOLDER[e]]
+            else:
+                refused[e] = refused.get(SAME_FOLDER[e], f"needs the {SAME_FOLDER[e]} folder: add it to --engines")
+            continue
         if e.startswith("ort-"):
             out = os.path.join(work, f"{preset}-{e}")
             why = _export_folder(e, out, source)
@@ -146,6 +165,8 @@ def available(engine: str) -> str | None:
         need = ["onnxruntime"]
     if engine.startswith("llama-"):
         need = ["llama_cpp", "gguf"]
+    if engine.startswith("genai-"):
+        need = ["onnxruntime_genai"]
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     if missing:
         return f"not installed: {', '.join(missing)}"
@@ -234,6 +255,30 @@ class _Llama:
         return self._last_logits(), None
 
 
+class _Genai:
+    """onnxruntime-genai on an exported folder, with its own greedy loop (what an application embedding it gets):
+    prefill appends the prompt, each step is one `generate_next_token`, which feeds back the argmax itself."""
+
+    def __init__(self, path: str, threads: int, max_len: int):
+        import onnxruntime_genai as og
+
+        config = og.Config(path)
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.og, self.model, self.max_len = og, og.Model(config), max_len
+
+    def prefill(self, ids):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.max_len, min_length=self.max_len, do_sample=False,
+                                  batch_size=len(ids))
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(ids.astype("int32"))
+        return gen.get_logits()[:, -1], gen
+
+    def step(self, tokens, gen):
+        gen.generate_next_token()  # picks the argmax of the last logits (the `tokens` given) and runs the model
+        return gen.get_logits()[:, -1], gen
+
+
 def _runner(engine: str, path: str, threads: int, max_len: int):
     """The engine loaded from `path`, behind prefill(ids [B, T]) and step(tokens [B], state) -> (logits [B, V],
     state)."""
@@ -253,6 +298,8 @@ def _runner(engine: str, path: str, threads: int, max_len: int):
         return _Ours(OnnxCausalLM(path, provider=provider, threads=threads), max_len)
     if engine == "hf":
         return _HF(path, threads)
+    if engine.startswith("genai-"):
+        return _Genai(path, threads, max_len)
     return _Llama(path, threads, max_len)
 
 
