@@ -3,7 +3,8 @@
 The folder is assembled in a hidden temporary folder beside the destination (`atomic.atomic_dir`) and renamed into
 place only after the graph is written and (by default) verified; a failure, Ctrl-C or SIGTERM removes it, so an
 export that does not finish leaves nothing behind.
-It holds `model.onnx` + `model.onnx.data`, `config.json`, `genai_config.json`, the tokenizer files, and
+It holds `model.onnx` + `model.onnx.data`, `config.json`, `genai_config.json`, the tokenizer files (with a
+`tokenizer.json` for onnxruntime-genai), and
 `manifest.json` (source checkpoint hash, flavour, precision, parity figures, package versions).
 """
 
@@ -25,6 +26,7 @@ from ernie_paddle.memory import fp32_bytes, fp32_reference_fits
 from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, check_block_size
 
 from .genai import genai_config
+from .tokenizer_json import write_tokenizer_files
 from .verify import FP32_LOGIT_TOL, compare, verification_prompts
 
 FLAVORS = ("ort", "portable")
@@ -157,12 +159,14 @@ def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Opti
 
 
 def copy_checkpoint_files(model_dir: str | None, cfg: ErnieConfig, folder: str) -> None:
-    """config.json (as the checkpoint has it, or written from `cfg`) and the tokenizer files present."""
+    """config.json (as the checkpoint has it, or written from `cfg`), the tokenizer files present, and the
+    tokenizer.json onnxruntime-genai needs (converted from tokenizer.model unless the checkpoint has one)."""
     if model_dir is None:
         cfg.save(folder)
         return
     shutil.copy2(os.path.join(model_dir, CONFIG), os.path.join(folder, CONFIG))
     copy_side_files(model_dir, folder)
+    write_tokenizer_files(model_dir, folder)  # tokenizer.json + a tokenizer class onnxruntime-genai reads
 
 
 def _stop_ids(folder: str) -> list[int]:
