@@ -1,52 +1,41 @@
-"""The ERNIE-4.5 tokenizer: SentencePiece `tokenizer.model` (or `tokenizer.json`), its special tokens and
+"""The ERNIE-4.5 tokenizer: SentencePiece `tokenizer.model` (or `tokenizer.json`), its special and added tokens, its
 chat template, and incremental decoding for streaming.
 
 As in the released tokenizer (LlamaTokenizer-style, `legacy=True`): no BOS is added by default; `<unk>` (0) is
 also the pad token, `<s>` = 1, `</s>` = 2; `<|begin_of_sentence|>` (cls) opens a chat and `<|end_of_sentence|>`
 (sep) closes each assistant turn. Ids of the named tokens are looked up in the model, never assumed.
+
+Tokens such as `<think>` or `<tool_call>` live where real checkpoints keep them: inside `tokenizer.model` (control or
+user-defined pieces), or beyond it in `added_tokens.json` ({piece: id}) and tokenizer_config.json's
+`added_tokens_decoder` ({"id": {"content": ..., "special": ...}}). As in transformers, their strings in a text become
+their ids before the rest is split into pieces, and they decode back to their strings.
 Only `sentencepiece` (or `tokenizers` for a `tokenizer.json`) is needed: no paddlenlp, no transformers.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+import re
+from typing import Collection, Iterable, Sequence
 
 from . import files
-from .errors import ErnieError, TokenizerError
+from .errors import TokenizerError
 from .textfile import read_json_object
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<unk>", "cls": "<|begin_of_sentence|>",
-           "sep": "<|end_of_sentence|>", "mask": "<mask:1>"}
+           "sep": "<|end_of_sentence|>", "mask": "<mask:1>"}  # ERNIE-4.5's, used where tokenizer_config names none
 MASK_TOKENS = [f"<mask:{i}>" for i in range(8)]  # <mask:4>/<mask:5> sys start/end, <mask:6>/<mask:7> header
 
 
-def chat_prompt(messages: Sequence[dict], add_generation_prompt: bool = True, cls: str = SPECIAL["cls"],
-                sep: str = SPECIAL["sep"]) -> str:
-    """ERNIE-4.5's chat template: cls, then `system\\n`, `User: ...\\n`, `Assistant: ...` + sep per turn."""
-    out = [cls]
-    for m in messages:
-        role, content = m.get("role"), m.get("content", "")
-        if role == "system":
-            out.append(f"{content}\n")
-        elif role == "user":
-            out.append(f"User: {content}\n")
-        elif role == "assistant":
-            out.append(f"Assistant: {content}{sep}")
-        else:
-            raise ErnieError(f"chat message role must be system, user or assistant, got {role!r}")
-    if add_generation_prompt:
-        out.append("Assistant: ")
-    return "".join(out)
-
-
 class ErnieTokenizer:
-    """Encode/decode with a SentencePiece model (preferred) or a `tokenizer.json`."""
+    """Encode/decode with a SentencePiece model (preferred) or a `tokenizer.json`, plus the checkpoint's added
+    tokens; `chat_template` is the checkpoint's own (read when first used)."""
 
     def __init__(self, directory: str):
         spm_path = os.path.join(directory, files.SPM_MODEL)
         json_path = os.path.join(directory, files.TOKENIZER_JSON)
         self.directory = directory
+        self._sp = self._hf = None
         if os.path.isfile(spm_path):
             import sentencepiece as spm
 
@@ -55,9 +44,7 @@ class ErnieTokenizer:
                 self._sp.Load(spm_path)
             except (OSError, RuntimeError) as e:
                 raise TokenizerError(f"{spm_path}: not a SentencePiece model ({e})") from None
-            self._hf = None
-            self.vocab_size = self._sp.GetPieceSize()
-            self._id = self._sp_id
+            base_size = self._sp.GetPieceSize()
         elif os.path.isfile(json_path):
             from tokenizers import Tokenizer
 
@@ -65,21 +52,68 @@ class ErnieTokenizer:
                 self._hf = Tokenizer.from_file(json_path)
             except Exception as e:  # tokenizers raises plain Exceptions
                 raise TokenizerError(f"{json_path}: not a tokenizers file ({e})") from None
-            self._sp = None
-            self.vocab_size = self._hf.get_vocab_size()
-            self._id = self._hf.token_to_id
+            base_size = self._hf.get_vocab_size()
         else:
             raise TokenizerError(f"{directory}: no {files.SPM_MODEL} or {files.TOKENIZER_JSON} (prompts as text need "
                                  f"one; use --input-ids otherwise)")
-        # nothing in it is used yet (the chat template is ERNIE-4.5's own), but a corrupt file is named now
-        _read_json_object(os.path.join(directory, files.TOKENIZER_CONFIG))
-        self.special_ids = {name: self._id(piece) for name, piece in SPECIAL.items()}
-        self.all_special_ids = {i for i in (self._id(p) for p in list(SPECIAL.values()) + MASK_TOKENS)
-                                if i is not None}
+        self.config = _read_json_object(os.path.join(directory, files.TOKENIZER_CONFIG))
+        self.named_tokens = _named_tokens(self.config, _read_json_object(
+            os.path.join(directory, files.SPECIAL_TOKENS_MAP)), os.path.join(directory, files.TOKENIZER_CONFIG))
+        self._added, special = self._added_tokens()
+        self.vocab_size = max([base_size] + [i + 1 for i in self._added.values()])
+        self.special_ids = {name: self._id(self.named_tokens.get(f"{name}_token", piece))
+                            for name, piece in SPECIAL.items()}
+        named = list(self.named_tokens.values()) + list(SPECIAL.values()) + MASK_TOKENS
+        self.all_special_ids = {i for i in map(self._id, named) if i is not None} | special
+        # strings that become one id before the rest of the text is split into pieces, longest first
+        self._pieces = {p: i for p in set(self._added) | set(self.named_tokens.values())
+                        if p and (i := self._id(p)) is not None}
+        self._texts = {i: p for p, i in self._pieces.items()}
+        self._split = re.compile("(" + "|".join(map(re.escape, sorted(self._pieces, key=len, reverse=True))) + ")") \
+            if self._pieces else None
+        self._chat_template = None
 
-    def _sp_id(self, piece: str) -> int | None:
+    def _added_tokens(self) -> tuple[dict[str, int], set[int]]:
+        """({string: id}, special ids) of the tokens besides the plain pieces: the model's control pieces (and a
+        tokenizer.json's added tokens), then added_tokens.json and `added_tokens_decoder`, later ones winning."""
+        added: dict[str, int] = {}
+        special: set[int] = set()
+        if self._sp is not None:  # control pieces (<s>, </s> ...) are never made from text by sentencepiece itself
+            for i in range(self._sp.GetPieceSize()):
+                if self._sp.IsControl(i):
+                    added[self._sp.IdToPiece(i)] = i
+                    special.add(i)
+        else:
+            for i, token in self._hf.get_added_tokens_decoder().items():
+                added[token.content] = i
+                if token.special:
+                    special.add(i)
+        path = os.path.join(self.directory, files.ADDED_TOKENS)
+        for piece, i in _read_json_object(path).items():
+            added[piece] = _token_id(i, f"{path}: {piece!r}")
+        path = os.path.join(self.directory, files.TOKENIZER_CONFIG)
+        decoder = self.config.get("added_tokens_decoder", {})
+        if not isinstance(decoder, dict):
+            raise TokenizerError(f"{path}: added_tokens_decoder must be an object of {{id: {{content, special}}}}")
+        for key, token in decoder.items():
+            where = f"{path}: added_tokens_decoder[{key!r}]"
+            if not isinstance(token, dict) or not isinstance(token.get("content"), str):
+                raise TokenizerError(f"{where}: expected an object with a string \"content\"")
+            i = _token_id(key, where)
+            added[token["content"]] = i
+            if token.get("special", False):
+                special.add(i)
+        extra = _special_names(self.config, path)
+        special |= {added[p] for p in extra if p in added}
+        return added, special
+
+    def _id(self, piece: str) -> int | None:
+        if piece in self._added:
+            return self._added[piece]
+        if self._sp is None:
+            return self._hf.token_to_id(piece)
         i = self._sp.PieceToId(piece)
-        return None if i == self._sp.unk_id() and piece != SPECIAL["unk"] else i
+        return None if i == self._sp.unk_id() and piece != self._sp.IdToPiece(i) else i
 
     # ---- ids of named tokens ---------------------------------------------------------------------------
     @property
@@ -107,27 +141,63 @@ class ErnieTokenizer:
 
     # ---- encode / decode ---------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text` (special-token strings such as <|end_of_sentence|> become their ids)."""
-        ids = list(self._sp.EncodeAsIds(text)) if self._sp is not None else self._hf.encode(
-            text, add_special_tokens=False).ids
-        return ([self.bos_token_id] if add_bos else []) + ids
+        """Token ids of `text`; special and added token strings (<|end_of_sentence|>, </think>...) become their ids."""
+        ids = [self.bos_token_id] if add_bos else []
+        for i, part in enumerate(self._split.split(text) if self._split else [text]):
+            if i % 2:  # the separators the split captured
+                ids.append(self._pieces[part])
+            elif part:
+                ids += self._sp.EncodeAsIds(part) if self._sp is not None else self._hf.encode(
+                    part, add_special_tokens=False).ids
+        return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False, keep: Collection[str] = ()) -> str:
+        """The text of `ids`; `skip_special_tokens` drops special tokens except those whose strings are in `keep`
+        (a chat format's tags, which may be special)."""
         ids = [int(i) for i in ids]
         if skip_special_tokens:
-            ids = [i for i in ids if i not in self.all_special_ids]
-        if self._sp is not None:
-            return self._sp.DecodeIds(ids)
-        return self._hf.decode(ids, skip_special_tokens=False)
+            kept = {self._id(p) for p in keep}
+            ids = [i for i in ids if i not in self.all_special_ids or i in kept]
+        out, run = [], []
+        for i in ids + [None]:
+            if i is not None and i not in self._texts:
+                run.append(i)
+                continue
+            if run:
+                out.append(self._sp.DecodeIds(run) if self._sp is not None else self._hf.decode(
+                    run, skip_special_tokens=False))
+                run = []
+            if i is not None:
+                out.append(self._texts[i])
+        return "".join(out)
+
+    # ---- chat ------------------------------------------------------------------------------------------------------
+    @property
+    def chat_template(self):
+        """The checkpoint's chat template (`chat_template.ChatTemplate`), read when first used: ERNIE-4.5's with a
+        warning when the checkpoint ships none."""
+        if self._chat_template is None:
+            from .chat_template import read_chat_template
+
+            self._chat_template = read_chat_template(self.directory, self.config, self.named_tokens)
+        return self._chat_template
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = True) -> list[int] | str:
-        text = chat_prompt(messages, add_generation_prompt)
+                            tokenize: bool = True, tools: Sequence[dict] | None = None,
+                            documents: Sequence[dict] | None = None, **kwargs) -> list[int] | str:
+        """`messages` (and `tools`) in the checkpoint's chat template, as ids or (`tokenize=False`) text; extra
+        keyword arguments (e.g. enable_thinking) go to the template."""
+        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                         documents=documents, **kwargs)
         return self.encode(text) if tokenize else text
 
     def stop_ids(self) -> list[int]:
-        """Ids that end a generation: </s> and <|end_of_sentence|>."""
-        return [i for i in (self.eos_token_id, self.sep_token_id) if i is not None]
+        """Ids that end a generation: </s>, <|end_of_sentence|>, and generation_config.json's eos_token_id(s)."""
+        path = os.path.join(self.directory, files.GENERATION_CONFIG)
+        declared = _read_json_object(path).get("eos_token_id", [])
+        declared = [declared] if not isinstance(declared, list) else declared
+        ids = [self.eos_token_id, self.sep_token_id] + [_token_id(i, f"{path}: eos_token_id") for i in declared]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def _read_json_object(path: str) -> dict:
@@ -137,21 +207,66 @@ def _read_json_object(path: str) -> dict:
     return read_json_object(path, TokenizerError)
 
 
+def _token_id(value, where: str) -> int:
+    """A token id as a checkpoint file gives it (an int, or a digit string as a JSON key)."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TokenizerError(f"{where}: expected a token id (a non-negative integer), got {value!r}")
+    return value
+
+
+def _token_text(value, where: str) -> str:
+    """A token as tokenizer_config.json names it: a string, or transformers' AddedToken object {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if not isinstance(value, str):
+        raise TokenizerError(f"{where}: expected a token string, got {value!r}")
+    return value
+
+
+def _named_tokens(config: dict, special_tokens_map: dict, path: str) -> dict[str, str]:
+    """bos_token, eos_token, unk_token, sep_token, pad_token, cls_token, mask_token as the checkpoint declares them
+    (tokenizer_config.json, then special_tokens_map.json for the ones it lacks): what chat templates are given."""
+    out = {}
+    for name in (f"{k}_token" for k in SPECIAL):
+        value = config.get(name, special_tokens_map.get(name))
+        if value is not None:
+            out[name] = _token_text(value, f"{path}: {name}")
+    return out
+
+
+def _special_names(config: dict, path: str) -> list[str]:
+    """The strings tokenizer_config.json lists as special besides the named ones (`additional_special_tokens`, or
+    transformers 5's `extra_special_tokens`, a list or a {name: token} object)."""
+    out = []
+    for field in ("additional_special_tokens", "extra_special_tokens"):
+        value = config.get(field) or []
+        for token in (value.values() if isinstance(value, dict) else value):
+            out.append(_token_text(token, f"{path}: {field}"))
+    return out
+
+
 class IncrementalDecoder:
     """Turns a growing list of token ids into text pieces for streaming, never splitting a UTF-8 character.
 
     Decodes prompt + generated ids (so word-initial spaces come out right) and emits what is new, holding the
-    text back while it ends in U+FFFD (a byte-fallback character still waiting for its remaining bytes).
+    text back while it ends in U+FFFD (a byte-fallback character still waiting for its remaining bytes). `keep`:
+    special tokens to keep in the text although skipped otherwise (a chat format's tags).
     """
 
-    def __init__(self, tokenizer: ErnieTokenizer, prefix_ids: Sequence[int] = (), skip_special_tokens: bool = True):
-        self.tok, self.skip = tokenizer, skip_special_tokens
+    def __init__(self, tokenizer: ErnieTokenizer, prefix_ids: Sequence[int] = (), skip_special_tokens: bool = True,
+                 keep: Collection[str] = ()):
+        self.tok, self.skip, self.keep = tokenizer, skip_special_tokens, tuple(keep)
         self.ids: list[int] = [int(i) for i in prefix_ids]
-        self.emitted = tokenizer.decode(self.ids, skip_special_tokens=skip_special_tokens)
+        self.emitted = self._text()
+
+    def _text(self) -> str:
+        return self.tok.decode(self.ids, skip_special_tokens=self.skip, keep=self.keep)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        text = self._text()
         if text.endswith("\ufffd"):
             return ""
         new = text[len(self.emitted):] if text.startswith(self.emitted) else text

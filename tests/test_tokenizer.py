@@ -1,4 +1,5 @@
-"""The ERNIE tokenizer on SentencePiece models the tests train themselves, its chat template, streaming."""
+"""The ERNIE tokenizer on SentencePiece models the tests train themselves: special and added tokens wherever a
+checkpoint keeps them, the chat template, streaming."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import pytest
 
 from ernie_paddle.errors import InputError, TokenizerError
-from ernie_paddle.tokenizer import ErnieTokenizer, IncrementalDecoder, chat_prompt
+from ernie_paddle.tokenizer import ErnieTokenizer, IncrementalDecoder
 from ernie_paddle.corpus import split_corpus
 from ernie_paddle.training import train_tokenizer
 
@@ -57,14 +58,87 @@ def test_special_token_strings_encode_to_their_ids(tok):
 def test_chat_template(tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"},
                 {"role": "assistant", "content": "A player."}, {"role": "user", "content": "Speak."}]
-    text = chat_prompt(messages)
+    with pytest.warns(UserWarning, match="no chat template in tokenizer_config.json or chat_template.jinja; using "
+                                         "the built-in ERNIE-4.5 chat template"):
+        text = tok.apply_chat_template(messages, tokenize=False)
     assert text == ("<|begin_of_sentence|>Be brief.\nUser: Who art thou?\nAssistant: A player.<|end_of_sentence|>"
                     "User: Speak.\nAssistant: ")
     ids = tok.apply_chat_template(messages)
     assert ids == tok.encode(text) and ids.count(tok.sep_token_id) == 1 and ids[0] == tok.cls_token_id
     assert tok.apply_chat_template(messages[:2], add_generation_prompt=False, tokenize=False).endswith("thou?\n")
-    with pytest.raises(Exception, match="role must be system, user or assistant, got 'tool'"):
-        chat_prompt([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError, match="^the built-in ERNIE-4.5 chat template: chat message role must be "
+                                             "system, user or assistant, got 'tool'$"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+# ---- special tokens inside tokenizer.model, or beyond it in added_tokens.json / added_tokens_decoder ---------------
+TAGS = ["<think>", "</think>", "<response>", "</response>", "<tool_call>", "</tool_call>"]
+
+
+def test_the_models_own_control_and_user_defined_pieces(tok):
+    """train_tokenizer keeps <s> and </s> as control pieces (sentencepiece alone neither makes them from text nor
+    prints them) and ERNIE's named tokens as user-defined ones: all become their ids and decode back."""
+    text = "<s>Speak<|end_of_sentence|></s><mask:4>\n"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id and ids[-3:] == [tok.eos_token_id, tok.token_to_id("<mask:4>"),
+                                                        tok.token_to_id("\n")]
+    assert tok.sep_token_id in ids and tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == "Speak\n"
+
+
+@pytest.fixture(scope="module", params=["added_tokens.json", "added_tokens_decoder"])
+def tagged(request, tok_dir, tmp_path_factory):
+    """The test tokenizer with the -Thinking tags beyond its 400 pieces, in one of the two places checkpoints keep
+    them; <think> and </think> are special, the others not."""
+    d = tmp_path_factory.mktemp("tagged")
+    for f in os.listdir(tok_dir):
+        (d / f).write_bytes(open(os.path.join(tok_dir, f), "rb").read())
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    if request.param == "added_tokens.json":
+        (d / "added_tokens.json").write_text(json.dumps({t: 400 + i for i, t in enumerate(TAGS)}))
+        config["additional_special_tokens"] = TAGS[:2]
+    else:
+        config["added_tokens_decoder"] = {str(400 + i): {"content": t, "special": i < 2} for i, t in enumerate(TAGS)}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return ErnieTokenizer(str(d))
+
+
+def test_added_tokens_encode_to_their_ids_and_decode_back(tagged):
+    assert [tagged.token_to_id(t) for t in TAGS] == list(range(400, 406)) and tagged.vocab_size == 406
+    text = "Speak</think>\n\n<response>\nAll: speak.\n</response><tool_call>{}</tool_call>"
+    ids = tagged.encode(text)
+    assert {401, 402, 403, 404, 405} <= set(ids) and tagged.decode(ids) == text
+    assert tagged.encode("<think><think>") == [400, 400]
+    assert tagged.decode(ids, skip_special_tokens=True) == text.replace("</think>", "")
+    assert tagged.decode(ids, skip_special_tokens=True, keep=["</think>"]) == text
+    dec = IncrementalDecoder(tagged, tagged.encode("All:<think>"), keep=["</think>"])
+    assert "".join(dec.push(i) for i in ids) == text
+
+
+def test_stop_ids_include_generation_configs_eos_ids(tagged, tmp_path):
+    assert tagged.stop_ids() == [tagged.eos_token_id, tagged.sep_token_id]
+    for f in os.listdir(tagged.directory):
+        (tmp_path / f).write_bytes(open(os.path.join(tagged.directory, f), "rb").read())
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 405]}))
+    assert ErnieTokenizer(str(tmp_path)).stop_ids() == [tagged.eos_token_id, tagged.sep_token_id, 405]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(TokenizerError, match="generation_config.json: eos_token_id: expected a token id \\(a "
+                                             "non-negative integer\\), got 'x'"):
+        ErnieTokenizer(str(tmp_path)).stop_ids()
+
+
+def test_bad_added_tokens_are_named(tok_dir, tmp_path):
+    for f in os.listdir(tok_dir):
+        (tmp_path / f).write_bytes(open(os.path.join(tok_dir, f), "rb").read())
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<think>": -1}))
+    with pytest.raises(TokenizerError, match="added_tokens.json: '<think>': expected a token id \\(a non-negative "
+                                             "integer\\), got -1$"):
+        ErnieTokenizer(str(tmp_path))
+    os.remove(tmp_path / "added_tokens.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"7": {"special": True}}}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: added_tokens_decoder\\['7'\\]: expected an "
+                                             "object with a string \"content\"$"):
+        ErnieTokenizer(str(tmp_path))
 
 
 def test_incremental_decoding_never_splits_characters(tok):
