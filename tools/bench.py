@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -60,9 +61,11 @@ def log(msg: str) -> None:
 
 
 # ---- preparing artifacts (in the parent process) ---------------------------------------------------------------
-def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: int | None):
+def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: int | None,
+            tokenizer_from_shipped: bool = False):
     """Checkpoint, ONNX exports and GGUF files for the engines, made once and reused from `work`.
 
+    `tokenizer_from_shipped`: a random checkpoint gets the shipped model's tokenizer (servers take text prompts).
     Returns (path per engine, why an engine's artifact could not be made, config)."""
     from ernie_paddle.checkpoint import make_checkpoint
     from ernie_paddle.config import preset as make_preset
@@ -85,6 +88,12 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
     if not direct and not os.path.isdir(ckpt):
         log(f"bench: writing a random {preset} checkpoint to {ckpt}")
         make_checkpoint(cfg, ckpt, layout="paddle", dtype="bfloat16", seed=seed)
+    if tokenizer_from_shipped and not setup.shipped:
+        from ernie_paddle import files
+
+        for name in (files.SPM_MODEL, files.TOKENIZER_CONFIG):
+            if not os.path.isfile(os.path.join(ckpt, name)):
+                shutil.copy2(os.path.join(default_model_dir(), name), os.path.join(ckpt, name))
     source = (None, cfg, seed) if direct else (ckpt, None, None)
     paths = {"paddle": ckpt, "paddle-gpu": ckpt}
     refused: dict[str, str] = {}
