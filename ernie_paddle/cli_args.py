@@ -7,6 +7,7 @@ Each type function checks one value as argparse reads it, so bad input ends with
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -117,6 +118,27 @@ def output_file(text: str) -> str:
     return text
 
 
+def tool_list(path: str) -> list[dict]:
+    """A JSON file holding a list of tool definitions (OpenAI style: {"type": "function", "function": {...}})."""
+    try:
+        tools = json.loads(read_text(path, path))
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{path}: not JSON ({e})") from None
+    if not isinstance(tools, list):
+        raise argparse.ArgumentTypeError(f"{path}: expected a JSON list of tool definitions, got {_json_kind(tools)}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise argparse.ArgumentTypeError(f"{path}: tool {i + 1} is {_json_kind(tool)}, not an object")
+    return tools
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
 def input_file(text: str) -> str:
     """An existing file to read."""
     if not os.path.isfile(text):
@@ -173,7 +195,12 @@ def generate_args(g: argparse.ArgumentParser) -> None:
     src.add_argument("--input-ids", type=token_ids, help="prompt token ids, e.g. 1,2,3, or @FILE (prints the new ids)")
     src.add_argument("--prompt", help="prompt text (needs the model's tokenizer; streams text)")
     src.add_argument("--prompt-file", help="read the prompt text from this UTF-8 file (long contexts)")
-    g.add_argument("--chat", action="store_true", help="wrap --prompt in the ERNIE chat template")
+    g.add_argument("--chat", action="store_true", help="send --prompt as a user message in the checkpoint's chat "
+                   "template (ERNIE-4.5's if it ships none); prints the answer, without the model's reasoning")
+    g.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
+    g.add_argument("--tools", metavar="FILE", type=tool_list,
+                   help="with --chat: a JSON file with a list of OpenAI-style tool definitions for the chat template")
+    g.add_argument("--show-reasoning", action="store_true", help="with --chat: also print the reasoning (on stderr)")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"default {MAX_NEW_TOKENS_IDS} for --input-ids, {MAX_NEW_TOKENS_TEXT} for --prompt")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -187,7 +214,8 @@ def generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-ids", type=token_ids, default=None, help="extra token ids that end generation")
     g.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per prefill pass (bounds attention "
                    f"memory at long contexts; default {d.prefill_chunk})")
-    g.add_argument("--json", action="store_true", help='print one JSON object; "token_ids" holds the new tokens')
+    g.add_argument("--json", action="store_true", help='print one JSON object; "token_ids" holds the new tokens '
+                   '(with --chat also "reasoning", "content" and "tool_calls")')
 
 
 def sampling_given(args: argparse.Namespace) -> list[str]:

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from .chat_output import ChatFormat, ChatOutputParser, ModelOutputWarning, parse_chat_output
 from .cli_args import DECODING, MAX_NEW_TOKENS_IDS, MAX_NEW_TOKENS_TEXT, SAMPLING, sampling_given, token_ids
 from .errors import ConfigDefaultWarning, InputError
 from .interrupts import raise_if_interrupted, run_command
@@ -22,20 +23,22 @@ from .sysinfo import peak_rss
 from .textfile import read_text
 
 Load = Callable[[argparse.Namespace], Any]  # the model for these arguments (Paddle, ONNX Runtime, distributed)
+ONE_LINE_WARNINGS = (ConfigDefaultWarning, ModelOutputWarning)  # the user's to read, not a programmer's
 
 
 # ---- the runner ----------------------------------------------------------------------------------------------------
 def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
     """Parse `argv` and run the chosen command under `run_command`: bad input is one `error:` line and status 2,
     an unreadable or unwritable file status 1; Ctrl-C, SIGTERM and a closed stdout end with 130, 143 and 141.
-    Config-default warnings print as one `warning:` line while it runs."""
+    Config-default and model-output warnings print as one `warning:` line while it runs."""
     return run_command(lambda: _run(list(argv), parser), parser.prog)
 
 
 def _run(argv: list[str], parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
-    warnings.simplefilter("always", ConfigDefaultWarning)
+    for category in ONE_LINE_WARNINGS:
+        warnings.simplefilter("always", category)
     try:
         return args.func(args)  # errors become one line and a status in run_command
     finally:
@@ -43,8 +46,8 @@ def _run(argv: list[str], parser: argparse.ArgumentParser) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Config-default warnings as one plain line; others as Python prints them."""
-    if issubclass(category, ConfigDefaultWarning):
+    """Config-default and model-output warnings as one plain line; others as Python prints them."""
+    if issubclass(category, ONE_LINE_WARNINGS):
         print(f"warning: {message}", file=sys.stderr, flush=True)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
@@ -79,10 +82,18 @@ class Prompt:
     ids: list[int]
     tokenizer: Any = None  # ErnieTokenizer for text prompts (the output is streamed as text)
     echo: str | None = None  # printed before the continuation: a short --prompt, never ids, files or --json
+    chat: ChatFormat | None = None  # --chat: how the answer splits into reasoning, content and tool calls
+    reasoning_open: bool = False  # --chat: the prompt ends inside <think>, so the answer starts with reasoning
+    show_reasoning: bool = False  # --show-reasoning: print the reasoning too (on stderr)
 
 
 def read_prompt(args: argparse.Namespace, vocab_size: int) -> Prompt:
-    """The prompt's token ids, from --input-ids, --prompt or --prompt-file (with --chat: in the chat template)."""
+    """The prompt's token ids, from --input-ids, --prompt or --prompt-file; with --chat, the prompt as a user message
+    (after --system's) in the checkpoint's chat template, with --tools."""
+    chat_flags = [flag for flag, given in (("--system", args.system is not None), ("--tools", args.tools is not None),
+                                           ("--show-reasoning", args.show_reasoning)) if given]
+    if chat_flags and not args.chat:
+        raise InputError(f"{chat_flags[0]} needs --chat (it is for the chat template)")
     text = args.prompt
     if args.prompt_file is not None:
         text = read_text(args.prompt_file, f"--prompt-file {args.prompt_file}")
@@ -94,11 +105,18 @@ def read_prompt(args: argparse.Namespace, vocab_size: int) -> Prompt:
     from .tokenizer import ErnieTokenizer
 
     tok = ErnieTokenizer(args.model)
-    ids = tok.apply_chat_template([{"role": "user", "content": text}]) if args.chat else tok.encode(text)
-    if not ids:
-        raise InputError(f"{'--prompt-file' if args.prompt_file else '--prompt'} is empty: give some text to continue")
     echo = None if args.json or args.prompt_file is not None else ("" if args.chat else text)
-    return Prompt(ids, tok, echo)
+    if not args.chat:
+        ids = tok.encode(text)
+        if not ids:
+            raise InputError(f"{'--prompt-file' if args.prompt_file else '--prompt'} is empty: give some text to "
+                             f"continue")
+        return Prompt(ids, tok, echo)
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    rendered = tok.apply_chat_template(messages + [{"role": "user", "content": text}], tools=args.tools,
+                                       tokenize=False)
+    chat = ChatFormat.of(tok)
+    return Prompt(tok.encode(rendered), tok, echo, chat, chat.opens_reasoning(rendered), args.show_reasoning)
 
 
 PARITY_TEXT_PROMPTS = ("ROMEO:\nBut, soft! what light through yonder window breaks?",
@@ -178,8 +196,9 @@ def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
 
 # ---- the commands --------------------------------------------------------------------------------------------------
 def generate(load: Load, args: argparse.Namespace) -> int:
-    """Generate from --input-ids (prints the new ids) or text (streams text); --json: one object at the end, whose
-    "token_ids" holds the new tokens only (and "text" the decoded continuation of a text prompt)."""
+    """Generate from --input-ids (prints the new ids) or text (streams text; with --chat the answer); --json: one
+    object at the end, whose "token_ids" holds the new tokens only (and "text" the decoded continuation of a text
+    prompt; with --chat "reasoning", "content" and "tool_calls" too)."""
     cfg = folder_config(args)
     prompt = read_prompt(args, cfg.vocab_size)
     gen = generation_config(args, prompt, cfg)
@@ -196,14 +215,18 @@ def generate(load: Load, args: argparse.Namespace) -> int:
 
 
 def _stream(model, prompt: Prompt, gen, quiet: bool) -> tuple[list[int], float, float]:
-    """Run generation, printing tokens (or text) as they come unless `quiet`; returns (new ids, TTFT, seconds).
+    """Run generation, printing tokens (or text; a chat's answer) as they come unless `quiet`; returns (new ids,
+    TTFT, seconds).
 
     The prompt is echoed with the first token, so an error raised before it (a prompt too long for the model)
     stands on its own line."""
     from .generation import stream
     from .tokenizer import IncrementalDecoder
 
-    decoder = IncrementalDecoder(prompt.tokenizer, prompt.ids) if prompt.tokenizer and not quiet else None
+    decoder = show = None
+    if prompt.tokenizer and not quiet:
+        decoder = IncrementalDecoder(prompt.tokenizer, prompt.ids, keep=prompt.chat.tags if prompt.chat else ())
+        show = _ChatPrinter(prompt) if prompt.chat else lambda text: print(text, end="", flush=True)
     t0, new, first = time.time(), [], None
     for t in stream(model, prompt.ids, gen):
         raise_if_interrupted()  # a step boundary: where a lost Ctrl-C / SIGTERM takes effect
@@ -211,11 +234,48 @@ def _stream(model, prompt: Prompt, gen, quiet: bool) -> tuple[list[int], float, 
             first = time.time() - t0
             print(prompt.echo or "", end="", flush=True)
         new.append(t)
-        if not quiet:
-            print(decoder.push(t) if decoder else t, end="" if decoder else " ", flush=True)
+        if decoder:
+            show(decoder.push(t))
+        elif not quiet:
+            print(t, end=" ", flush=True)
     if first is None:  # no new token (--max-new-tokens 0)
         print(prompt.echo or "", end="", flush=True)
+    if isinstance(show, _ChatPrinter):
+        show.finish()
     return new, first or 0.0, time.time() - t0
+
+
+class _ChatPrinter:
+    """Prints a chat answer as it streams: content on stdout, each tool call as a `tool call: {json}` line, and with
+    --show-reasoning the reasoning on stderr."""
+
+    def __init__(self, prompt: Prompt):
+        self.parser = ChatOutputParser(prompt.chat, prompt.reasoning_open)
+        self.show_reasoning, self.in_reasoning = prompt.show_reasoning, False
+
+    def __call__(self, text: str) -> None:
+        self._print(self.parser.push(text))
+
+    def finish(self) -> None:
+        self._print(self.parser.finish())
+        self._end_reasoning()
+
+    def _print(self, delta) -> None:
+        if delta.reasoning and self.show_reasoning:
+            if not self.in_reasoning:
+                print("[reasoning] ", end="", file=sys.stderr)
+            self.in_reasoning = True
+            print(delta.reasoning, end="", file=sys.stderr, flush=True)
+        if delta.content or delta.tool_calls:
+            self._end_reasoning()
+        print(delta.content, end="", flush=True)
+        for call in delta.tool_calls:
+            print(f"tool call: {json.dumps(call, ensure_ascii=False)}", flush=True)
+
+    def _end_reasoning(self) -> None:
+        if self.in_reasoning:
+            print(file=sys.stderr, flush=True)
+            self.in_reasoning = False
 
 
 def _summary(prompt: Prompt, new: list[int], first: float, seconds: float) -> dict:
@@ -225,6 +285,10 @@ def _summary(prompt: Prompt, new: list[int], first: float, seconds: float) -> di
            "peak_rss_gib": round(peak_rss() / 2**30, 3)}
     if prompt.tokenizer is not None:
         out["text"] = prompt.tokenizer.decode(new, skip_special_tokens=True)
+    if prompt.chat is not None:
+        answer = parse_chat_output(prompt.tokenizer.decode(new, skip_special_tokens=True, keep=prompt.chat.tags),
+                                   prompt.chat, prompt.reasoning_open)
+        out.update(reasoning=answer.reasoning, content=answer.content, tool_calls=answer.tool_calls)
     return out
 
 

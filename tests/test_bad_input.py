@@ -97,6 +97,10 @@ def onnx_folder(tiny_ckpt, tmp_path_factory) -> str:
     (["generate", "--model", "{tmp}/nothere", "--input-ids", "1"],
      "generate: error: argument --model: {tmp}/nothere: no such folder"),
     (["generate", "--model", "{file}", "--input-ids", "1"], "generate: error: argument --model: {file}: not a folder"),
+    (["generate", "--input-ids", "1", "--tools", "{file}"],
+     "generate: error: argument --tools: {file}: not JSON (Expecting value: line 1 column 1 (char 0))"),
+    (["generate", "--input-ids", "1", "--tools", "{tmp}/missing.json"],
+     "generate: error: argument --tools: {tmp}/missing.json: cannot read it as UTF-8 text"),
     (["logits", "--input-ids", "1", "--out", "{tmp}"], "logits: error: argument --out: {tmp}: is a folder"),
     (["export", "--out", "{tmp}/o", "--block-size", "7"],
      "export: error: argument --block-size: must be a power of two >= 16 (MatMulNBits), got 7"),
@@ -117,6 +121,18 @@ def test_bad_arguments_are_refused_as_they_are_read(tmp_path, argv, message):
 def test_onnx_threads_must_be_positive(onnx_folder):
     r = run_onnx("generate", "--model", onnx_folder, "--input-ids", "1,2", "--threads", "-3")
     assert "ernie-onnx generate: error: argument --threads: must be a positive integer, got -3" in error_line(r)
+    r = run_onnx("generate", "--model", onnx_folder, "--input-ids", "1,2", "--show-reasoning")  # chat flags too
+    assert error_line(r) == "error: --show-reasoning needs --chat (it is for the chat template)"
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"type": "function"}', "expected a JSON list of tool definitions, got an object"),
+    ('[{"type": "function"}, "get_weather"]', "tool 2 is a string, not an object"),
+])
+def test_tools_file_must_be_a_list_of_objects(tmp_path, content, message):
+    (tmp_path / "tools.json").write_text(content)
+    r = run_cli("generate", "--input-ids", "1", "--chat", "--tools", str(tmp_path / "tools.json"))
+    assert error_line(r) == f"ernie-paddle generate: error: argument --tools: {tmp_path / 'tools.json'}: {message}"
 
 
 # ---- refused before the weights are read ---------------------------------------------------------------------------
@@ -131,6 +147,8 @@ def test_onnx_threads_must_be_positive(onnx_folder):
     (["--input-ids", "1", "--do-sample", "--top-p", "2"], "error: top_p must be in (0, 1], got 2.0"),
     (["--input-ids", "1", "--do-sample", "--top-k", "-1"], "error: top_k must be a non-negative integer, got -1"),
     (["--input-ids", "1", "--chat"], "error: --chat needs --prompt (the chat template is text)"),
+    (["--input-ids", "1", "--system", "Be brief."], "error: --system needs --chat (it is for the chat template)"),
+    (["--prompt", "x", "--show-reasoning"], "error: --show-reasoning needs --chat (it is for the chat template)"),
     (["--input-ids", "1", "--device", "tpu"], "error: --device tpu: The device must be a string which is like 'cpu'"),
 ])
 def test_generate_checks_before_loading(unloadable, extra, message):
@@ -173,6 +191,28 @@ def test_corrupt_tokenizer_config_is_named(shipped_unloadable, tmp_path):
     (d / "tokenizer_config.json").write_text('{"model_max_length": 4096,')
     r = run_cli("generate", "--model", str(d), "--prompt", "ROMEO:")
     assert error_line(r).startswith(f"error: {d / 'tokenizer_config.json'}: cannot read it as JSON")
+
+
+def test_a_broken_chat_template_is_named(shipped_unloadable, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(shipped_unloadable, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content }}"
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    r = run_cli("generate", "--model", str(d), "--prompt", "ROMEO:", "--chat")
+    assert error_line(r) == (f"error: {d / 'tokenizer_config.json'} (chat_template): chat template syntax error at "
+                             f"line 1: Unexpected end of template. Jinja was looking for the following tags: 'endfor' "
+                             f"or 'else'. The innermost block that needs to be closed is 'for'.")
+    (d / "chat_template.jinja").write_text("{{ raise_exception('this model takes no system message') }}")
+    r = run_cli("generate", "--model", str(d), "--prompt", "ROMEO:", "--chat", "--system", "Be brief.")
+    assert error_line(r) == f"error: {d / 'chat_template.jinja'}: this model takes no system message"
+    del config["chat_template"]  # none at all: ERNIE-4.5's, and one warning line that says so
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    os.remove(d / "chat_template.jinja")
+    r = run_cli("generate", "--model", str(d), "--prompt", "ROMEO:", "--chat")
+    assert r.stderr.splitlines()[0] == (f"warning: {d}: no chat template in tokenizer_config.json or "
+                                        f"chat_template.jinja; using the built-in ERNIE-4.5 chat template")
+    assert error_line(r).startswith(f"error: {d / 'model.safetensors'}")  # then the weights that cannot be read
 
 
 def test_parity_prompts_file_must_be_utf8(shipped_unloadable, tmp_path):

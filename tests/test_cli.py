@@ -176,3 +176,98 @@ def test_input_ids_from_file_and_prefill_chunk(tiny_ckpt, tmp_path):
                                   f"No such file or directory: '{missing}')") in r.stderr, r.stderr
     r = run_cli("generate", "--model", d, "--input-ids", "1,2", "--prefill-chunk", "0")
     assert r.returncode == 2 and "error: prefill_chunk must be a positive integer, got 0" in r.stderr
+
+
+# ---- --chat: the checkpoint's template in, reasoning / content / tool calls out ------------------------------------
+class ScriptedModel:
+    """Stands in for the model in `cli_commands.generate`: every call's greedy choice is the next id of `script`."""
+
+    def __init__(self, config, script: list[int]):
+        self.config, self.script, self.calls = config, script, 0
+
+    def check_ids(self, ids) -> None:
+        pass
+
+    def allocate_cache(self, batch: int, length: int) -> None:
+        return None
+
+    def __call__(self, ids, **kwargs):
+        from types import SimpleNamespace
+
+        logits = np.zeros((ids.shape[0], 1, self.config.vocab_size), np.float32)
+        logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+        self.calls += 1
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def thinking_ckpt(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint with a -Thinking-style tokenizer and chat template (tests/test_chat_template.py)."""
+    from test_chat_template import make_thinking_checkpoint
+
+    d = str(tmp_path_factory.mktemp("thinking") / "ck")
+    shutil.copytree(tiny_ckpt[0], d)
+    make_thinking_checkpoint(d)
+    return d, tiny_ckpt[1]
+
+
+def test_chat_prints_the_answer_and_json_has_its_parts(thinking_ckpt, tmp_path, capsys, monkeypatch):
+    """`ernie-paddle generate --chat` run whole (in this process), with a model that answers as told."""
+    from ernie_paddle import cli
+    from ernie_paddle.tokenizer import ErnieTokenizer
+    from test_chat_template import TOOLS
+
+    d, cfg = thinking_ckpt
+    tok = ErnieTokenizer(d)
+    end = tok.token_to_id("<|im_end|>")
+
+    def chat(answer: str, *flags: str) -> tuple[str, str]:
+        script = tok.encode(answer) + [end]
+        monkeypatch.setattr(cli, "_load_model", lambda args: ScriptedModel(cfg, script))
+        assert cli.main(["generate", "--model", d, "--chat", "--prompt", "Weather in Rome?", *flags]) == 0
+        out = capsys.readouterr()
+        return out.out, out.err
+
+    answer = "Rome is far.\n</think>\n\n<response>\nSunny, 24 degrees.\n</response>\n"
+    out, err = chat(answer)
+    assert out == "Sunny, 24 degrees.\n" and "Rome is far" not in err
+    out, err = chat(answer, "--show-reasoning")
+    assert out == "Sunny, 24 degrees.\n" and err.startswith("[reasoning] Rome is far.\n[prompt ")
+    got = json.loads(chat(answer, "--json")[0])
+    assert (got["reasoning"], got["content"], got["tool_calls"]) == ("Rome is far.", "Sunny, 24 degrees.", [])
+    assert got["token_ids"] == tok.encode(answer) + [end]
+    assert got["text"] == tok.decode(got["token_ids"], skip_special_tokens=True)  # as before --chat had parts
+
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    call = {"name": "get_weather", "arguments": {"city": "Rome"}}
+    answer = f"Ask the tool.</think>\n\n<tool_call>\n{json.dumps(call)}\n</tool_call>\n"
+    out, err = chat(answer, "--tools", str(tmp_path / "tools.json"), "--system", "Be brief.")
+    assert out == f"tool call: {json.dumps(call)}\n\n"
+    got = json.loads(chat(answer, "--tools", str(tmp_path / "tools.json"), "--system", "Be brief.", "--json")[0])
+    assert (got["reasoning"], got["content"], got["tool_calls"]) == ("Ask the tool.", "", [call])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Rome?"}]
+    assert got["prompt_tokens"] == len(tok.apply_chat_template(messages, tools=TOOLS))
+
+    out, err = chat('Hm.</think><tool_call>{"name": "get_weather", "arguments": {"city": }}</tool_call>')
+    assert out == '<tool_call>{"name": "get_weather", "arguments": {"city": }}</tool_call>\n'  # kept as text
+    assert err.splitlines()[0] == ("warning: the model's tool call is not JSON (Expecting value: line 1 column 47 "
+                                   "(char 46)); it is kept as text: '{\"name\": \"get_weather\", \"arguments\": "
+                                   "{\"city\": }}'")
+
+
+def test_generate_chat_json_end_to_end(thinking_ckpt):
+    from ernie_paddle.chat_output import ChatFormat, parse_chat_output
+    from ernie_paddle.tokenizer import ErnieTokenizer
+
+    d, _ = thinking_ckpt
+    r = run_cli("generate", "--model", d, "--chat", "--prompt", "Weather in Rome?", "--max-new-tokens", "12",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    tok = ErnieTokenizer(d)
+    fmt = ChatFormat.of(tok)
+    answer = parse_chat_output(tok.decode(got["token_ids"], skip_special_tokens=True, keep=fmt.tags), fmt, True)
+    assert isinstance(got["reasoning"], str)  # the template opens <think>: the random model's text is reasoning
+    assert (got["reasoning"], got["content"], got["tool_calls"]) == (answer.reasoning, answer.content,
+                                                                     answer.tool_calls)
+    assert 1 <= len(got["token_ids"]) <= 12 and "warning" not in r.stderr
