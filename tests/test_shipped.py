@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from ernie_paddle.chat_template import ERNIE_TEMPLATE
 from ernie_paddle.cli_args import default_model_dir
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.export import pipeline
@@ -39,6 +40,8 @@ def test_shipped_model_has_the_full_architecture(model):
     assert files == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
                      "training_report.json"]
     assert sum(os.path.getsize(os.path.join(MODEL, f)) for f in files) < 40 * 2**20
+    # ERNIE-4.5's chat template travels in tokenizer_config.json, as the released -PT checkpoints carry theirs
+    assert json.load(open(os.path.join(MODEL, "tokenizer_config.json")))["chat_template"] == ERNIE_TEMPLATE
     cfg = ErnieConfig.from_file(MODEL, strict=True)
     assert cfg.is_moe_model and not cfg.is_moe_layer(0) and all(cfg.is_moe_layer(i) for i in range(1, 4))
     assert cfg.num_attention_heads // cfg.num_key_value_heads == 2 and cfg.moe_num_shared_experts == 2
@@ -69,8 +72,11 @@ def test_generate_prompt_streams_text_with_a_summary_line():
     assert out["text"] == tok.decode(out["token_ids"], skip_special_tokens=True)
     assert out["prompt_tokens"] == len(tok.encode("ROMEO:"))
     r = run_cli("generate", "--chat", "--prompt", "Who art thou?", "--max-new-tokens", "16", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["prompt_tokens"] == len(
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and out["prompt_tokens"] == len(
         tok.apply_chat_template([{"role": "user", "content": "Who art thou?"}]))
+    assert "warning" not in r.stderr  # the model carries its chat template
+    assert (out["reasoning"], out["content"], out["tool_calls"]) == (None, out["text"], [])  # it cannot think
     r = run_cli("generate", "--input-ids", "5,6,7", "--max-new-tokens", "4", "--json")  # the old contract
     assert r.returncode == 0 and len(json.loads(r.stdout)["token_ids"]) == 4
 
