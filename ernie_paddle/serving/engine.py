@@ -70,6 +70,7 @@ class Request:
     generated: int = 0
     next_token: int | None = None
     finish: Finished | None = None
+    stops: frozenset = frozenset()
 
 
 _ids = itertools.count(1)
@@ -202,6 +203,8 @@ class Engine:
         if req.history is None:
             req.history = np.asarray(req.prompt, np.int64)
             req.rng = np.random.default_rng(req.gen.seed)
+            eos = req.gen.eos_token_ids if req.gen.eos_token_ids is not None else self.model.config.eos_token_ids
+            req.stops = frozenset(eos) | frozenset(req.gen.stop_token_ids)
         chunk = req.history[req.filled:req.filled + self.prefill_chunk]
         try:
             logits = self.slots.prefill(self.prefill_slot, chunk, req.filled)
@@ -254,16 +257,19 @@ class Engine:
     def _emit_token(self, req: Request, logits: np.ndarray) -> None:
         """Choose the request's next token from its logits [V] and emit it; `next_token` is None once finished."""
         gen = req.gen
-        x = process_logits(logits[None], [req.history], gen)
-        token = int(choose(x, gen, req.rng)[0])
-        req.history = np.append(req.history, token)
+        if gen.do_sample or gen.repetition_penalty != 1.0:
+            x = process_logits(logits[None], [req.history], gen)
+            token = int(choose(x, gen, req.rng)[0])
+        else:  # greedy: process_logits would only hide the rows past the tokenizer's vocabulary
+            token = int(np.argmax(logits[:gen.vocab_limit]))
+        if gen.repetition_penalty != 1.0:
+            req.history = np.append(req.history, token)
         req.generated += 1
         event = Token(token)
         if req.logprobs is not None:
             event.logprob, event.top = _logprobs(logits, token, req.logprobs)
         req.emit(event)
-        stops = set(gen.eos_token_ids if gen.eos_token_ids is not None else self.model.config.eos_token_ids)
-        if token in stops or token in gen.stop_token_ids:
+        if token in req.stops:
             req.next_token, req.finish = None, Finished("stop")
         elif req.generated >= gen.max_new_tokens:
             req.next_token, req.finish = None, Finished("length")
