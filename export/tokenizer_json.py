@@ -234,7 +234,8 @@ def genai_tokenizer_config(config: dict) -> dict:
 
 
 def write_tokenizer_files(model_dir: str, out_dir: str) -> list[str]:
-    """Write `tokenizer.json` and the adjusted `tokenizer_config.json` into `out_dir`; the paths written.
+    """Write `tokenizer.json` and the adjusted `tokenizer_config.json` (with the chat template) into `out_dir`; the
+    paths written.
 
     A checkpoint's own tokenizer.json is copied unchanged; otherwise one is built from its tokenizer.model. Nothing
     is written for a checkpoint with neither.
@@ -254,8 +255,21 @@ def write_tokenizer_files(model_dir: str, out_dir: str) -> list[str]:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(content, f, ensure_ascii=False)
     config_out = os.path.join(out_dir, TOKENIZER_CONFIG)
-    write_json(config_out, genai_tokenizer_config(_read_config(model_dir)))
+    config = _read_config(model_dir)
+    config["chat_template"] = _chat_template(model_dir, config)
+    write_json(config_out, genai_tokenizer_config(config))
     return [json_out, config_out]
+
+
+def _chat_template(model_dir: str, config: dict) -> str | list[dict]:
+    """The template onnxruntime-genai reads from tokenizer_config.json: the checkpoint's (chat_template.jinja wins,
+    as in transformers), or ERNIE-4.5's with the warning that says so, so that the folder always has one."""
+    from ernie_paddle.chat_template import read_chat_template
+
+    templates = read_chat_template(model_dir, config, {}).templates
+    if list(templates) == ["default"]:
+        return templates["default"]
+    return [{"name": k, "template": v} for k, v in templates.items()]
 
 
 def _read_config(model_dir: str) -> dict:

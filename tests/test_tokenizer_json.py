@@ -14,11 +14,12 @@ from tokenizers import Tokenizer
 from ernie_paddle.atomic import write_json
 from ernie_paddle.cli_args import default_model_dir
 from ernie_paddle.corpus import read_corpus, split_corpus
-from ernie_paddle.errors import ExportError
+from ernie_paddle.chat_template import ERNIE_TEMPLATE
+from ernie_paddle.errors import ConfigDefaultWarning, ExportError
 from ernie_paddle.export.genai import genai_config
 from ernie_paddle.export.tokenizer_json import (GENAI_TOKENIZER_CLASS, ExtraToken, genai_tokenizer_config,
                                                 tokenizer_json, write_tokenizer_files)
-from ernie_paddle.files import (ADDED_TOKENS, GENAI_CONFIG, ONNX_MODEL, SPM_MODEL, TOKENIZER_CONFIG,
+from ernie_paddle.files import (ADDED_TOKENS, CHAT_TEMPLATE, GENAI_CONFIG, ONNX_MODEL, SPM_MODEL, TOKENIZER_CONFIG,
                                 TOKENIZER_JSON)
 from ernie_paddle.tokenizer import SPECIAL
 
@@ -171,11 +172,23 @@ def test_own_tokenizer_json_copied_unchanged(tmp_path):
     content = tokenizer_json(os.path.join(default_model_dir(), SPM_MODEL))
     content["normalizer"] = None  # anything: it is the checkpoint's
     (src / TOKENIZER_JSON).write_text(json.dumps(content), encoding="utf-8")
-    written = write_tokenizer_files(str(src), out)
+    with pytest.warns(ConfigDefaultWarning, match="no chat template .* using the built-in ERNIE-4.5 chat template$"):
+        written = write_tokenizer_files(str(src), out)
     assert (tmp_path / "out" / TOKENIZER_JSON).read_bytes() == (src / TOKENIZER_JSON).read_bytes()
-    with open(written[1], encoding="utf-8") as f:
+    with open(written[1], encoding="utf-8") as f:  # genai reads the template from here: the built-in one, said so
         assert json.load(f) == {"tokenizer_class": GENAI_TOKENIZER_CLASS, "add_bos_token": False,
-                                "add_eos_token": False}
+                                "add_eos_token": False, "chat_template": ERNIE_TEMPLATE}
+
+
+def test_chat_template_jinja_goes_into_the_exported_config(tmp_path):
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    src.mkdir()
+    shutil.copy(os.path.join(default_model_dir(), SPM_MODEL), src / SPM_MODEL)
+    (src / TOKENIZER_CONFIG).write_text(json.dumps({"chat_template": "from the config"}), encoding="utf-8")
+    (src / CHAT_TEMPLATE).write_text("{{ messages[0]['content'] }}", encoding="utf-8")  # wins, as in transformers
+    written = write_tokenizer_files(str(src), out)
+    with open(written[1], encoding="utf-8") as f:
+        assert json.load(f)["chat_template"] == "{{ messages[0]['content'] }}"
 
 
 def test_no_tokenizer_writes_nothing(tmp_path):
