@@ -89,6 +89,15 @@ def choose(x: np.ndarray, gen: GenerationConfig, rng: np.random.Generator) -> np
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
+def next_tokens(logits: np.ndarray, history: list[np.ndarray], gen: GenerationConfig,
+                rng: np.random.Generator) -> np.ndarray:
+    """The next token of each row of logits [B, V]: `process_logits` then `choose`. Greedy decoding without a
+    repetition penalty takes the argmax over the usable vocabulary directly (the same token, without a copy)."""
+    if gen.do_sample or gen.repetition_penalty != 1.0:
+        return choose(process_logits(logits, history, gen), gen, rng)
+    return logits[:, :gen.vocab_limit].argmax(axis=-1)
+
+
 def _check_prompts(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> list[np.ndarray]:
     if len(prompts) == 0:
         raise InputError("no prompts given")
@@ -165,18 +174,21 @@ def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig 
     stops |= set(gen.stop_token_ids)
     rng = np.random.default_rng(gen.seed)
     history = [r.copy() for r in rows]
+    penalised = gen.repetition_penalty != 1.0  # the only reader of the history
     finished = np.zeros(b, dtype=bool)
     cache = model.allocate_cache(b, mask.shape[1])
 
     logits = prefill(model, ids, mask[:, :longest], positions, cache, gen.prefill_chunk, lengths)
     next_pos = lengths[:, None].astype(np.int64)  # each row's next position: its own length
     for step in range(gen.max_new_tokens):
-        tokens = choose(process_logits(logits, history, gen), gen, rng)
-        yield [None if finished[i] else int(tokens[i]) for i in range(b)]
-        for i in range(b):
+        tokens = next_tokens(logits, history, gen, rng)
+        chosen = tokens.tolist()
+        yield [None if f else t for f, t in zip(finished.tolist(), chosen)]
+        for i, t in enumerate(chosen):
             if not finished[i]:
-                history[i] = np.append(history[i], tokens[i])
-                finished[i] = int(tokens[i]) in stops
+                if penalised:
+                    history[i] = np.append(history[i], t)
+                finished[i] = t in stops
         if finished.all() or step == gen.max_new_tokens - 1:
             return
         tokens = np.where(finished, pad, tokens)

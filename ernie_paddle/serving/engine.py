@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ErnieError, InputError
-from ..generation import GenerationConfig, choose, process_logits
+from ..generation import GenerationConfig, next_tokens
 from .slots import Slots, slots_for
 
 
@@ -257,12 +257,8 @@ class Engine:
     def _emit_token(self, req: Request, logits: np.ndarray) -> None:
         """Choose the request's next token from its logits [V] and emit it; `next_token` is None once finished."""
         gen = req.gen
-        if gen.do_sample or gen.repetition_penalty != 1.0:
-            x = process_logits(logits[None], [req.history], gen)
-            token = int(choose(x, gen, req.rng)[0])
-        else:  # greedy: process_logits would only hide the rows past the tokenizer's vocabulary
-            token = int(np.argmax(logits[:gen.vocab_limit]))
-        if gen.repetition_penalty != 1.0:
+        token = int(next_tokens(logits[None], [req.history], gen, req.rng)[0])
+        if gen.repetition_penalty != 1.0:  # the history is read only by the penalty
             req.history = np.append(req.history, token)
         req.generated += 1
         event = Token(token)
