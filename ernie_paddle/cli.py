@@ -25,6 +25,7 @@ from .interrupts import run_command
 from .layout import PADDLE, PT
 from .precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, PLAN_PRECISIONS
 from .safetensors_io import MAX_SHARD_BYTES
+from .serving import cli as serve_cli
 
 # what --layout offers: the released -Paddle and -PT layouts (layout.LAYOUTS adds pt-fused, which is only read)
 WRITABLE_LAYOUTS = (PADDLE, PT)
@@ -221,6 +222,8 @@ COMMANDS = [  # name, help, arguments, function
     ("export", "export a checkpoint to a verified ONNX model folder", _export_args, cmd_export),
     ("parity", "parity report: Paddle against ONNX folders, transformers and llama.cpp", _parity_args, cmd_parity),
     ("memory", "plan the memory of a model at a precision and context length", _memory_args, cmd_memory),
+    ("serve", "an OpenAI-compatible HTTP server on the Paddle model (needs the serve extra)",
+     serve_cli.paddle_server_args, lambda a: serve_cli.serve(_load_model, a)),
     ("bench", "benchmark engines on the same weights (ernie-paddle bench --help)", None, None),
     ("convert", "convert a checkpoint between the -Paddle and -PT layouts", _convert_args, cmd_convert),
     ("make-checkpoint", "write a random checkpoint of a preset in the real format", _make_checkpoint_args,

@@ -12,6 +12,7 @@ from typing import Sequence
 from . import cli_commands
 from .cli_args import folder, generate_args, logits_args, positive_int
 from .onnx_runtime import PROVIDERS
+from .serving import cli as serve_cli
 
 
 def _load(args):
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(lg)
     logits_args(lg)
     lg.set_defaults(func=lambda a: cli_commands.logits(_load, a))
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    _common(s)
+    serve_cli.server_args(s)
+    s.set_defaults(func=lambda a: serve_cli.serve(_load, a))
     return p
 
 

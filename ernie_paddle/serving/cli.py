@@ -1,0 +1,115 @@
+"""The `serve` command of `ernie-onnx` and `ernie-paddle`: its arguments and its runner, shared by both.
+
+Each command line passes the function that loads its model (ONNX Runtime or Paddle); nothing here imports
+either, nor the server's packages until the command runs, so both command lines work without the `serve` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any, Callable
+
+from ..cli_args import positive_int
+from ..errors import ErnieError
+
+API_KEY_ENV = "ERNIE_API_KEY"
+SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")  # the `serve` extra of setup.py
+
+
+def _engine_default(name: str) -> Any:
+    from .engine import Engine
+
+    return inspect.signature(Engine).parameters[name].default
+
+
+def non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535 (0: any free port), got {text!r}")
+    return value
+
+
+def server_args(p: argparse.ArgumentParser) -> None:
+    """The server's own arguments (the model's come from each command line)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port, default=8000, help="port (default 8000; 0: any free port, printed at start)")
+    p.add_argument("--max-batch", type=positive_int, default=_engine_default("max_batch"),
+                   help="requests decoded together (rows of the KV cache; default %(default)s)")
+    p.add_argument("--max-queue", type=positive_int, default=_engine_default("max_queue"),
+                   help="requests waiting beyond the batch; more are refused with 429 (default %(default)s)")
+    p.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="tokens per request, prompt + generated (default: the model's max_position_embeddings)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=_engine_default("prefill_chunk"),
+                   help="prompt tokens per prefill step, between decode steps (default %(default)s)")
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every route but /health "
+                   f"(default: ${API_KEY_ENV} if set, else none)")
+    p.add_argument("--grace-period", type=non_negative_seconds, default=30.0,
+                   help="seconds requests in flight may take to finish after SIGTERM (default %(default)s)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients give (default: the --model "
+                   "folder's name)")
+
+
+def paddle_server_args(p: argparse.ArgumentParser) -> None:
+    """`ernie-paddle serve`: how the Paddle model is read, then the server's arguments."""
+    from ..cli_args import paddle_model_args
+
+    paddle_model_args(p)
+    server_args(p)
+
+
+def check_installed() -> None:
+    """The server's packages, or one error line naming how to install them."""
+    missing = [m for m in SERVE_PACKAGES if _missing(m)]
+    if missing:
+        raise ErnieError(f"serving needs {', '.join(missing)}: pip install -e \".[serve]\"")
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ValueError:  # a module set to None in sys.modules (tests do this)
+        return True
+
+
+def serve(load: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Load the model with `load`, start the engine and answer requests until SIGTERM (status 0)."""
+    check_installed()
+    from . import server
+    from .app import start_service
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    sock = server.listening_socket(args.host, args.port)
+    try:
+        service = start_service(load(args), args.model, name=args.served_model_name, api_key=api_key,
+                                max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_model_len,
+                                prefill_chunk=args.prefill_chunk)
+        host, bound = sock.getsockname()[:2]
+        line = (f"serving {service.model.name} on http://{_url_host(host)}:{bound}/v1 (max batch {args.max_batch}, "
+                f"queue {args.max_queue}, context {service.engine.max_len} tokens"
+                f"{', API key required' if api_key else ''})")
+        server.run(service, sock, args.grace_period, lambda: print(line, file=sys.stderr, flush=True))
+    finally:
+        sock.close()
+    print("server stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
