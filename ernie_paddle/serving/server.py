@@ -22,12 +22,13 @@ SHUTDOWN_MARGIN = 5.0  # seconds uvicorn waits for connections beyond the grace 
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server; a stop signal also starts the engine's shutdown, and is not raised again afterwards."""
+    """uvicorn's server; its shutdown starts the engine's, and a stop signal is not raised again afterwards."""
 
     def __init__(self, config: uvicorn.Config, service: Service, grace: float, ready: Callable[[], None]):
         super().__init__(config)
         self.service, self.grace, self.ready = service, grace, ready
         self.engine_stop: threading.Thread | None = None
+        self.signals: list[int] = []  # the stop signals received
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -39,16 +40,20 @@ class GracefulServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
             yield
             return
-        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def handle_exit(self, sig: int, frame) -> None:
-        super().handle_exit(sig, frame)
-        self.stop_engine()
+    def _signal(self, sig: int, frame) -> None:
+        self.signals.append(sig)
+        self.handle_exit(sig, frame)  # uvicorn's: stop (a second Ctrl-C: at once)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.stop_engine()  # first: uvicorn then waits for the connections, which end as their requests do
+        await super().shutdown(sockets)
 
     def stop_engine(self) -> None:
         """Refuse new requests (503) and give those in flight the grace period (once)."""
@@ -60,7 +65,7 @@ class GracefulServer(uvicorn.Server):
     @property
     def interrupted(self) -> bool:
         """Ctrl-C stopped it (SIGTERM did not)."""
-        return signal.SIGINT in self._captured_signals
+        return signal.SIGINT in self.signals
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
