@@ -250,25 +250,32 @@ def _special_names(config: dict, path: str) -> list[str]:
 class IncrementalDecoder:
     """Turns a growing list of token ids into text pieces for streaming, never splitting a UTF-8 character.
 
-    Decodes prompt + generated ids (so word-initial spaces come out right) and emits what is new, holding the
-    text back while it ends in U+FFFD (a byte-fallback character still waiting for its remaining bytes). `keep`:
-    special tokens to keep in the text although skipped otherwise (a chat format's tags).
+    Each step decodes only a short window: the last few tokens already emitted (so word-initial spaces and
+    multi-token characters come out right) plus the new ones, and emits the text the new ones add, holding it back
+    while it ends in U+FFFD (a byte-fallback character still waiting for its remaining bytes). The cost per token
+    does not grow with the text. `keep`: special tokens to keep in the text although skipped otherwise (a chat
+    format's tags).
     """
+
+    CONTEXT = 6  # tokens already emitted that each window starts with
 
     def __init__(self, tokenizer: ErnieTokenizer, prefix_ids: Sequence[int] = (), skip_special_tokens: bool = True,
                  keep: Collection[str] = ()):
         self.tok, self.skip, self.keep = tokenizer, skip_special_tokens, tuple(keep)
         self.ids: list[int] = [int(i) for i in prefix_ids]
-        self.emitted = self._text()
+        self.read = len(self.ids)  # tokens whose text has been emitted
+        self.start = max(0, self.read - self.CONTEXT)  # the window's first token
 
-    def _text(self) -> str:
-        return self.tok.decode(self.ids, skip_special_tokens=self.skip, keep=self.keep)
+    def _text(self, end: int) -> str:
+        return self.tok.decode(self.ids[self.start:end], skip_special_tokens=self.skip, keep=self.keep)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self._text()
+        text = self._text(len(self.ids))
         if text.endswith("\ufffd"):
             return ""
-        new = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
+        before = self._text(self.read)
+        new = text[len(before):] if text.startswith(before) else text
+        self.read = len(self.ids)
+        self.start = max(0, self.read - self.CONTEXT)
         return new

@@ -185,3 +185,17 @@ def test_a_vocabulary_too_small_for_the_corpus_is_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="--vocab-size 40: sentencepiece cannot train this tokenizer .*smaller"):
         train_tokenizer(CORPUS, str(tmp_path), vocab_size=40)
     assert os.listdir(tmp_path) == []
+
+
+def test_incremental_decoding_of_a_long_text_equals_the_whole_decode():
+    """Windowed decoding (a few emitted tokens of context per step) gives exactly the whole text's decode, spaces,
+    newlines and byte-fallback characters included, on the shipped tokenizer and held-out text."""
+    from ernie_paddle.cli_args import default_model_dir
+    from ernie_paddle.corpus import held_out_text
+
+    shipped = ErnieTokenizer(default_model_dir())
+    text = held_out_text()[:6000] + " naïve 東京 ☃ 🎭\n\n  spaced  out"
+    ids = shipped.encode(text)
+    prompt, rest = ids[:40], ids[40:]
+    dec = IncrementalDecoder(shipped, prompt)
+    assert "".join(dec.push(i) for i in rest) == shipped.decode(ids)[len(shipped.decode(prompt)):]
