@@ -152,7 +152,7 @@ class ChatOutputParser:
             self._buf = self._buf[i + len(tag):]
             tag_found(tag)
             return True
-        keep = 0 if final else _tag_start(self._buf, tags)
+        keep = 0 if final else partial_tag_length(self._buf, tags)
         text(self._buf[:len(self._buf) - keep])
         self._buf = self._buf[len(self._buf) - keep:]
         return False
@@ -196,7 +196,7 @@ def _add(delta: ChatDelta, part: str, text: str) -> None:
     setattr(delta, part, getattr(delta, part) + text)
 
 
-def _tag_start(text: str, tags: tuple[str, ...]) -> int:
+def partial_tag_length(text: str, tags: tuple[str, ...]) -> int:
     """The length of the longest end of `text` that some tag starts with (it may complete in the next piece)."""
     for n in range(min(len(text), max(map(len, tags), default=1) - 1), 0, -1):
         if any(t.startswith(text[-n:]) for t in tags):

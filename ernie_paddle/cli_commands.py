@@ -178,8 +178,7 @@ def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
     usable = None
     if prompt.tokenizer is not None:
         stops += prompt.tokenizer.stop_ids()
-        # embedding rows past the tokenizer's vocabulary are padding: never sample them (as FastDeploy does)
-        usable = prompt.tokenizer.vocab_size if prompt.tokenizer.vocab_size < cfg.vocab_size else None
+        usable = prompt.tokenizer.vocab_limit(cfg.vocab_size)
     given = sampling_given(args)
     if given and not args.do_sample:
         print(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --do-sample "

@@ -1,6 +1,6 @@
-"""The `ernie-onnx` command line: generate and logits from an exported folder, with ONNX Runtime only.
+"""The `ernie-onnx` command line: generate, logits and serve an exported folder, with ONNX Runtime only.
 
-Same arguments and outputs as `ernie-paddle generate` / `logits`; never imports Paddle.
+Same arguments and outputs as `ernie-paddle generate` / `logits` / `serve`; never imports Paddle.
 """
 
 from __future__ import annotations

@@ -191,6 +191,11 @@ class ErnieTokenizer:
                                          documents=documents, **kwargs)
         return self.encode(text) if tokenize else text
 
+    def vocab_limit(self, embedding_rows: int) -> int | None:
+        """Ids from here on are never chosen: embedding rows past the tokenizer's vocabulary are padding (as
+        FastDeploy masks them); None when the tokenizer covers every row."""
+        return self.vocab_size if self.vocab_size < embedding_rows else None
+
     def stop_ids(self) -> list[int]:
         """Ids that end a generation: </s>, <|end_of_sentence|>, and generation_config.json's eos_token_id(s)."""
         path = os.path.join(self.directory, files.GENERATION_CONFIG)

@@ -169,9 +169,8 @@ def generation_config(model: ServedModel, max_new_tokens: int, stop_token_ids: l
     """Settings as `ernie-paddle generate` makes them for a text prompt: the tokenizer's stop ids end generation,
     and embedding rows past the tokenizer's vocabulary are never chosen."""
     tok = model.tokenizer
-    usable = tok.vocab_size if tok.vocab_size < model.vocab_size else None
     return GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_token_ids) + tuple(tok.stop_ids()),
-                            vocab_limit=usable, **sampling)
+                            vocab_limit=tok.vocab_limit(model.vocab_size), **sampling)
 
 
 def _prompt(value: Any, model: ServedModel) -> list[int]:

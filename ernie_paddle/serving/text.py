@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
-from ..chat_output import _tag_start as _held_back  # the longest end of a text that begins one of some strings
+from ..chat_output import partial_tag_length as _held_back  # the longest end of a text that begins one of some strings
 from ..tokenizer import IncrementalDecoder
 from .engine import Token
 
