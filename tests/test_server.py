@@ -32,19 +32,18 @@ from ernie_paddle.tokenizer import ErnieTokenizer
 
 NAME = "shakespeare-onnx"  # the exported folder's name: the served model's name by default
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "To be, or not to be:", "KING RICHARD III:\nNow is"]
-README_SERVE = "ernie-onnx serve --model shakespeare-onnx"
-README_CURL = ("curl -s http://127.0.0.1:8000/v1/completions -H \"Content-Type: application/json\" "
-               "-d '{\"model\": \"shakespeare-onnx\", \"prompt\": \"ROMEO:\", \"max_tokens\": 24, \"temperature\": 0}'")
-README_PYTHON = '''\
-from openai import OpenAI
 
-client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
-stream = client.chat.completions.create(model="shakespeare-onnx", stream=True, max_tokens=40, temperature=0,
-                                        messages=[{"role": "user", "content": "What news from Padua?"}])
-for chunk in stream:
-    print(chunk.choices[0].delta.content or "", end="", flush=True)
-print()
-'''
+
+def _readme_serving_lines() -> tuple[str, str, str]:
+    """The README's serve and curl lines (its ```sh blocks) and its openai snippet (its ```py block), as written."""
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                encoding="utf-8").read()
+    serve, curl = (block.strip() for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S))
+    (python,) = re.findall(r"```py\n(.*?)```", text, flags=re.S)
+    return serve, curl, python
+
+
+README_SERVE, README_CURL, README_PYTHON = _readme_serving_lines()
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------------------
