@@ -23,7 +23,7 @@ from .errors import CheckpointError, ErnieError
 from .export.pipeline import FLAVORS
 from .interrupts import run_command
 from .layout import PADDLE, PT
-from .precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, PLAN_PRECISIONS
+from .precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, PLAN_PRECISIONS
 from .safetensors_io import MAX_SHARD_BYTES
 from .serving import cli as serve_cli
 
@@ -68,9 +68,10 @@ def cmd_export(args) -> int:
     t0 = time.time()
     m = export(args.model, args.out, flavor=args.flavor, precision=args.precision, verify=not args.no_verify,
                block_size=args.block_size, accuracy_level=args.accuracy_level, strict_config=args.strict_config,
-               log=log_line)
+               log=log_line, kv_cache=args.kv_cache)
     sizes = {f: os.path.getsize(os.path.join(args.out, f)) for f in sorted(os.listdir(args.out))}
-    print(f"wrote {args.out} ({m['flavor']} flavour, {m['precision']}) in {time.time() - t0:.1f}s:", file=sys.stderr)
+    print(f"wrote {args.out} ({m['flavor']} flavour, {m['precision']}, {m['kv_cache']} KV cache) in "
+          f"{time.time() - t0:.1f}s:", file=sys.stderr)
     for f, n in sizes.items():
         print(f"  {f:<28} {n / 2**20:10.2f} MiB", file=sys.stderr)
     v = m["verification"]
@@ -135,7 +136,7 @@ def cmd_memory(args) -> int:
     if (args.model is None) == (args.preset is None):
         raise ErnieError("give exactly one of --model DIR or --preset NAME")
     cfg = ErnieConfig.from_file(args.model) if args.model else preset(args.preset)
-    print(report(cfg, args.precision, args.context, args.batch, args.device_memory, args.block_size))
+    print(report(cfg, args.precision, args.context, args.batch, args.device_memory, args.block_size, args.kv_cache))
     return 0
 
 
@@ -150,6 +151,9 @@ def _export_args(e: argparse.ArgumentParser) -> None:
                    help="int8/int4/int2 quantisation block size (a power of two >= 16)")
     e.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits/QMoE accuracy_level (4: int8 activations, faster)")
+    e.add_argument("--kv-cache", default="auto", choices=KV_CACHES,
+                   help="int8: GroupQueryAttention's quantised cache, a quarter of the bytes (ort flavour); auto "
+                        "(default): int8 for int8/int4/int2 weights, else the activations' float")
     e.add_argument("--no-verify", action="store_true", help="skip the parity check against the Paddle model")
     strict_config_arg(e)
 
@@ -179,6 +183,8 @@ def _memory_args(mem: argparse.ArgumentParser) -> None:
     mem.add_argument("--batch", type=positive_int, default=1)
     mem.add_argument("--block-size", type=block_size, default=DEFAULT_BLOCK_SIZE,
                      help="int8/int4/int2 quantisation block size (the rule of export)")
+    mem.add_argument("--kv-cache", default="auto", choices=KV_CACHES,
+                     help="the export's KV cache (auto: int8 for int8/int4/int2, as export chooses)")
     mem.add_argument("--device-memory", type=size, default=None,
                      help="e.g. 24GB (24e9 bytes, as GPUs are sold) or 24GiB (default: list the GPUs it fits)")
 

@@ -22,7 +22,8 @@ from .config import ErnieConfig
 from .errors import InputError
 from .generation import GenerationConfig
 from .layout import PT, Role, TensorMap, tensor_maps
-from .precisions import BITS, DEFAULT_BLOCK_SIZE, PLAN_PRECISIONS, check_block_size, expert_block, float_bytes
+from .precisions import (BITS, DEFAULT_BLOCK_SIZE, PLAN_PRECISIONS, check_block_size, expert_block, float_bytes,
+                         kv_cache_bytes, kv_cache_for)
 from .sizes import parse_size as _parse_size
 
 # MLAS prepacked MatMulNBits / QMoE, accuracy_level 4: bytes per block beyond the codes. Least squares over the four
@@ -81,12 +82,13 @@ def check_plan_args(precision: str, context: int, batch: int, block: int) -> Non
 
 
 def plan_memory(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = DEFAULT_BLOCK_SIZE,
-                threads: int | None = None) -> MemoryPlan:
+                threads: int | None = None, kv_cache: str = "auto") -> MemoryPlan:
     """Bytes needed to run `cfg` at `precision` with `batch` sequences of `context` tokens (`block`: the int
-    exports' quantisation block size; `threads`: ONNX Runtime's, default this machine's cores)."""
+    exports' quantisation block size; `threads`: ONNX Runtime's, default this machine's cores; `kv_cache`: the
+    export's cache, as `export --kv-cache` chooses it)."""
     check_plan_args(precision, context, batch, block)
     weights = sum(_weight_bytes(cfg, m, precision, batch * context, block) for m in tensor_maps(cfg, PT))
-    kv_bytes = float_bytes(precision)
+    kv_bytes = kv_cache_bytes(kv_cache, precision)
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * batch * kv_bytes
     # prefill activations of one chunk (--prefill-chunk): logits and attention scores. Paddle holds every head's
     # scores at once; ONNX Runtime's CPU GroupQueryAttention one head per thread (measured at 8K and 32K tokens).
@@ -120,13 +122,14 @@ def packed_bytes(n: int, bits: int, block: int) -> int:
 
 
 def report(cfg: ErnieConfig, precision: str, context: int, batch: int, device_memory: int | None,
-           block: int = DEFAULT_BLOCK_SIZE) -> str:
+           block: int = DEFAULT_BLOCK_SIZE, kv_cache: str = "auto") -> str:
     """The plan as the `memory` command prints it, and whether it fits `device_memory` bytes (else which GPUs)."""
-    p = plan_memory(cfg, precision, context, batch, block)
+    p = plan_memory(cfg, precision, context, batch, block, kv_cache=kv_cache)
     gb = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     head = f"{precision}" + (f" (block {block}, accuracy_level 4)" if precision in BITS else "")
     lines = [f"{head}, context {context}, batch {batch}:",
-             f"  weights        {gb(p.weights)}", f"  KV cache       {gb(p.kv_cache)}",
+             f"  weights        {gb(p.weights)}",
+             f"  KV cache       {gb(p.kv_cache)}  ({kv_cache_for(kv_cache, precision)})",
              f"  working        {gb(p.working)}",
              f"  runtime        {gb(p.runtime)}" + ("  (ONNX Runtime process)" if p.runtime else ""),
              f"  total          {gb(p.total)}"]

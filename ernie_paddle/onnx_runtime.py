@@ -136,7 +136,7 @@ class OnnxCausalLM:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         past0 = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
-        self.kv_dtype = np.float16 if "float16" in past0.type else np.float32
+        self.kv_dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(past0.type, np.float32)
         self.has_position_ids = "position_ids" in self.input_names
         # outputs besides logits and the cache (the parity report's copy of the graph exposes hidden states)
         self.extra_outputs = [n for n in self.output_names if n != "logits" and not n.startswith("present.")]

@@ -13,12 +13,27 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Bits per weight of the integer precisions (MatMulNBits / QMoE).
 BITS = {"int8": 8, "int4": 4, "int2": 2}
 DEFAULT_BLOCK_SIZE = 32
+# The exported KV cache (`export --kv-cache`): fp32/fp16 as the activations, or GroupQueryAttention's int8 cache
+# (calibrated per-channel scales, a quarter of fp32's bytes). "auto": int8 for the integer precisions.
+KV_CACHES = ("auto", "fp32", "int8")
 
 
 def float_bytes(precision: str) -> int:
     """Bytes per float value at `precision`: 2 for bf16 and fp16, else 4 (fp32, and the integer exports' float
     tensors: activations, KV cache, norms)."""
     return 2 if precision in ("bf16", "fp16") else 4
+
+
+def kv_cache_for(kv_cache: str, precision: str) -> str:
+    """The cache an export gets: "auto" is int8 for int8/int4/int2 weights, the activations' float otherwise."""
+    if kv_cache != "auto":
+        return kv_cache
+    return "int8" if precision in BITS else "fp32"
+
+
+def kv_cache_bytes(kv_cache: str, precision: str) -> int:
+    """Bytes per cached key or value element: 1 in the int8 cache, the activations' width otherwise."""
+    return 1 if kv_cache_for(kv_cache, precision) == "int8" else float_bytes(precision)
 
 
 def check_block_size(block_size: int, name: str = "") -> None:

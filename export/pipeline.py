@@ -23,7 +23,8 @@ from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 from ernie_paddle.files import CONFIG, GENAI_CONFIG, MANIFEST, ONNX_MODEL, is_weight_file
 from ernie_paddle.memory import fp32_bytes, fp32_reference_fits
-from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, check_block_size
+from ernie_paddle.precisions import (BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, check_block_size,
+                                    kv_cache_for)
 
 from .genai import genai_config
 from .tokenizer_json import write_tokenizer_files
@@ -63,9 +64,13 @@ def _versions() -> dict:
     return out
 
 
-def check_options(flavor: str, precision: str, block_size: int) -> None:
-    """Refuse an unknown flavour or precision, or a flavour/precision pair that does not exist (ExportError), or a
+def check_options(flavor: str, precision: str, block_size: int, kv_cache: str = "fp32") -> None:
+    """Refuse an unknown flavour, precision or KV cache, or a combination that does not exist (ExportError), or a
     bad block size (InputError)."""
+    if kv_cache not in KV_CACHES:
+        raise ExportError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    if kv_cache == "int8" and flavor != "ort":
+        raise ExportError("--kv-cache int8 is GroupQueryAttention's quantised cache: the ort flavour only")
     if flavor not in FLAVORS:
         raise ExportError(f"--flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
     if precision not in EXPORT_PRECISIONS:
@@ -86,6 +91,7 @@ class Options:
     accuracy_level: int = 0
     quantizer: Callable | None = None  # None: round-to-nearest
     quantizer_name: str = "rtn"
+    kv_cache: str = "fp32"  # or "int8": GroupQueryAttention's quantised cache, calibrated scales
 
     @property
     def quantized(self) -> bool:
@@ -100,18 +106,19 @@ class Options:
 def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precision: str = "fp32",
            verify: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 0,
            strict_config: bool = False, log: Log = lambda s: None, config: ErnieConfig | None = None,
-           tensors=None, quantizer=None, quantizer_name: str = "rtn") -> dict:
+           tensors=None, quantizer=None, quantizer_name: str = "rtn", kv_cache: str = "auto") -> dict:
     """Export `model_dir` to `out_dir`; returns the manifest. Raises ExportError when fp32 parity fails.
 
     `config` + `tensors` (canonical (name, array) pairs, e.g. `checkpoint.random_tensors`) export weights that are
     not in a checkpoint folder (benchmarks of the full shape); the `ort` flavour only, without verification.
     `quantizer` replaces round-to-nearest for int8/int4/int2 (e.g. `export.gptq.GPTQ`), named in the manifest.
     """
-    check_options(flavor, precision, block_size)
+    check_options(flavor, precision, block_size, kv_cache)
     check_new_dir(out_dir, ExportError)  # before any work starts
     if tensors is not None and (config is None or flavor != "ort"):
         raise ExportError("exporting in-memory tensors needs their config and the ort flavour")
-    opts = Options(flavor, precision, block_size, accuracy_level, quantizer, quantizer_name)
+    opts = Options(flavor, precision, block_size, accuracy_level, quantizer, quantizer_name,
+                   kv_cache_for(kv_cache, precision) if flavor == "ort" else "fp32")
     cfg = config or ErnieConfig.from_file(model_dir, strict=strict_config)
     t0 = time.time()
     with atomic_dir(out_dir, prefix=".tmp-export-", error=ExportError) as tmp:
@@ -155,6 +162,12 @@ def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Opti
         g.save(model_path, "ernie4_5", metadata={"flavor": opts.flavor, "precision": opts.precision})
     finally:
         g.close()
+    if opts.kv_cache == "int8":
+        from .kv_cache import calibrate, calibration_ids, quantize_cache
+
+        log("export: calibrating the int8 KV cache")
+        scales = calibrate(model_path, cfg, calibration_ids(model_dir, cfg.vocab_size))
+        quantize_cache(model_path, scales, model_path)
     return False
 
 
@@ -187,7 +200,7 @@ def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Option
         "external_data": sorted(f for f in os.listdir(folder) if f.endswith(".data")),
         "block_size": opts.block_size if quantized else None,
         "accuracy_level": opts.accuracy_level if quantized else None,
-        "quantization": opts.quantizer_name if quantized else None,
+        "quantization": opts.quantizer_name if quantized else None, "kv_cache": opts.kv_cache,
         "padding": "right", "inputs": ["input_ids", "attention_mask"] + (["position_ids"] if has_position_ids else [])
         + ["past_key_values.N.key", "past_key_values.N.value"],
         "outputs": ["logits", "present.N.key", "present.N.value"], "execution_provider": opts.provider,

@@ -48,7 +48,9 @@ def test_generate_json_and_logits(tiny_ckpt, tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~umask  # the usual permissions, not a temp file's 0600
-    assert np.array_equal(logits, model.logits([1, 2, 3, 4]))
+    # the same fp32 model in another process: bit-equal unless the math library splits a reduction differently
+    # under load (seen once with other work running), hence 1e-5 on logits of magnitude ~1
+    assert np.abs(logits - model.logits([1, 2, 3, 4])).max() <= 1e-5
 
 
 def test_make_checkpoint_and_convert(tmp_path):

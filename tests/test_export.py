@@ -44,7 +44,7 @@ def exported(ckpt_factory, tmp_path_factory):
         key = (name, flavor, precision)
         if key not in cache:
             out = str(tmp_path_factory.mktemp("onnx") / f"{name}-{flavor}-{precision}")
-            pipeline.export(d, out, flavor=flavor, precision=precision)
+            pipeline.export(d, out, flavor=flavor, precision=precision, kv_cache="fp32")  # int8 cache: test_kv_cache
             cache[key] = out
         return d, cfg, cache[key]
 

@@ -27,11 +27,11 @@ import numpy as np
 from ernie_paddle.cli_args import non_negative_int, positive_int
 from ernie_paddle.interrupts import run_command
 
-RUNTIMES = ("paddle", "ort", "hf")
+RUNTIMES = ("paddle", "ort", "ort-kv8", "hf")  # ort-kv8: the ort export with the int8 KV cache
 
 
-def prepare(args, work: str) -> tuple[str, str | None, str | None]:
-    """(checkpoint dir, ort folder, -PT dir): made here unless given."""
+def prepare(args, work: str) -> tuple[str, str | None, str | None, str | None]:
+    """(checkpoint dir, ort folder, ort folder with the int8 KV cache, -PT dir): made here unless given."""
     from ernie_paddle.checkpoint import convert, make_checkpoint
     from ernie_paddle.config import preset
     from ernie_paddle.export import pipeline
@@ -46,10 +46,14 @@ def prepare(args, work: str) -> tuple[str, str | None, str | None]:
         onnx_dir = args.onnx or os.path.join(work, "onnx")
         if args.onnx is None:
             pipeline.export(model, onnx_dir, flavor="ort", precision="fp32")
+    kv8_dir = None
+    if "ort-kv8" in args.runtimes:
+        kv8_dir = os.path.join(work, "onnx-kv8")
+        pipeline.export(model, kv8_dir, flavor="ort", precision="fp32", kv_cache="int8", verify=False)
     if "hf" in args.runtimes:
         pt_dir = os.path.join(work, "pt")
         convert(model, pt_dir, layout="pt", dtype="float32")
-    return model, onnx_dir, pt_dir
+    return model, onnx_dir, kv8_dir, pt_dir
 
 
 def _paddle(model_dir):
@@ -89,7 +93,7 @@ def _hf(pt_dir):
 
 def run_one(name: str, path: str, ids: np.ndarray, chunk: int, decode: int, forced: list[int] | None) -> dict:
     """Chunked prefill then `decode` steps; feeds `forced` tokens (Paddle's greedy) or, for Paddle, its own."""
-    allocate, step = {"paddle": _paddle, "ort": _ort, "hf": _hf}[name](path)
+    allocate, step = {"paddle": _paddle, "ort": _ort, "ort-kv8": _ort, "hf": _hf}[name](path)
     n = ids.shape[1]
     mask = np.ones((1, n + decode), np.int64)
     pos = np.arange(n + decode, dtype=np.int64)[None]
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=positive_int, default=32768, help="prompt length")
     p.add_argument("--chunk", type=positive_int, default=2048, help="prefill chunk (tokens per pass)")
     p.add_argument("--decode", type=non_negative_int, default=8, help="greedy decode steps after the prompt")
-    p.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, from paddle,ort,hf")
+    p.add_argument("--runtimes", default="paddle,ort,hf", help=f"comma-separated, from {','.join(RUNTIMES)}")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="ernie-long-context-") as work:
         t0 = time.time()
-        model, onnx_dir, pt_dir = prepare(args, work)
+        model, onnx_dir, kv8_dir, pt_dir = prepare(args, work)
         cfg = ErnieConfig.from_file(model)
         if args.tokens + args.decode > cfg.max_position_embeddings:
             p.error(f"--tokens + --decode exceeds max_position_embeddings {cfg.max_position_embeddings}")
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads x {cfg.head_dim}); prepared in "
               f"{time.time() - t0:.1f}s", file=sys.stderr)
         ids = np.random.default_rng(args.seed).integers(3, cfg.vocab_size, (1, args.tokens))
-        paths = {"paddle": model, "ort": onnx_dir, "hf": pt_dir}
+        paths = {"paddle": model, "ort": onnx_dir, "ort-kv8": kv8_dir, "hf": pt_dir}
         ref = run_one("paddle", model, ids, args.chunk, args.decode, None)
         print(f"# paddle: prefill {ref['prefill_s']:.1f}s", file=sys.stderr)
         rows = [{"runtime": "paddle", "prefill_s": ref["prefill_s"], "decode_s_per_token": ref["decode_s_per_token"],

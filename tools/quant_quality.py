@@ -2,7 +2,8 @@
 
 Paddle fp32 is the reference; ONNX Runtime runs fp32, fp16, int8, int4 (blocks 32, 64 and 128) and int2, with
 round-to-nearest (RTN) and, for int4 and int2, the GPTQ-style calibrated scheme (`export/gptq.py`, calibrated on
-the training split). Prints a table and writes JSON.
+the training split), each with the fp32 KV cache, and fp32/int8/int4 again with the int8 KV cache. Prints a table
+and writes JSON.
 
     python -m ernie_paddle.tools.quant_quality --json quant.json
 """
@@ -22,12 +23,15 @@ from ernie_paddle.files import onnx_data
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.metrics import perplexity, shared_prefix
 
-VARIANTS = [  # (label, precision, block, scheme)
-    ("ort fp32", "fp32", 32, "rtn"), ("ort fp16", "fp16", 32, "rtn"), ("ort int8", "int8", 32, "rtn"),
-    ("ort int4 b32 RTN", "int4", 32, "rtn"), ("ort int4 b64 RTN", "int4", 64, "rtn"),
-    ("ort int4 b128 RTN", "int4", 128, "rtn"),
-    ("ort int4 b32 GPTQ", "int4", 32, "gptq"), ("ort int2 b32 RTN", "int2", 32, "rtn"),
-    ("ort int2 b32 GPTQ", "int2", 32, "gptq"),
+VARIANTS = [  # (label, precision, block, scheme, KV cache): the weights' rows with the float cache, then int8 caches
+    ("ort fp32", "fp32", 32, "rtn", "fp32"), ("ort fp16", "fp16", 32, "rtn", "fp32"),
+    ("ort int8", "int8", 32, "rtn", "fp32"), ("ort int4 b32 RTN", "int4", 32, "rtn", "fp32"),
+    ("ort int4 b64 RTN", "int4", 64, "rtn", "fp32"), ("ort int4 b128 RTN", "int4", 128, "rtn", "fp32"),
+    ("ort int4 b32 GPTQ", "int4", 32, "gptq", "fp32"), ("ort int2 b32 RTN", "int2", 32, "rtn", "fp32"),
+    ("ort int2 b32 GPTQ", "int2", 32, "gptq", "fp32"),
+    ("ort fp32 + int8 KV", "fp32", 32, "rtn", "int8"), ("ort int8 + int8 KV", "int8", 32, "rtn", "int8"),
+    ("ort int4 b32 RTN + int8 KV", "int4", 32, "rtn", "int8"),
+    ("ort int4 b64 RTN + int8 KV", "int4", 64, "rtn", "int8"),
 ]
 
 
@@ -62,16 +66,16 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
     rows = [{"variant": "paddle fp32", "perplexity": perplexity(reference.logits, heldout), "greedy_agreement": 1.0}]
     log(f"quality: paddle fp32 perplexity {rows[0]['perplexity']:.3f}")
     hessians = None
-    for label, precision, block, scheme in variants:
+    for label, precision, block, scheme, kv_cache in variants:
         quantizer = None
         if scheme == "gptq":
             hessians = hessians or calibrate(reference, calib)
             quantizer = GPTQ(hessians)
         out = os.path.join(work, label.replace(" ", "-"))
         export(model_dir, out, precision=precision, block_size=block, verify=False, quantizer=quantizer,
-               quantizer_name=scheme)
+               quantizer_name=scheme, kv_cache=kv_cache)
         cand = OnnxCausalLM(out)
-        row = {"variant": label, "precision": precision, "block_size": block, "scheme": scheme,
+        row = {"variant": label, "precision": precision, "block_size": block, "scheme": scheme, "kv_cache": kv_cache,
                "perplexity": perplexity(cand.logits, heldout),
                "greedy_agreement": greedy_agreement(reference, cand, prompts, greedy_tokens),
                "weights_mib": round(os.path.getsize(os.path.join(out, onnx_data())) / 2**20, 2)}

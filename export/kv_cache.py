@@ -1,0 +1,105 @@
+"""An int8 KV cache for the `ort` flavour: GroupQueryAttention's own quantised cache (`k_quant_type` /
+`v_quant_type` PER_CHANNEL, `kv_cache_bit_width` 8), a quarter of the fp32 cache's bytes.
+
+The per-channel scales are calibrated on the exported graph itself, in its fp32-cache form (same weights, so an
+int4 export is calibrated on int4 activations), over text from the shipped corpus (seeded random ids when the
+checkpoint has no tokenizer). Keys are cached after the interleaved rotary, which turns each channel pair (2i,
+2i+1) by a position-dependent angle: a pair's norm bounds both channels at every position, so key scales are
+pair norms and hold at positions far beyond the calibration text. Values take each channel's largest magnitude.
+Both get `MARGIN` for text the calibration did not see; beyond it a value saturates at +-127.
+
+Only the graph file is rewritten (input/output types, attributes, the scale initialisers): the weights in
+model.onnx.data are untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import ExportError
+
+MARGIN = 1.25  # head-room over the calibration maxima
+CALIBRATION_TOKENS = 512  # per sequence
+CALIBRATION_SEQUENCES = 4
+
+
+def calibration_ids(model_dir: str | None, vocab_size: int, seed: int = 0) -> list[np.ndarray]:
+    """Token sequences to calibrate on: held-out corpus text through the checkpoint's tokenizer, else random ids."""
+    from ernie_paddle import files
+
+    rng = np.random.default_rng(seed)
+    has_tokenizer = model_dir is not None and any(
+        os.path.isfile(os.path.join(model_dir, f)) for f in (files.SPM_MODEL, files.TOKENIZER_JSON))
+    if not has_tokenizer:
+        return [rng.integers(3, vocab_size, CALIBRATION_TOKENS) for _ in range(CALIBRATION_SEQUENCES)]
+    from ernie_paddle.corpus import held_out_text
+    from ernie_paddle.tokenizer import ErnieTokenizer
+
+    ids = np.asarray(ErnieTokenizer(model_dir).encode(held_out_text()), np.int64)
+    ids = ids[ids < vocab_size]
+    starts = rng.integers(0, max(1, len(ids) - CALIBRATION_TOKENS), CALIBRATION_SEQUENCES)
+    return [ids[s:s + CALIBRATION_TOKENS] for s in starts]
+
+
+def calibrate(model_path: str, cfg: ErnieConfig, sequences: Sequence[np.ndarray],
+              threads: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, (key scales, value scales) [kv_heads * head_dim] of the fp32-cache graph at `model_path`."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    session = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+    n, nkv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    k_max = np.zeros((n, nkv, d // 2), np.float64)
+    v_max = np.zeros((n, nkv, d), np.float64)
+    names = [o.name for o in session.get_outputs()]
+    for ids in sequences:
+        t = len(ids)
+        feeds = {"input_ids": ids[None].astype(np.int64), "attention_mask": np.ones((1, t), np.int64)}
+        for i in range(n):
+            for kv in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, nkv, 0, d), np.float32)
+        out = dict(zip(names, session.run(None, feeds)))
+        for i in range(n):
+            k = out[f"present.{i}.key"][0, :, :t].astype(np.float64)  # [nkv, t, d]
+            pair_norm = np.sqrt(k[..., 0::2] ** 2 + k[..., 1::2] ** 2)  # interleaved rotary pairs
+            k_max[i] = np.maximum(k_max[i], pair_norm.max(axis=1))
+            v_max[i] = np.maximum(v_max[i], np.abs(out[f"present.{i}.value"][0, :, :t]).max(axis=1))
+    scales = []
+    for i in range(n):
+        k = np.repeat(k_max[i], 2, axis=-1)  # both channels of a pair
+        scales.append(tuple((np.maximum(m, 1e-6) * MARGIN / 127.0).astype(np.float32).reshape(-1)
+                            for m in (k, v_max[i])))
+    return scales
+
+
+def quantize_cache(model_path: str, scales: Sequence[tuple[np.ndarray, np.ndarray]], out_path: str) -> None:
+    """Write the graph at `model_path` with an int8 cache and the given per-layer scales to `out_path`."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(model_path, load_external_data=False)
+    graph = model.graph
+    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    if len(attention) != len(scales):
+        raise ExportError(f"{model_path}: {len(attention)} GroupQueryAttention nodes, {len(scales)} layers of scales")
+    for i, (node, (k_scale, v_scale)) in enumerate(zip(attention, scales)):
+        names = (f"layers.{i}.self_attn.k_scale", f"layers.{i}.self_attn.v_scale")
+        graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip((k_scale, v_scale), names))
+        inputs = list(node.input) + [""] * (12 - len(node.input))  # k_scale and v_scale are inputs 12 and 13
+        del node.input[:]
+        node.input.extend(inputs[:12] + list(names))
+        node.attribute.extend([onnx.helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                               onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                               onnx.helper.make_attribute("kv_cache_bit_width", 8)])
+    for value in list(graph.input) + list(graph.output):
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.INT8
+    onnx.save(model, out_path)
+
