@@ -15,10 +15,10 @@ from .onnx_runtime import PROVIDERS
 from .serving import cli as serve_cli
 
 
-def _load(args):
+def _load(args, spinning: bool = True):
     from .onnx_runtime import OnnxCausalLM
 
-    return OnnxCausalLM(args.model, provider=args.provider, threads=args.threads)
+    return OnnxCausalLM(args.model, provider=args.provider, threads=args.threads, spinning=spinning)
 
 
 def _common(sp: argparse.ArgumentParser) -> None:
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
     _common(s)
     serve_cli.server_args(s)
-    s.set_defaults(func=lambda a: serve_cli.serve(_load, a))
+    # a server's ONNX Runtime threads sleep between steps, leaving the cores to the event loop and the clients
+    s.set_defaults(func=lambda a: serve_cli.serve(lambda args: _load(args, spinning=False), a))
     return p
 
 

@@ -91,8 +91,11 @@ class OnnxCausalLM:
     # ("batch_size must be 1 when sequence_length > 1 and past context is given"): batches prefill in one pass
     chunked_prefill_max_batch = 1
 
-    def __init__(self, folder: str, provider: str = "cpu", threads: int | None = None, model_file: str | None = None):
-        """`model_file` overrides the manifest's graph (the parity report's copy with extra outputs)."""
+    def __init__(self, folder: str, provider: str = "cpu", threads: int | None = None, model_file: str | None = None,
+                 spinning: bool = True):
+        """`model_file` overrides the manifest's graph (the parity report's copy with extra outputs). `spinning`:
+        ONNX Runtime's worker threads spin between runs (fastest back to back); a server turns it off so that they
+        leave the cores to the event loop between steps."""
         import onnxruntime as ort
 
         self._ort = ort
@@ -125,6 +128,8 @@ class OnnxCausalLM:
         ort.set_default_logger_severity(3)
         if threads:
             so.intra_op_num_threads = threads
+        if not spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # a graph kept outside the folder (the parity report's copy) reads its weights from the folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", os.path.abspath(folder))
         try:
