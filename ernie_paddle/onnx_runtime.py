@@ -77,6 +77,26 @@ def check_external_data(model_path: str, data_dir: str | None = None) -> None:
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+LOGITS_TO_KEEP = "logits_to_keep"  # the ort graph's optional input (export.ort_graph): 1 = the last position's only
+
+
+def _graph_with_required(model_path: str, name: str) -> str | bytes:
+    """The graph at `model_path`, with the optional input `name` made a plain input when the graph has it.
+
+    An optional input is an initializer of the same name, its default (what onnxruntime-genai leaves alone); ONNX
+    Runtime binds such inputs in `run` but not through IOBinding, so this runtime drops the default and always feeds
+    the input. The weights stay in the folder's external data. Other graphs: the path, unchanged."""
+    import onnx
+
+    try:
+        model = onnx.load(model_path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - a corrupt file: the session names it
+        return model_path
+    defaults = [t for t in model.graph.initializer if t.name == name]
+    if not defaults or name not in {i.name for i in model.graph.input}:
+        return model_path
+    model.graph.initializer.remove(defaults[0])
+    return model.SerializeToString()
 
 
 def _positions_from_mask(mask: np.ndarray, t: int) -> np.ndarray:
@@ -133,7 +153,7 @@ class OnnxCausalLM:
         # a graph kept outside the folder (the parity report's copy) reads its weights from the folder
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", os.path.abspath(folder))
         try:
-            self.session = ort.InferenceSession(model_path, so, providers=[ep])
+            self.session = ort.InferenceSession(_graph_with_required(model_path, LOGITS_TO_KEEP), so, providers=[ep])
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             raise OnnxFolderError(f"{model_path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
         self.provider = provider
@@ -143,6 +163,8 @@ class OnnxCausalLM:
         past0 = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
         self.kv_dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(past0.type, np.float32)
         self.has_position_ids = "position_ids" in self.input_names
+        # the ort graph's optional input: LM head on the last N positions only (older folders compute them all)
+        self.keeps_logits = LOGITS_TO_KEEP in self.input_names
         # outputs besides logits and the cache (the parity report's copy of the graph exposes hidden states)
         self.extra_outputs = [n for n in self.output_names if n != "logits" and not n.startswith("present.")]
         self.shares_kv_buffer = self.manifest.get("flavor") == "ort"  # GroupQueryAttention (see allocate_cache)
@@ -195,7 +217,10 @@ class OnnxCausalLM:
             if not self.has_position_ids:
                 self._check_positions_from_mask(position_ids, mask, t)
         binding = self._binding(cache)
-        logits = np.empty((b, t, self.config.vocab_size), np.float32)  # ONNX Runtime writes into it
+        keep = last_only and self.keeps_logits
+        if self.keeps_logits:
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(int(keep), np.int64))
+        logits = np.empty((b, 1 if keep else t, self.config.vocab_size), np.float32)  # ONNX Runtime writes into it
         for name in self.extra_outputs:  # unallocated again: their shapes follow the step's
             binding.bind_output(name, self.device)
         binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
@@ -213,7 +238,7 @@ class OnnxCausalLM:
                 cache.layers = [(named[f"present.{i}.key"], named[f"present.{i}.value"])
                                 for i in range(self.config.num_hidden_layers)]
             cache.length = total
-        return OnnxOutput(logits[:, -1:] if last_only else logits)
+        return OnnxOutput(logits[:, -1:] if last_only else logits)  # (already one position when kept)
 
     def _binding(self, cache: OnnxCache):
         """An IOBinding with the cache bound: made once per shared cache (its buffers never move), anew per step

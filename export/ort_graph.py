@@ -25,6 +25,7 @@ from onnx import TensorProto, numpy_helper
 from ernie_paddle.checkpoint import TensorStream
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
+from ernie_paddle.onnx_runtime import LOGITS_TO_KEEP  # optional input: the last N positions' logits (0: all)
 from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, expert_block
 from ernie_paddle.rope import cos_sin_tables
 
@@ -117,7 +118,7 @@ class ErnieOrtBuilder:
         normed, _ = self.norm(delta, residual, tensors.take("norm.weight"), "norm")
         if not cfg.tie_word_embeddings:
             head = self.lm_head(tensors.take("lm_head.weight").T)
-        logits = head(normed)
+        logits = head(self.kept_positions(normed))
         if self.precision == "fp16":
             logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
         g.output(logits, "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size], first=True)
@@ -172,6 +173,17 @@ class ErnieOrtBuilder:
         g.output(pk, f"present.{i}.key", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
         g.output(pv, f"present.{i}.value", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
         return self.linear(attn, f"{L}.self_attn.o_proj", tensors.take(f"{L}.self_attn.o_proj.weight"))
+
+    def kept_positions(self, hidden: str) -> str:
+        """The last `logits_to_keep` positions of `hidden` [B, S, H] (0, the default: all of them), so a prefill
+        that needs one token's logits does not run the LM head (vocab x hidden per token) on the whole chunk.
+        An optional input: its initializer is the default, which onnxruntime-genai never overrides."""
+        g = self.g
+        g.input(LOGITS_TO_KEEP, TensorProto.INT64, [])
+        g.weight(LOGITS_TO_KEEP, np.array(0, np.int64))
+        start = g.op("Unsqueeze", [g.op("Neg", [LOGITS_TO_KEEP]), g.const([0])])
+        return g.op("Slice", [hidden, start, g.const([np.iinfo(np.int64).max]), g.const([1])],
+                    name="logits_to_keep")
 
     def rope_caches(self) -> tuple[str, str]:
         """RotaryEmbedding's cos/sin caches [max_pos, d/2] of the angles pos_fp32 * inv_freq_fp32 (the Paddle model's
