@@ -111,8 +111,8 @@ async def stream_one(client, url: str, model: str, prompt: str, max_tokens: int)
     if not stamps:
         return {"error": "no tokens"}
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft": stamps[0] - t0, "gaps": gaps, "tokens": len(stamps), "finish": finish,
-            "end": stamps[-1]}
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    return {"ttft": stamps[0] - t0, "gaps": gaps, "tokens": len(stamps), "finish": finish, "decode_rate": rate}
 
 
 async def load(url: str, model: str, texts: list[str], concurrency: int, per_client: int,
@@ -136,8 +136,11 @@ async def load(url: str, model: str, texts: list[str], concurrency: int, per_cli
     ttft = [r["ttft"] for r in ok]
     gaps = [g for r in ok for g in r["gaps"]]
     tokens = sum(r["tokens"] for r in ok)
+    rates = [r["decode_rate"] for r in ok if r["decode_rate"]]
+    # decode throughput: every stream's own token rate after its first token, times the streams running together
+    decode = round(concurrency * sum(rates) / len(rates), 2) if rates else None
     return {"concurrency": concurrency, "requests": len(results), "errors": errors, "tokens": tokens,
-            "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 2),
+            "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 2), "decode_tok_s": decode,
             "ttft_p50_s": _pct(ttft, 50), "ttft_p95_s": _pct(ttft, 95),
             "itl_p50_ms": _pct(gaps, 50, 1000), "itl_p95_ms": _pct(gaps, 95, 1000)}
 
@@ -221,13 +224,18 @@ def _static_decode(folder: str, threads: int, batches: list[int], vocab: int) ->
     return json.loads(r.stdout.strip().splitlines()[-1])["decode_tok_s"]
 
 
-def _table(rows: list[dict]) -> str:
-    head = ["server", "streams", "tok/s", "TTFT p50 s", "TTFT p95 s", "ITL p50 ms", "ITL p95 ms", "errors"]
+def _table(rows: list[dict], static: dict) -> str:
+    """One row per server and concurrency; decode throughput also as a ratio to the runtime's static batch decode
+    at the same batch size (where measured)."""
+    head = ["server", "streams", "tok/s (all)", "decode tok/s", "vs static batch", "TTFT p50 s", "TTFT p95 s",
+            "ITL p50 ms", "ITL p95 ms", "errors"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
-        lines.append(" | ".join(str(x) for x in (r["server"], r["concurrency"], r["tok_s"], r["ttft_p50_s"],
-                                                   r["ttft_p95_s"], r["itl_p50_ms"], r["itl_p95_ms"],
-                                                   len(r["errors"]))))
+        base = static.get(str(r["concurrency"])) if isinstance(static, dict) else None
+        ratio = f"{r['decode_tok_s'] / base:.2f}x" if base and r["decode_tok_s"] else "-"
+        lines.append(" | ".join(str(x) for x in (r["server"], r["concurrency"], r["tok_s"], r["decode_tok_s"], ratio,
+                                                   r["ttft_p50_s"], r["ttft_p95_s"], r["itl_p50_ms"],
+                                                   r["itl_p95_ms"], len(r["errors"]))))
     return "\n".join(lines)
 
 
@@ -294,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             write_json(args.json, {"soak": report})
         return 0
-    static = _static_decode(paths["ort-int4"], args.threads, [1, 4, 8], cfg.vocab_size)
+    static = _static_decode(paths["ort-int4"], args.threads, [1, 2, 4, 8], cfg.vocab_size)
     log(f"serve_bench: static decode tok/s {static}")
     rows = []
     for server in servers:
@@ -313,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"serve_bench: {server} x{c}: {row['tok_s']} tok/s, ITL p95 {row['itl_p95_ms']} ms")
         finally:
             _stop(proc)
-    print(_table(rows))
+    print(_table(rows, static))
     if args.json:
         write_json(args.json, {"preset": args.preset, "threads": args.threads, "max_tokens": args.max_tokens,
                                "static_decode_tok_s": static, "results": rows})

@@ -1,8 +1,9 @@
 """Continuous batching: requests join and leave the running decode batch between steps.
 
 One thread runs the model. Each iteration it drops cancelled requests (freeing their rows at once), admits
-waiting ones into free rows, runs one prefill chunk of the request being prefilled, then one decode step for
-every running request. Prefilling in chunks between decode steps keeps a long prompt from stalling the streams.
+waiting ones into free rows, runs one prefill slice of the request being prefilled, then one decode step for
+every running request. Prefilling in slices between decode steps keeps a long prompt from stalling the streams:
+while others decode, a slice is sized (from measured times) to cost about one decode step.
 Running requests occupy rows 0..n-1 of the cache (`slots`), so a decode step is one model call over them;
 when one finishes, the last row moves into its place.
 
@@ -96,6 +97,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0
+        # seconds of a decode step and of one prefill token, as measured (moving averages): while requests decode,
+        # a prefill slice is sized to cost about one decode step, so a long prompt delays each stream's next token
+        # by about one step at a time instead of a whole chunk
+        self.decode_seconds: float | None = None
+        self.prefill_token_seconds: float | None = None
 
     # ---- the caller's side ----------------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -205,12 +211,14 @@ class Engine:
             req.rng = np.random.default_rng(req.gen.seed)
             eos = req.gen.eos_token_ids if req.gen.eos_token_ids is not None else self.model.config.eos_token_ids
             req.stops = frozenset(eos) | frozenset(req.gen.stop_token_ids)
-        chunk = req.history[req.filled:req.filled + self.prefill_chunk]
+        chunk = req.history[req.filled:req.filled + self._prefill_size()]
+        t0 = time.perf_counter()
         try:
             logits = self.slots.prefill(self.prefill_slot, chunk, req.filled)
         except Exception as e:  # noqa: BLE001 - a failure inside the model fails this request alone
             self._end_prefill(Finished("error", _describe(e)))
             return
+        self.prefill_token_seconds = _average(self.prefill_token_seconds, (time.perf_counter() - t0) / len(chunk))
         req.filled += len(chunk)
         if req.filled < len(req.history):
             return
@@ -223,6 +231,14 @@ class Engine:
         if req.next_token is None:
             self._leave(req, None)
 
+    def _prefill_size(self) -> int:
+        """Prompt tokens for this step: the whole chunk when nothing decodes, else about one decode step's worth
+        (at least MIN_SLICE tokens, which keep the matrix products efficient)."""
+        if not self.running or not self.decode_seconds or not self.prefill_token_seconds:
+            return self.prefill_chunk
+        fits = int(self.decode_seconds / self.prefill_token_seconds)
+        return max(min(MIN_SLICE, self.prefill_chunk), min(self.prefill_chunk, fits))
+
     def _end_prefill(self, event: Finished) -> None:
         req, self.prefilling = self.prefilling, None
         self.slots.release(self.prefill_slot)
@@ -232,8 +248,10 @@ class Engine:
         reqs = list(self.running)
         tokens = np.array([r.next_token for r in reqs], np.int64)
         lengths = np.array([r.filled for r in reqs], np.int64)
+        t0 = time.perf_counter()
         try:
             rows = list(self.slots.decode(0, tokens, lengths))
+            self.decode_seconds = _average(self.decode_seconds, time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - find the failing request: each row again on its own
             rows = []
             for i, r in enumerate(reqs):
@@ -292,6 +310,14 @@ def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple
     logp -= np.log(np.exp(logp).sum())
     top = np.argsort(-logp, kind="stable")[:k] if k else []
     return float(logp[token]), [(int(i), float(logp[i])) for i in top]
+
+
+MIN_SLICE = 16  # the smallest prefill slice taken between decode steps
+
+
+def _average(mean: float | None, x: float, weight: float = 0.2) -> float:
+    """An exponential moving average (the first value as is)."""
+    return x if mean is None else (1 - weight) * mean + weight * x
 
 
 def _describe(e: Exception) -> str:
