@@ -179,6 +179,8 @@ def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig 
     cache = model.allocate_cache(b, mask.shape[1])
 
     logits = prefill(model, ids, mask[:, :longest], positions, cache, gen.prefill_chunk, lengths)
+    # a graph that derives positions from the mask (the ort flavour) is not given them each step
+    explicit_positions = getattr(model, "has_position_ids", True)
     next_pos = lengths[:, None].astype(np.int64)  # each row's next position: its own length
     for step in range(gen.max_new_tokens):
         tokens = next_tokens(logits, history, gen, rng)
@@ -193,8 +195,8 @@ def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig 
             return
         tokens = np.where(finished, pad, tokens)
         mask[:, longest + step] = 1
-        out = model(tokens[:, None], attention_mask=mask[:, :longest + step + 1], position_ids=next_pos,
-                    cache=cache, last_only=True)
+        out = model(tokens[:, None], attention_mask=mask[:, :longest + step + 1],
+                    position_ids=next_pos if explicit_positions else None, cache=cache, last_only=True)
         logits = logits_numpy(out)[:, -1]
         next_pos = next_pos + 1
 
