@@ -33,6 +33,7 @@ class OnnxCache:
     length: int = 0
     shared: bool = False  # layers are [B, nkv, max_len, d] buffers that GQA updates in place (past = present)
     binding: object = None  # the shared cache's IOBinding, its past/present bound once for every step
+    mask: np.ndarray | None = None  # [B, max_len]: decode steps' attention_mask at one shape (see __call__)
 
 
 @dataclass
@@ -225,7 +226,7 @@ class OnnxCausalLM:
             binding.bind_output(name, self.device)
         binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("attention_mask", self._step_mask(cache, mask) if t == 1 and not own_cache else mask)
         if self.has_position_ids:
             if position_ids is None:
                 position_ids = _positions_from_mask(mask, t)
@@ -239,6 +240,26 @@ class OnnxCausalLM:
                                 for i in range(self.config.num_hidden_layers)]
             cache.length = total
         return OnnxOutput(logits[:, -1:] if last_only else logits)  # (already one position when kept)
+
+    def run(self, output_names: list[str] | None, feeds: dict) -> list:
+        """`session.run` with the graph's optional inputs at their defaults unless fed (every position's logits)."""
+        if self.keeps_logits and LOGITS_TO_KEEP not in feeds:
+            feeds = {**feeds, LOGITS_TO_KEEP: np.array(0, np.int64)}
+        return self.session.run(output_names, feeds)
+
+    def _step_mask(self, cache: OnnxCache, mask: np.ndarray) -> np.ndarray:
+        """A decode step's mask as a [B, max_len] buffer, zeros after the given columns (onnxruntime-genai's way
+        with a shared cache). The graph reads only each row's sum (its length) and the last one's cumsum (the new
+        token's position), which the zeros leave alone; at one shape every step, ONNX Runtime reuses its plan
+        instead of sizing the run anew (about half the per-step time of a small model). A grown cache keeps the
+        mask as given: its graph reads the mask's length."""
+        if not cache.shared:
+            return mask
+        if cache.mask is None or cache.mask.shape[0] != mask.shape[0]:
+            cache.mask = np.zeros((mask.shape[0], cache.max_len), np.int64)
+        cache.mask[:, mask.shape[1]:] = 0
+        cache.mask[:, :mask.shape[1]] = mask
+        return cache.mask
 
     def _binding(self, cache: OnnxCache):
         """An IOBinding with the cache bound: made once per shared cache (its buffers never move), anew per step

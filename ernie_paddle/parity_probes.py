@@ -84,7 +84,7 @@ class OnnxProbe:
                 feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim),
                                                               self.runtime.kv_dtype)
         names = [o.name for o in self.session.get_outputs()]
-        outs = dict(zip(names, self.session.run(None, feeds)))
+        outs = dict(zip(names, self.runtime.run(None, feeds)))
         hidden = [outs[n].reshape(len(ids), -1).astype(np.float32) if n else None for n in self.hidden_names]
         # MoE: log-probs of the chosen, -inf elsewhere; QMoE: probs + bias. Either way the top k are the choice.
         experts = [np.argsort(-outs[n].astype(np.float32), axis=-1, kind="stable")[:, :cfg.moe_k]

@@ -125,7 +125,7 @@ def ort_router_choices(folder, cfg, feeds) -> list[np.ndarray]:
     from ernie_paddle.parity_probes import OnnxProbe
 
     probe = OnnxProbe(folder, cfg)
-    outs = probe.session.run(probe.router_names, feeds)
+    outs = probe.runtime.run(probe.router_names, feeds)
     return [np.argsort(-r, axis=-1, kind="stable")[:, :cfg.moe_k] for r in outs]
 
 
