@@ -111,8 +111,8 @@ async def stream_one(client, url: str, model: str, prompt: str, max_tokens: int)
     if not stamps:
         return {"error": "no tokens"}
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
-    return {"ttft": stamps[0] - t0, "gaps": gaps, "tokens": len(stamps), "finish": finish, "decode_rate": rate}
+    return {"ttft": stamps[0] - t0, "gaps": gaps, "tokens": len(stamps), "finish": finish,
+            "decoding": (stamps[0], stamps[-1])}
 
 
 async def load(url: str, model: str, texts: list[str], concurrency: int, per_client: int,
@@ -136,13 +136,24 @@ async def load(url: str, model: str, texts: list[str], concurrency: int, per_cli
     ttft = [r["ttft"] for r in ok]
     gaps = [g for r in ok for g in r["gaps"]]
     tokens = sum(r["tokens"] for r in ok)
-    rates = [r["decode_rate"] for r in ok if r["decode_rate"]]
-    # decode throughput: every stream's own token rate after its first token, times the streams running together
-    decode = round(concurrency * sum(rates) / len(rates), 2) if rates else None
+    # decode throughput: tokens after each request's first, over the time some request was decoding (the union of
+    # their first-to-last-token intervals), so a server that runs requests one at a time is not credited for them
+    busy = _union([r["decoding"] for r in ok])
+    decode = round(sum(r["tokens"] - 1 for r in ok) / busy, 2) if busy else None
     return {"concurrency": concurrency, "requests": len(results), "errors": errors, "tokens": tokens,
             "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 2), "decode_tok_s": decode,
             "ttft_p50_s": _pct(ttft, 50), "ttft_p95_s": _pct(ttft, 95),
             "itl_p50_ms": _pct(gaps, 50, 1000), "itl_p95_ms": _pct(gaps, 95, 1000)}
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end] intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def _pct(values: list[float], q: float, scale: float = 1.0) -> float | None:

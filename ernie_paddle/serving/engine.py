@@ -3,7 +3,7 @@
 One thread runs the model. Each iteration it drops cancelled requests (freeing their rows at once), admits
 waiting ones into free rows, runs one prefill slice of the request being prefilled, then one decode step for
 every running request. Prefilling in slices between decode steps keeps a long prompt from stalling the streams:
-while others decode, a slice is sized (from measured times) to cost about one decode step.
+while others decode, a slice is sized (from measured times) to cost a few decode steps.
 Running requests occupy rows 0..n-1 of the cache (`slots`), so a decode step is one model call over them;
 when one finishes, the last row moves into its place.
 
@@ -98,8 +98,8 @@ class Engine:
         self._stop = False
         self.steps = 0
         # seconds of a decode step and of one prefill token, as measured (moving averages): while requests decode,
-        # a prefill slice is sized to cost about one decode step, so a long prompt delays each stream's next token
-        # by about one step at a time instead of a whole chunk
+        # a prefill slice is sized to cost a few decode steps, so a long prompt delays each stream's next token by
+        # a few steps at a time instead of a whole chunk
         self.decode_seconds: float | None = None
         self.prefill_token_seconds: float | None = None
 
@@ -232,11 +232,11 @@ class Engine:
             self._leave(req, None)
 
     def _prefill_size(self) -> int:
-        """Prompt tokens for this step: the whole chunk when nothing decodes, else about one decode step's worth
-        (at least MIN_SLICE tokens, which keep the matrix products efficient)."""
+        """Prompt tokens for this step: the whole chunk when nothing decodes, else about SLICE_STEPS decode steps'
+        worth (at least MIN_SLICE tokens, which keep the matrix products efficient)."""
         if not self.running or not self.decode_seconds or not self.prefill_token_seconds:
             return self.prefill_chunk
-        fits = int(self.decode_seconds / self.prefill_token_seconds)
+        fits = int(SLICE_STEPS * self.decode_seconds / self.prefill_token_seconds)
         return max(min(MIN_SLICE, self.prefill_chunk), min(self.prefill_chunk, fits))
 
     def _end_prefill(self, event: Finished) -> None:
@@ -312,7 +312,8 @@ def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple
     return float(logp[token]), [(int(i), float(logp[i])) for i in top]
 
 
-MIN_SLICE = 16  # the smallest prefill slice taken between decode steps
+MIN_SLICE = 64  # the smallest prefill slice taken between decode steps (smaller ones waste per-call time)
+SLICE_STEPS = 4  # a prefill slice between decode steps costs about this many decode steps
 
 
 def _average(mean: float | None, x: float, weight: float = 0.2) -> float:
