@@ -147,8 +147,14 @@ def test_models_and_health(url, client):
     assert (r.status_code, r.json()) == (200, {"status": "ok"})
 
 
-def test_completion_equals_generate_alone(client, tok, alone):
+def test_completion_equals_generate_alone(client, tok, alone, url):
+    before = {k: metric(url, f"ernie_engine_{k}_total") for k in ("decode_tokens", "prefill_tokens")}
     r = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=24, temperature=0)
+    # the engine's counters: the prompt's 2 tokens prefilled, then 23 decode steps of one row (the first token
+    # comes from the prefill)
+    assert metric(url, "ernie_engine_prefill_tokens_total") - before["prefill_tokens"] == 2
+    assert metric(url, "ernie_engine_decode_tokens_total") - before["decode_tokens"] == 23
+    assert metric(url, "ernie_engine_decode_seconds_total") > 0
     assert r.choices[0].text == alone(tok.encode("ROMEO:"), 24)
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (2, 24, 26)

@@ -53,6 +53,17 @@ class Finished:
     error: str | None = None
 
 
+@dataclass
+class EngineTotals:
+    """Model time and tokens since start, by kind of step: decode throughput under load is tokens over seconds of
+    decode steps alone, whatever prefill work was interleaved (exposed on /metrics)."""
+
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+
+
 @dataclass(eq=False)
 class Request:
     """A prompt to continue: `gen` decides the tokens (validated on submit); `emit` receives Token and Finished."""
@@ -102,6 +113,7 @@ class Engine:
         # a few steps at a time instead of a whole chunk
         self.decode_seconds: float | None = None
         self.prefill_token_seconds: float | None = None
+        self.totals = EngineTotals()
 
     # ---- the caller's side ----------------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -218,7 +230,10 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a failure inside the model fails this request alone
             self._end_prefill(Finished("error", _describe(e)))
             return
-        self.prefill_token_seconds = _average(self.prefill_token_seconds, (time.perf_counter() - t0) / len(chunk))
+        spent = time.perf_counter() - t0
+        self.prefill_token_seconds = _average(self.prefill_token_seconds, spent / len(chunk))
+        self.totals.prefill_seconds += spent
+        self.totals.prefill_tokens += len(chunk)
         req.filled += len(chunk)
         if req.filled < len(req.history):
             return
@@ -251,7 +266,10 @@ class Engine:
         t0 = time.perf_counter()
         try:
             rows = list(self.slots.decode(0, tokens, lengths))
-            self.decode_seconds = _average(self.decode_seconds, time.perf_counter() - t0)
+            spent = time.perf_counter() - t0
+            self.decode_seconds = _average(self.decode_seconds, spent)
+            self.totals.decode_seconds += spent
+            self.totals.decode_tokens += len(reqs)
         except Exception:  # noqa: BLE001 - find the failing request: each row again on its own
             rows = []
             for i, r in enumerate(reqs):

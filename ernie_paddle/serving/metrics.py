@@ -1,12 +1,14 @@
 """The server's Prometheus metrics, in a registry of its own (so several servers in one process never collide).
 
-Requests by endpoint and status, prompt and generated tokens, the engine's queue depth and running batch (read at
-scrape time), and histograms of the time to the first token and of the time between tokens.
+Requests by endpoint and status, prompt and generated tokens, the engine's queue depth and running batch and its
+model seconds and tokens in decode and prefill steps (read at scrape time), and histograms of the time to the first
+token and of the time between tokens.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds
@@ -29,10 +31,26 @@ class ServerMetrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("ernie_inter_token_latency_seconds", "Between consecutive tokens of a request",
                              buckets=ITL_BUCKETS, registry=r)
+        r.register(_EngineTotals(engine))
 
     def exposition(self) -> tuple[bytes, str]:
         """The metrics in Prometheus' text format, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _EngineTotals:
+    """The engine's model time and tokens by kind of step, read when scraped (decode tok/s = tokens / seconds)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        t = self.engine.totals
+        for kind in ("decode", "prefill"):
+            yield CounterMetricFamily(f"ernie_engine_{kind}_seconds", f"Seconds the model spent in {kind} steps",
+                                      value=getattr(t, f"{kind}_seconds"))
+            yield CounterMetricFamily(f"ernie_engine_{kind}_tokens", f"Tokens the model ran in {kind} steps",
+                                      value=getattr(t, f"{kind}_tokens"))
 
 
 class CountRequests:
