@@ -146,6 +146,12 @@ async def load(url: str, model: str, texts: list[str], concurrency: int, per_cli
             "itl_p50_ms": _pct(gaps, 50, 1000), "itl_p95_ms": _pct(gaps, 95, 1000)}
 
 
+def _served_name(url: str) -> str:
+    import httpx
+
+    return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+
+
 def _engine_totals(url: str) -> dict | None:
     """Our server's engine counters from /metrics (None for servers without them)."""
     import httpx
@@ -230,7 +236,7 @@ async def soak(url: str, model: str, pid: int, texts: list[str], n: int, concurr
         rss.append(_rss_kib(pid))
         metrics = (await client.get(f"{url}/metrics")).text
     gauges = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-              if line and not line.startswith("#") and ("queue" in line or "running" in line)}
+              if line and not line.startswith("#") and ("waiting" in line or "running" in line)}
     return {"requests": n, **counts, "failures": failures[:5], "rss_mib": [round(k / 1024, 1) for k in rss],
             "final_gauges": gauges}
 
@@ -320,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         port = _free_port()
         proc = _start(ours_cmd(paths["ort-int4"], port, args.threads, 8, max_len), port)
         try:
-            report = asyncio.run(soak(f"http://127.0.0.1:{port}", "ernie", proc.pid, texts, args.soak, 8,
-                                      args.max_tokens, args.seed))
+            url = f"http://127.0.0.1:{port}"
+            report = asyncio.run(soak(url, _served_name(url), proc.pid, texts, args.soak, 8, args.max_tokens,
+                                      args.seed))
         finally:
             _stop(proc)
         print(json.dumps(report, indent=1))
@@ -339,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = _start(cmd, port)
         try:
             url = f"http://127.0.0.1:{port}"
-            model = json.loads(__import__("httpx").get(f"{url}/v1/models").text)["data"][0]["id"]
+            model = _served_name(url)
             asyncio.run(load(url, model, texts, 1, 1, 8))  # warm-up
             for c in args.concurrency:
                 before = _engine_totals(url)
