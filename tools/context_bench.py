@@ -56,7 +56,8 @@ def _chunk_times(model, ids, mask, context: int, chunk: int, decode: int, repeat
     shape = (1, cfg.num_key_value_heads, context + decode, cfg.head_dim)
     for k, v in cache.layers:
         for buf in (k, v):
-            buf.update_inplace((rng.standard_normal(shape) * 0.5).astype(model.kv_dtype))
+            values = rng.integers(-100, 101, shape) if model.kv_dtype == np.int8 else rng.standard_normal(shape) * 0.5
+            buf.update_inplace(values.astype(model.kv_dtype))
 
     def last_chunk():
         cache.length = context - chunk
