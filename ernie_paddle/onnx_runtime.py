@@ -285,17 +285,12 @@ class OnnxCausalLM:
     def _check_positions_from_mask(self, given: np.ndarray, mask: np.ndarray, t: int) -> None:
         """A graph without a position_ids input (the ort flavour) derives positions from attention_mask: explicit
         positions are accepted only when they are those, never silently replaced."""
-        if t == 1 and mask[:, -1].all() and given.size == len(mask) and \
-                np.array_equal(given.reshape(-1), mask.sum(axis=1) - 1):  # a decode step: cumsum's last is the sum
-            return
         from_mask = _positions_from_mask(mask, t)
         try:
             given = np.broadcast_to(given, from_mask.shape)
         except ValueError:
             raise InputError(f"position_ids has shape {list(np.shape(given))}, expected "
                              f"{list(from_mask.shape)}") from None
-        if np.array_equal(given, from_mask):
-            return
         bad = np.argwhere(given != from_mask)
         if len(bad):
             r, c = (int(i) for i in bad[0])

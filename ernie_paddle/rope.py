@@ -8,6 +8,7 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import InputError
+from .token_ids import first_out_of_range
 
 
 @lru_cache(maxsize=8)
@@ -40,10 +41,7 @@ def check_position_ids(positions: np.ndarray, max_positions: int) -> None:
     one. Explicit position ids are not bounded by the sequence length check, and the fused GPU RoPE and the ONNX
     RotaryEmbedding caches are tables of exactly max_position_embeddings rows."""
     positions = np.asarray(positions)
-    if positions.size == 0 or (positions.min() >= 0 and positions.max() < max_positions):  # per-step fast path
-        return
-    bad = np.argwhere((positions < 0) | (positions >= max_positions))
-    if len(bad):
-        at = tuple(int(i) for i in bad[0])
+    at = first_out_of_range(positions, max_positions)
+    if at is not None:
         raise InputError(f"position id {int(positions[at])} is out of range for max_position_embeddings "
                          f"{max_positions} (valid: 0 to {max_positions - 1})")

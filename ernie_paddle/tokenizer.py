@@ -27,6 +27,11 @@ SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<unk>", "cls": "
 MASK_TOKENS = [f"<mask:{i}>" for i in range(8)]  # <mask:4>/<mask:5> sys start/end, <mask:6>/<mask:7> header
 
 
+def has_tokenizer(directory: str) -> bool:
+    """Whether the folder holds a tokenizer ErnieTokenizer reads (tokenizer.model or tokenizer.json)."""
+    return any(os.path.isfile(os.path.join(directory, f)) for f in (files.SPM_MODEL, files.TOKENIZER_JSON))
+
+
 class ErnieTokenizer:
     """Encode/decode with a SentencePiece model (preferred) or a `tokenizer.json`, plus the checkpoint's added
     tokens; `chat_template` is the checkpoint's own (read when first used)."""

@@ -14,7 +14,6 @@ model.onnx.data are untouched.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -30,15 +29,12 @@ CALIBRATION_SEQUENCES = 4
 
 def calibration_ids(model_dir: str | None, vocab_size: int, seed: int = 0) -> list[np.ndarray]:
     """Token sequences to calibrate on: held-out corpus text through the checkpoint's tokenizer, else random ids."""
-    from ernie_paddle import files
+    from ernie_paddle.tokenizer import ErnieTokenizer, has_tokenizer
 
     rng = np.random.default_rng(seed)
-    has_tokenizer = model_dir is not None and any(
-        os.path.isfile(os.path.join(model_dir, f)) for f in (files.SPM_MODEL, files.TOKENIZER_JSON))
-    if not has_tokenizer:
+    if model_dir is None or not has_tokenizer(model_dir):
         return [rng.integers(3, vocab_size, CALIBRATION_TOKENS) for _ in range(CALIBRATION_SEQUENCES)]
     from ernie_paddle.corpus import held_out_text
-    from ernie_paddle.tokenizer import ErnieTokenizer
 
     ids = np.asarray(ErnieTokenizer(model_dir).encode(held_out_text()), np.int64)
     ids = ids[ids < vocab_size]

@@ -184,10 +184,9 @@ def copy_checkpoint_files(model_dir: str | None, cfg: ErnieConfig, folder: str) 
 
 def _stop_ids(folder: str) -> list[int]:
     """The ids the folder's tokenizer ends a generation with (none without a tokenizer)."""
-    from ernie_paddle.files import SPM_MODEL, TOKENIZER_JSON
-    from ernie_paddle.tokenizer import ErnieTokenizer
+    from ernie_paddle.tokenizer import ErnieTokenizer, has_tokenizer
 
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in (SPM_MODEL, TOKENIZER_JSON)):
+    if not has_tokenizer(folder):
         return []
     return ErnieTokenizer(folder).stop_ids()
 

@@ -448,12 +448,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _measure_in_child(engine: str, path: str, args: argparse.Namespace, vocab: int) -> dict:
+def measure_in_child(engine: str, path: str, *, prompt_lengths: list[int], batches: list[int], decode_tokens: int,
+                     threads: int, seed: int, vocab: int) -> dict:
     """`measure` in a fresh process, so that the peak RSS is this engine's alone; a failure becomes an error row."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "ernie_paddle.tools.bench", "--run-engine", engine, "--path", path,
-           "--prompt-lengths", ",".join(map(str, args.prompt_lengths)), "--batches", ",".join(map(str, args.batches)),
-           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), "--seed", str(args.seed),
+           "--prompt-lengths", ",".join(map(str, prompt_lengths)), "--batches", ",".join(map(str, batches)),
+           "--decode-tokens", str(decode_tokens), "--threads", str(threads), "--seed", str(seed),
            "--vocab", str(vocab)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -489,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bench: {e}: {why_not[e]}")
             continue
         log(f"bench: measuring {e}")
-        rows.append(_measure_in_child(e, paths[e], args, cfg.vocab_size))
+        rows.append(measure_in_child(e, paths[e], prompt_lengths=args.prompt_lengths, batches=args.batches,
+                                     decode_tokens=args.decode_tokens, threads=args.threads, seed=args.seed,
+                                     vocab=cfg.vocab_size))
         if "error" in rows[-1]:
             log(f"bench: {e} failed: {rows[-1]['error']}")
     print(_table(rows, args.prompt_lengths, args.batches))

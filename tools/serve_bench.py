@@ -29,7 +29,7 @@ from ernie_paddle.atomic import write_json, write_png
 from ernie_paddle.cli_args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
 
-from .bench import SETUPS, log, prepare
+from .bench import SETUPS, log, measure_in_child, prepare
 
 
 # ---- servers ------------------------------------------------------------------------------------------------
@@ -244,13 +244,9 @@ async def soak(url: str, model: str, pid: int, texts: list[str], n: int, concurr
 # ---- the program ------------------------------------------------------------------------------------------
 def _static_decode(folder: str, threads: int, batches: list[int], vocab: int) -> dict:
     """The runtime's own decode tokens/s at each batch size on the folder (bench's measurement, in a child)."""
-    cmd = [sys.executable, "-m", "ernie_paddle.tools.bench", "--run-engine", "ort-int4", "--path", folder,
-           "--prompt-lengths", "16", "--batches", ",".join(map(str, batches)), "--decode-tokens", "64",
-           "--threads", str(threads), "--vocab", str(vocab)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        return {"error": r.stderr.strip().splitlines()[-1][:200]}
-    return json.loads(r.stdout.strip().splitlines()[-1])["decode_tok_s"]
+    row = measure_in_child("ort-int4", folder, prompt_lengths=[16], batches=batches, decode_tokens=64,
+                           threads=threads, seed=0, vocab=vocab)
+    return {"error": row["error"]} if "error" in row else row["decode_tok_s"]
 
 
 def _table(rows: list[dict], static: dict) -> str:
