@@ -31,6 +31,11 @@ class GenerationConfig:
     vocab_limit: int | None = None  # ids >= this are never chosen (embedding rows beyond the tokenizer)
     prefill_chunk: int = 512  # prompt tokens per prefill pass: bounds the [chunk x context] attention scores
 
+    def stops(self, config_eos: Sequence[int]) -> frozenset[int]:
+        """The ids that end a sequence: `eos_token_ids` (config.json's when None) and `stop_token_ids`."""
+        eos = self.eos_token_ids if self.eos_token_ids is not None else config_eos
+        return frozenset(eos) | frozenset(self.stop_token_ids)
+
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
@@ -170,8 +175,7 @@ def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig 
     lengths = np.array([len(r) for r in rows])
     pad = model.config.pad_token_id
     ids, mask, positions = right_padded(rows, pad, longest + gen.max_new_tokens)
-    stops = set(gen.eos_token_ids if gen.eos_token_ids is not None else model.config.eos_token_ids)
-    stops |= set(gen.stop_token_ids)
+    stops = gen.stops(model.config.eos_token_ids)
     rng = np.random.default_rng(gen.seed)
     history = [r.copy() for r in rows]
     penalised = gen.repetition_penalty != 1.0  # the only reader of the history

@@ -221,8 +221,7 @@ class Engine:
         if req.history is None:
             req.history = np.asarray(req.prompt, np.int64)
             req.rng = np.random.default_rng(req.gen.seed)
-            eos = req.gen.eos_token_ids if req.gen.eos_token_ids is not None else self.model.config.eos_token_ids
-            req.stops = frozenset(eos) | frozenset(req.gen.stop_token_ids)
+            req.stops = req.gen.stops(self.model.config.eos_token_ids)
         chunk = req.history[req.filled:req.filled + self._prefill_size()]
         t0 = time.perf_counter()
         try:
