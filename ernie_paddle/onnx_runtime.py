@@ -81,6 +81,15 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 LOGITS_TO_KEEP = "logits_to_keep"  # the ort graph's optional input (export.ort_graph): 1 = the last position's only
 
 
+def prompt_feeds(ids, cfg: ErnieConfig, kv_dtype=np.float32) -> dict:
+    """`session.run` inputs for one prompt [T] with an empty cache: ids, an all-ones mask, zero-length pasts."""
+    feeds = {"input_ids": np.asarray(ids, np.int64)[None], "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for i in range(cfg.num_hidden_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), kv_dtype)
+    return feeds
+
+
 def _graph_with_required(model_path: str, name: str) -> str | bytes:
     """The graph at `model_path`, with the optional input `name` made a plain input when the graph has it.
 

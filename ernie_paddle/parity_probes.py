@@ -75,14 +75,12 @@ class OnnxProbe:
         self.session = self.runtime.session
 
     def trace(self, ids: list[int]) -> Trace:
+        from .onnx_runtime import prompt_feeds
+
         cfg = self.cfg
-        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        feeds = prompt_feeds(ids, cfg, self.runtime.kv_dtype)
         if self.runtime.has_position_ids:
             feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
-        for i in range(cfg.num_hidden_layers):
-            for kv in ("key", "value"):
-                feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim),
-                                                              self.runtime.kv_dtype)
         names = [o.name for o in self.session.get_outputs()]
         outs = dict(zip(names, self.runtime.run(None, feeds)))
         hidden = [outs[n].reshape(len(ids), -1).astype(np.float32) if n else None for n in self.hidden_names]

@@ -20,7 +20,7 @@ import numpy as np
 
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.onnx_runtime import LOGITS_TO_KEEP
+from ernie_paddle.onnx_runtime import LOGITS_TO_KEEP, prompt_feeds
 
 MARGIN = 1.25  # head-room over the calibration maxima
 CALIBRATION_TOKENS = 512  # per sequence
@@ -58,11 +58,7 @@ def calibrate(model_path: str, cfg: ErnieConfig, sequences: Sequence[np.ndarray]
     names = [o.name for o in session.get_outputs()]
     for ids in sequences:
         t = len(ids)
-        feeds = {"input_ids": ids[None].astype(np.int64), "attention_mask": np.ones((1, t), np.int64),
-                 LOGITS_TO_KEEP: np.array(1, np.int64)}  # only the cache is read: one position's logits
-        for i in range(n):
-            for kv in ("key", "value"):
-                feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, nkv, 0, d), np.float32)
+        feeds = {**prompt_feeds(ids, cfg), LOGITS_TO_KEEP: np.array(1, np.int64)}  # only the cache is read
         out = dict(zip(names, session.run(None, feeds)))
         for i in range(n):
             k = out[f"present.{i}.key"][0, :, :t].astype(np.float64)  # [nkv, t, d]
