@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from typing import Iterator
@@ -105,8 +106,15 @@ def atomic_dir(path: str, *, prefix: str | None = None, overwrite: bool = False,
     target = os.path.abspath(path)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=prefix or f".tmp-{os.path.basename(target)}-", dir=parent)
+    # named first and created inside the try: an interrupt that lands just after the folder appears (where
+    # mkdtemp would still be returning its name) is cleaned up below
+    tmp = os.path.join(parent, (prefix or f".tmp-{os.path.basename(target)}-") + secrets.token_hex(8))
     try:
+        try:
+            os.mkdir(tmp, 0o700)
+        except FileExistsError:  # not ours: never removed below
+            name, tmp = tmp, None
+            raise error(f"{name}: a temporary folder of that name already exists") from None
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if overwrite and os.path.lexists(target):  # the old output stays whole until the new one is in place
@@ -117,7 +125,7 @@ def atomic_dir(path: str, *, prefix: str | None = None, overwrite: bool = False,
         else:
             os.rename(tmp, target)
     finally:
-        if os.path.lexists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
