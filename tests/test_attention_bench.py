@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ernie_paddle.tools.attention_bench import (FORMS, ERNIE_21B, FusedStep, GroupedStep, Shape, gqa_graph,
-                                                grouped_graph, random_cache, session, step_inputs)
+                                                grouped_graph, prompt_attention_s, random_cache, session, step_inputs)
 
 # Both forms are fp32 with the same products summed in different orders (head_dim terms per score, T per softmax
 # sum and per output channel); the outputs are softmax-weighted means of values of at most ~4. Measured at 1-8192
@@ -65,7 +65,7 @@ def test_program_writes_table_and_json(tmp_path):
     out = tmp_path / "attention.json"
     r = subprocess.run([sys.executable, "-m", "ernie_paddle.tools.attention_bench", "--heads", "4", "--kv-heads",
                         "2", "--head-dim", "16", "--context", "8,64", "--prefill-chunks", "4,16", "--prefill-context",
-                        "16,64", "--repeats", "2", "--threads", "1", "--json", str(out)],
+                        "16,64", "--repeats", "2", "--threads", "1", "--layers", "3", "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.load(open(out))
@@ -79,6 +79,8 @@ def test_program_writes_table_and_json(tmp_path):
     for row in data["prefill"]:
         assert row["ms"] > 0 and row["peak_rss_gib"] > 0
         assert row["probs_matrix_gib"] == round(4 * 4 * row["chunk"] * row["context"] / 2**30, 3)
+        n_chunks = -(-row["context"] // row["chunk"])  # 3 layers, each chunk half the last one's time on average
+        assert row["prompt_attention_s"] == pytest.approx(3 * n_chunks * row["ms"] / 2e3, abs=0.051)
     lines = r.stdout.splitlines()
     assert lines[0].startswith("| context | gqa-fp32 ms | gqa-fp32 GB/s | gqa-int8 ms")
     assert [line.split(" | ")[0] for line in lines[2:4]] == ["| 8", "| 64"]
@@ -89,3 +91,9 @@ def test_bad_head_counts_are_refused():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].endswith("error: argument --heads: 5 is not a multiple of --kv-heads 2")
+
+
+def test_prompt_attention_estimate():
+    """A 32K prompt in 512-token chunks: 64 chunks whose attention averages half the last one's, over 28 layers."""
+    assert prompt_attention_s(512, 32768, 2.0, 28) == 28 * 64 * 1.0
+    assert prompt_attention_s(512, 1000, 2.0, 1) == 2 * 1.0  # a partial last chunk is still a chunk

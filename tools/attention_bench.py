@@ -47,6 +47,14 @@ class Shape(NamedTuple):
 
 
 ERNIE_21B = Shape(20, 4, 128)
+ERNIE_21B_LAYERS = 28
+
+
+def prompt_attention_s(chunk: int, context: int, last_chunk_s: float, layers: int) -> float:
+    """Attention's share of a `context`-token prompt's prefill in `chunk`-token chunks, from the last chunk's time: a
+    chunk's attention grows linearly with the slots it reads (about 0 for the first), so the chunks average half
+    the last one's time."""
+    return layers * -(-context // chunk) * last_chunk_s / 2
 
 
 # ---- graphs ----------------------------------------------------------------------------------------------------------
@@ -224,7 +232,8 @@ def measure_decode(shape: Shape, contexts: list[int], threads: int | None, repea
     return rows
 
 
-def measure_prefill(shape: Shape, chunk: int, context: int, threads: int | None, repeats: int) -> dict:
+def measure_prefill(shape: Shape, chunk: int, context: int, threads: int | None, repeats: int,
+                    layers: int = ERNIE_21B_LAYERS) -> dict:
     """The fused fp32 op on one chunk of `chunk` queries ending at slot `context` (this process's peak RSS is the
     run's: call it in a fresh process)."""
     from ernie_paddle.sysinfo import peak_rss
@@ -239,15 +248,17 @@ def measure_prefill(shape: Shape, chunk: int, context: int, threads: int | None,
         s = fastest(lambda: step(q, k, v, context - chunk), repeats)
     probs = 4 * shape.heads * chunk * context  # the [B, heads, S, T] fp32 probabilities, were they materialised
     return {"chunk": chunk, "context": context, "ms": round(s * 1e3, 2),
-            "ms_per_token": round(s * 1e3 / chunk, 3), "peak_rss_gib": round(peak_rss() / 2**30, 3),
+            "ms_per_token": round(s * 1e3 / chunk, 3),
+            "prompt_attention_s": round(prompt_attention_s(chunk, context, s, layers), 1),
+            "peak_rss_gib": round(peak_rss() / 2**30, 3),
             "peak_rise_gib": round((peak_rss() - before) / 2**30, 3), "probs_matrix_gib": round(probs / 2**30, 3)}
 
 
-def prefill_in_child(shape: Shape, chunk: int, context: int, threads: int | None, repeats: int) -> dict:
+def prefill_in_child(shape: Shape, chunk: int, context: int, threads: int | None, repeats: int, layers: int) -> dict:
     """measure_prefill in a fresh process, so each row's peak RSS is its own."""
     cmd = [sys.executable, "-m", "ernie_paddle.tools.attention_bench", "--one-prefill", f"{chunk},{context}",
            "--heads", str(shape.heads), "--kv-heads", str(shape.kv_heads), "--head-dim", str(shape.head_dim),
-           "--repeats", str(repeats)] + (["--threads", str(threads)] if threads else [])
+           "--repeats", str(repeats), "--layers", str(layers)] + (["--threads", str(threads)] if threads else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"prefill chunk {chunk} at context {context} failed: {r.stderr.strip()}")
@@ -264,11 +275,12 @@ def _print_decode(rows: list[dict], contexts: list[int]) -> None:
 
 
 def _print_prefill(rows: list[dict]) -> None:
-    print("\n| chunk | context | ms | ms/token | peak RSS GiB | peak rise GiB | probs matrix GiB (if materialised) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| chunk | context | ms | ms/token | whole-prompt attention s | peak RSS GiB | peak rise GiB | "
+          "probs matrix GiB (if materialised) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['chunk']} | {r['context']} | {r['ms']} | {r['ms_per_token']} | {r['peak_rss_gib']} | "
-              f"{r['peak_rise_gib']} | {r['probs_matrix_gib']} |", flush=True)
+        print(f"| {r['chunk']} | {r['context']} | {r['ms']} | {r['ms_per_token']} | {r['prompt_attention_s']} | "
+              f"{r['peak_rss_gib']} | {r['peak_rise_gib']} | {r['probs_matrix_gib']} |", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -283,6 +295,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=positive_int, default=ERNIE_21B.heads)
     p.add_argument("--kv-heads", type=positive_int, default=ERNIE_21B.kv_heads)
     p.add_argument("--head-dim", type=positive_int, default=ERNIE_21B.head_dim)
+    p.add_argument("--layers", type=positive_int, default=ERNIE_21B_LAYERS,
+                   help="layers in the whole-prompt attention estimate (default 28)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--repeats", type=positive_int, default=5, help="keep the fastest of this many runs")
     p.add_argument("--json", default=None, help="write the rows as JSON")
@@ -299,22 +313,22 @@ def main(argv: list[str] | None = None) -> int:
     if shape.head_dim % 16:
         p.error(f"argument --head-dim: GroupQueryAttention needs a multiple of 16, got {shape.head_dim}")
     if args.one_prefill:
-        print(json.dumps(measure_prefill(shape, *args.one_prefill, args.threads, args.repeats)))
+        print(json.dumps(measure_prefill(shape, *args.one_prefill, args.threads, args.repeats, args.layers)))
         return 0
     bad = [(c, n) for c in args.prefill_chunks for n in args.prefill_context if c > n]
     if bad and not args.no_prefill:
         p.error(f"argument --prefill-chunks: chunk {bad[0][0]} exceeds --prefill-context {bad[0][1]}")
     decode = measure_decode(shape, args.context, args.threads, args.repeats)
     _print_decode(decode, args.context)
-    prefill = [] if args.no_prefill else [prefill_in_child(shape, c, n, args.threads, args.repeats)
+    prefill = [] if args.no_prefill else [prefill_in_child(shape, c, n, args.threads, args.repeats, args.layers)
                                           for n in args.prefill_context for c in args.prefill_chunks]
     if prefill:
         _print_prefill(prefill)
     if args.json:
         from ernie_paddle.atomic import write_json
 
-        meta = {"shape": shape._asdict(), "threads": args.threads, "cpus": os.cpu_count(), "repeats": args.repeats,
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        meta = {"shape": shape._asdict(), "layers": args.layers, "threads": args.threads, "cpus": os.cpu_count(),
+                "repeats": args.repeats, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(args.json, {"meta": meta, "decode": decode, "prefill": prefill})
     return 0
 
