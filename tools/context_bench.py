@@ -6,7 +6,13 @@ holding N - chunk slots of random keys/values), then `--decode` steps at context
 with the slots it attends to, so the full chunked prefill takes about n_chunks x (first + last) / 2: the estimated
 time to first token. `--full` also runs the real prefill, to check that estimate.
 
+`--engine llama` measures a GGUF file the same way under llama.cpp (llama-cpp-python): the cache before the last
+chunk is the first chunk's cells repeated to N - chunk (tools/llama_state), since llama.cpp's cost depends on how
+many cells are occupied, not on their values. `--kv-cache q8_0` quantises its cache (with flash attention, which
+llama.cpp needs for a quantised V; f16 keeps llama-cpp-python's default, flash attention off).
+
     python -m ernie_paddle.tools.context_bench --model ernie-21b-int4 --context 8192,32768 --json ctx.json
+    python -m ernie_paddle.tools.context_bench --engine llama --model ernie-21b-q4_0.gguf --kv-cache q8_0
 """
 
 from __future__ import annotations
@@ -67,6 +73,12 @@ def _chunk_times(model, ids, mask, context: int, chunk: int, decode: int, repeat
     return first, last, cache, out
 
 
+def _chunk_row(context: int, chunk: int, load_s: float, first: float, last: float) -> dict:
+    """The row's prefill figures, the same for every engine."""
+    return {"context": context, "chunk": chunk, "load_s": round(load_s, 2), "first_chunk_s": round(first, 3),
+            "last_chunk_s": round(last, 3), "ttft_estimate_s": round(ttft_estimate(context, chunk, first, last), 3)}
+
+
 def measure(folder: str, context: int, chunk: int, decode: int, threads: int | None, full: bool,
             repeats: int = 1) -> dict:
     """One context length, in this process (its peak RSS is the run's); each prefill timing is the fastest of
@@ -83,8 +95,8 @@ def measure(folder: str, context: int, chunk: int, decode: int, threads: int | N
     mask = np.ones((1, context + decode), np.int64)
     model(ids[:, :8])  # warm-up: the first run of a session pays one-time costs
     first, last, cache, out = _chunk_times(model, ids, mask, context, chunk, decode, repeats, rng)
-    row = {"context": context, "chunk": chunk, "load_s": round(load_s, 2), "first_chunk_s": round(first, 3),
-           "last_chunk_s": round(last, 3), "ttft_estimate_s": round(ttft_estimate(context, chunk, first, last), 3)}
+    row = {"engine": "ort", "kv_cache": np.dtype(model.kv_dtype).name,
+           **_chunk_row(context, chunk, load_s, first, last)}
     token = out.logits[:, -1].argmax(-1)[:, None]
     t = time.perf_counter()
     for i in range(decode):
@@ -103,24 +115,109 @@ def measure(folder: str, context: int, chunk: int, decode: int, threads: int | N
     return row
 
 
+LLAMA_KV_TYPES = {"f16": 1, "q8_0": 8}  # --kv-cache -> llama.cpp's type_k/type_v (GGML_TYPE_F16, GGML_TYPE_Q8_0)
+
+
+def _llama(path: str, n_ctx: int, chunk: int, threads: int | None, kv_cache: str):
+    """A llama.cpp context that decodes `chunk` tokens per call (n_batch = n_ubatch = chunk), logits of the last
+    position only, as tools/bench.py drives it; flash attention only where the cache needs it (a quantised V)."""
+    import llama_cpp
+
+    from ernie_paddle.errors import InputError
+
+    threads = threads or os.cpu_count()  # llama-cpp-python's own default is half the cores
+    try:
+        return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=chunk, n_ubatch=chunk, n_threads=threads,
+                               n_threads_batch=threads, logits_all=False, flash_attn=kv_cache != "f16",
+                               type_k=LLAMA_KV_TYPES[kv_cache], type_v=LLAMA_KV_TYPES[kv_cache], verbose=False)
+    except ValueError as e:  # llama-cpp-python's one message for every refusal; llama.cpp logs the reason
+        raise InputError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens with a {kv_cache} KV cache "
+                         f"({e}; a q8_0 cache needs a head_dim divisible by 32)") from None
+
+
+def measure_llama(path: str, context: int, chunk: int, decode: int, threads: int | None, full: bool,
+                  repeats: int = 1, kv_cache: str = "f16") -> dict:
+    """`measure` for a GGUF file under llama.cpp. The cache before the last chunk holds the first chunk's cells
+    repeated to context - chunk (llama_state.load): what a chunk or a step costs depends on how many cells are
+    occupied, not on their values."""
+    import llama_cpp
+
+    from ernie_paddle.sysinfo import peak_rss
+    from ernie_paddle.tools import llama_state
+
+    t0 = time.perf_counter()
+    llm = _llama(path, context + decode, chunk, threads, kv_cache)
+    load_s = time.perf_counter() - t0
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, llm.n_vocab(), context + decode)]
+    llm.eval(ids[:8])  # warm-up, as for ort
+
+    def run(start: int, tokens: list[int]) -> None:
+        llm.n_tokens = start  # eval drops the cells from here on, then decodes `tokens` at positions start...
+        llm.eval(tokens)
+
+    first, _ = _fastest(lambda: run(0, ids[:chunk]), repeats)
+    if context > chunk:
+        llama_state.load(llm.ctx, llama_state.read(llm.ctx), context - chunk)
+    last, _ = _fastest(lambda: run(context - chunk, ids[context - chunk:context]), repeats)
+    row = {"engine": "llama", "kv_cache": kv_cache, "flash_attn": kv_cache != "f16",
+           **_chunk_row(context, chunk, load_s, first, last)}
+
+    def greedy() -> int:
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+
+    token = greedy()
+    t = time.perf_counter()
+    for i in range(decode):
+        run(context + i, [token])
+        token = greedy()
+    row["decode_tok_s"] = round(decode / (time.perf_counter() - t), 3)
+    if full:
+        row["ttft_measured_s"] = round(_fastest(lambda: run(0, ids[:context]), repeats)[0], 3)
+    row["peak_rss_gib"] = round(peak_rss() / 2**30, 3)
+    return row
+
+
+def _gguf_context_length(p: argparse.ArgumentParser, path: str) -> int:
+    """The training context of a GGUF file (its `<arch>.context_length`), or a refusal naming --model."""
+    if not os.path.isfile(path):
+        p.error(f"argument --model: {path} is not a GGUF file (--engine llama)")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            p.error(f"argument --model: {path} is not a GGUF file (--engine llama)")
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    return int(fields[f"{fields['general.architecture'].contents()}.context_length"].contents())
+
+
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse contexts the folder's model cannot hold, before any model is loaded."""
+    """Refuse contexts the model cannot hold and options its engine does not take, before any model is loaded."""
     from ernie_paddle.config import ErnieConfig
     from ernie_paddle.errors import ErnieError
 
-    try:
-        cfg = ErnieConfig.from_file(args.model)
-    except ErnieError as e:
-        p.error(f"argument --model: {e}")
+    if args.engine == "ort" and args.kv_cache:
+        p.error("argument --kv-cache: only for --engine llama (an exported folder's cache is set at export)")
+    if args.engine == "llama":
+        max_positions = _gguf_context_length(p, args.model)
+    else:
+        try:
+            max_positions = ErnieConfig.from_file(args.model).max_position_embeddings
+        except ErnieError as e:
+            p.error(f"argument --model: {e}")
     for n in args.context:
-        if n + args.decode > cfg.max_position_embeddings:
-            p.error(f"--context {n} + --decode {args.decode} exceeds max_position_embeddings "
-                    f"{cfg.max_position_embeddings}")
+        if n + args.decode > max_positions:
+            p.error(f"--context {n} + --decode {args.decode} exceeds max_position_embeddings {max_positions}")
+        if n < args.chunk:
+            p.error(f"argument --context: {n} is shorter than --chunk {args.chunk}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="exported folder (ernie-paddle export)")
+    p.add_argument("--model", required=True, help="exported folder (ernie-paddle export), or a GGUF file for llama")
+    p.add_argument("--engine", choices=("ort", "llama"), default="ort",
+                   help="ort: ONNX Runtime on an exported folder; llama: llama.cpp (llama-cpp-python) on a GGUF file")
+    p.add_argument("--kv-cache", choices=tuple(LLAMA_KV_TYPES), default=None,
+                   help="llama.cpp's K/V cache type (default f16; q8_0 turns flash attention on)")
     p.add_argument("--context", default=[8192, 32768], type=positive_int_list,
                    help="comma-separated context lengths (default 8192,32768)")
     p.add_argument("--chunk", type=positive_int, default=512, help="prefill chunk (as --prefill-chunk)")
@@ -133,17 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _check(p, args)
     if args.one:
-        print(json.dumps(measure(args.model, args.context[0], args.chunk, args.decode, args.threads, args.full,
-                                 args.repeats)))
+        if args.engine == "llama":
+            row = measure_llama(args.model, args.context[0], args.chunk, args.decode, args.threads, args.full,
+                                args.repeats, args.kv_cache or "f16")
+        else:
+            row = measure(args.model, args.context[0], args.chunk, args.decode, args.threads, args.full, args.repeats)
+        print(json.dumps(row))
         return 0
     rows = []
     print("| context | load s | first chunk s | last chunk s | TTFT estimate s | TTFT measured s | decode tok/s | "
           "peak RSS GiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for n in args.context:
-        cmd = [sys.executable, "-m", "ernie_paddle.tools.context_bench", "--one", "--model", args.model,
-               "--context", str(n), "--chunk", str(args.chunk), "--decode", str(args.decode), "--repeats",
+        cmd = [sys.executable, "-m", "ernie_paddle.tools.context_bench", "--one", "--engine", args.engine, "--model",
+               args.model, "--context", str(n), "--chunk", str(args.chunk), "--decode", str(args.decode), "--repeats",
                str(args.repeats)]
         cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--full"] if args.full else [])
+        cmd += ["--kv-cache", args.kv_cache] if args.kv_cache else []
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             sys.stderr.write(r.stderr)
@@ -155,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from ernie_paddle.atomic import write_json
 
-        meta = {"model": os.path.abspath(args.model), "threads": args.threads, "cpus": os.cpu_count(),
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        meta = {"model": os.path.abspath(args.model), "engine": args.engine, "threads": args.threads,
+                "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(args.json, {"meta": meta, "results": rows})
     return 0
 
