@@ -232,6 +232,16 @@ def measure_decode(shape: Shape, contexts: list[int], threads: int | None, repea
     return rows
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS afresh (Linux: /proc/self/clear_refs), so a run's rise is its own and not hidden
+    under the peak of building its inputs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak stays the process's own since its start
+
+
 def measure_prefill(shape: Shape, chunk: int, context: int, threads: int | None, repeats: int,
                     layers: int = ERNIE_21B_LAYERS) -> dict:
     """The fused fp32 op on one chunk of `chunk` queries ending at slot `context` (this process's peak RSS is the
@@ -244,6 +254,7 @@ def measure_prefill(shape: Shape, chunk: int, context: int, threads: int | None,
         step = FusedStep(session(gqa_graph(shape, os.path.join(workdir, "gqa.onnx")), threads), keys, values, False)
         del keys, values
         q, k, v = step_inputs(shape, rng, chunk)
+        reset_peak_rss()
         before = peak_rss()
         s = fastest(lambda: step(q, k, v, context - chunk), repeats)
     probs = 4 * shape.heads * chunk * context  # the [B, heads, S, T] fp32 probabilities, were they materialised
