@@ -59,6 +59,7 @@ def test_context_bench_estimates_and_measures(ckpt_factory, tmp_path):
         assert [row["context"] for row in rows] == [2048, 4096]
         for row in rows:
             assert row["decode_tok_s"] > 0 and row["peak_rss_gib"] > 0 and row["first_chunk_s"] > 0
+            assert (row["engine"], row["kv_cache"]) == ("ort", "float32")  # an fp32 export's cache
             assert row["ttft_estimate_s"] == pytest.approx(  # up to the rounding of the printed chunk times
                 ttft_estimate(row["context"], 512, row["first_chunk_s"], row["last_chunk_s"]), abs=5e-3)
         ratios.append([row["ttft_estimate_s"] / row["ttft_measured_s"] for row in rows])
