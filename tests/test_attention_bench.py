@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from ernie_paddle.tools.attention_bench import (FORMS, ERNIE_21B, FusedStep, GroupedStep, Shape, gqa_graph,
-                                                grouped_graph, prompt_attention_s, random_cache, session, step_inputs)
+from ernie_paddle.tools.attention_bench import (ERNIE_21B, FORMS, PREFILL_FORMS, FusedStep, GroupedStep, Shape,
+                                                gqa_graph, grouped_graph, prompt_attention_s, random_cache, session,
+                                                step_inputs)
 
 # Both forms are fp32 with the same products summed in different orders (head_dim terms per score, T per softmax
 # sum and per output channel); the outputs are softmax-weighted means of values of at most ~4. Measured at 1-8192
@@ -75,12 +76,13 @@ def test_program_writes_table_and_json(tmp_path):
         bytes_per = 1 if row["form"] == "gqa-int8" else 4
         assert row["ms"] > 0 and row["gb_s"] == pytest.approx(2 * 2 * row["context"] * 16 * bytes_per /
                                                               (row["ms"] / 1e3) / 1e9, rel=0.05, abs=0.011)
-    assert [(row["chunk"], row["context"]) for row in data["prefill"]] == [(4, 16), (16, 16), (4, 64), (16, 64)]
+    assert [(row["form"], row["chunk"], row["context"]) for row in data["prefill"]] == [
+        (f, c, n) for f in PREFILL_FORMS for n in (16, 64) for c in (4, 16)]
     for row in data["prefill"]:
         assert row["ms"] > 0 and row["peak_rss_gib"] > 0
         assert row["probs_matrix_gib"] == round(4 * 4 * row["chunk"] * row["context"] / 2**30, 3)
-        n_chunks = -(-row["context"] // row["chunk"])  # 3 layers, each chunk half the last one's time on average
-        assert row["prompt_attention_s"] == pytest.approx(3 * n_chunks * row["ms"] / 2e3, abs=0.051)
+        n = -(-row["context"] // row["chunk"])  # 3 layers; n chunks cost n^2/2 chunk-halves, the last n - 1/2
+        assert row["prompt_attention_s"] == pytest.approx(3 * row["ms"] / 1e3 * n * n / (2 * n - 1), abs=0.051)
     lines = r.stdout.splitlines()
     assert lines[0].startswith("| context | gqa-fp32 ms | gqa-fp32 GB/s | gqa-int8 ms")
     assert [line.split(" | ")[0] for line in lines[2:4]] == ["| 8", "| 64"]
@@ -94,6 +96,8 @@ def test_bad_head_counts_are_refused():
 
 
 def test_prompt_attention_estimate():
-    """A 32K prompt in 512-token chunks: 64 chunks whose attention averages half the last one's, over 28 layers."""
-    assert prompt_attention_s(512, 32768, 2.0, 28) == 28 * 64 * 1.0
-    assert prompt_attention_s(512, 1000, 2.0, 1) == 2 * 1.0  # a partial last chunk is still a chunk
+    """Chunk i's queries read (i + 1/2) chunks of slots on average: 64 chunks cost 64^2/2 = 2048 such units, the
+    last one 63.5 of them; one chunk is the whole prompt; two cost 2 / 1.5 of the last one."""
+    assert prompt_attention_s(512, 32768, 63.5, 28) == pytest.approx(28 * 2048)
+    assert prompt_attention_s(512, 512, 2.0, 1) == 2.0
+    assert prompt_attention_s(512, 1000, 1.5, 1) == pytest.approx(2.0)  # a partial last chunk is still a chunk

@@ -1,6 +1,6 @@
 """One layer's attention under ONNX Runtime at ERNIE-4.5-21B-A3B's shape (20 query heads, 4 KV heads, head_dim 128):
 decode with the fused GroupQueryAttention op (fp32 cache, int8 cache) against the same attention in standard ops
-that reads each KV head once per group, and the fused op's prefill chunks (time, peak memory).
+that reads each KV head once per group, and the fused op's prefill chunks on either cache (time, peak memory).
 
 The grouped form stacks a group's 5 query heads as rows of one FusedMatMul against the group's keys. Its cache is
 token-major, [max_len, kv_heads, head_dim], so the first P slots are one contiguous block that IOBinding binds by
@@ -28,6 +28,7 @@ from ernie_paddle.cli_args import positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
 
 FORMS = ("gqa-fp32", "gqa-int8", "grouped-fp32")
+PREFILL_FORMS = ("gqa-fp32", "gqa-int8")  # the fused op on each cache the export offers
 BYTES = {"gqa-fp32": 4, "gqa-int8": 1, "grouped-fp32": 4}  # bytes of one cached K or V element
 INT8_SCALE = 0.04  # per-channel scale of the int8 cache: codes up to +-5, beyond the random values drawn
 
@@ -52,9 +53,10 @@ ERNIE_21B_LAYERS = 28
 
 def prompt_attention_s(chunk: int, context: int, last_chunk_s: float, layers: int) -> float:
     """Attention's share of a `context`-token prompt's prefill in `chunk`-token chunks, from the last chunk's time: a
-    chunk's attention grows linearly with the slots it reads (about 0 for the first), so the chunks average half
-    the last one's time."""
-    return layers * -(-context // chunk) * last_chunk_s / 2
+    chunk's attention grows linearly with the slots its queries read, on average (i + 1/2) chunks for chunk i, so n
+    chunks cost sum(i + 1/2) = n^2 / 2 times a chunk, and the last one (n - 1/2) of them."""
+    n = -(-context // chunk)
+    return layers * last_chunk_s * n * n / (2 * n - 1)
 
 
 # ---- graphs ----------------------------------------------------------------------------------------------------------
@@ -242,37 +244,41 @@ def reset_peak_rss() -> None:
         pass  # elsewhere the peak stays the process's own since its start
 
 
-def measure_prefill(shape: Shape, chunk: int, context: int, threads: int | None, repeats: int,
+def measure_prefill(shape: Shape, form: str, chunk: int, context: int, threads: int | None, repeats: int,
                     layers: int = ERNIE_21B_LAYERS) -> dict:
-    """The fused fp32 op on one chunk of `chunk` queries ending at slot `context` (this process's peak RSS is the
-    run's: call it in a fresh process)."""
+    """The fused op (`form`: gqa-fp32 or gqa-int8) on one chunk of `chunk` queries ending at slot `context` (this
+    process's peak RSS is the run's: call it in a fresh process)."""
+    int8 = form == "gqa-int8"
     from ernie_paddle.sysinfo import peak_rss
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as workdir:
         keys, values = random_cache(shape, context, rng)
-        step = FusedStep(session(gqa_graph(shape, os.path.join(workdir, "gqa.onnx")), threads), keys, values, False)
+        graph = gqa_graph(shape, os.path.join(workdir, "gqa.onnx"), int8=int8)
+        step = FusedStep(session(graph, threads), keys, values, int8)
         del keys, values
         q, k, v = step_inputs(shape, rng, chunk)
         reset_peak_rss()
         before = peak_rss()
         s = fastest(lambda: step(q, k, v, context - chunk), repeats)
     probs = 4 * shape.heads * chunk * context  # the [B, heads, S, T] fp32 probabilities, were they materialised
-    return {"chunk": chunk, "context": context, "ms": round(s * 1e3, 2),
+    return {"form": form, "chunk": chunk, "context": context, "ms": round(s * 1e3, 2),
             "ms_per_token": round(s * 1e3 / chunk, 3),
             "prompt_attention_s": round(prompt_attention_s(chunk, context, s, layers), 1),
             "peak_rss_gib": round(peak_rss() / 2**30, 3),
             "peak_rise_gib": round((peak_rss() - before) / 2**30, 3), "probs_matrix_gib": round(probs / 2**30, 3)}
 
 
-def prefill_in_child(shape: Shape, chunk: int, context: int, threads: int | None, repeats: int, layers: int) -> dict:
+def prefill_in_child(shape: Shape, form: str, chunk: int, context: int, threads: int | None, repeats: int,
+                     layers: int) -> dict:
     """measure_prefill in a fresh process, so each row's peak RSS is its own."""
     cmd = [sys.executable, "-m", "ernie_paddle.tools.attention_bench", "--one-prefill", f"{chunk},{context}",
+           "--prefill-form", form,
            "--heads", str(shape.heads), "--kv-heads", str(shape.kv_heads), "--head-dim", str(shape.head_dim),
            "--repeats", str(repeats), "--layers", str(layers)] + (["--threads", str(threads)] if threads else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
-        raise RuntimeError(f"prefill chunk {chunk} at context {context} failed: {r.stderr.strip()}")
+        raise RuntimeError(f"{form} prefill chunk {chunk} at context {context} failed: {r.stderr.strip()}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -286,12 +292,12 @@ def _print_decode(rows: list[dict], contexts: list[int]) -> None:
 
 
 def _print_prefill(rows: list[dict]) -> None:
-    print("\n| chunk | context | ms | ms/token | whole-prompt attention s | peak RSS GiB | peak rise GiB | "
+    print("\n| form | chunk | context | ms | ms/token | whole-prompt attention s | peak RSS GiB | peak rise GiB | "
           "probs matrix GiB (if materialised) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['chunk']} | {r['context']} | {r['ms']} | {r['ms_per_token']} | {r['prompt_attention_s']} | "
-              f"{r['peak_rss_gib']} | {r['peak_rise_gib']} | {r['probs_matrix_gib']} |", flush=True)
+        print(f"| {r['form']} | {r['chunk']} | {r['context']} | {r['ms']} | {r['ms_per_token']} | "
+              f"{r['prompt_attention_s']} | {r['peak_rss_gib']} | {r['peak_rise_gib']} | {r['probs_matrix_gib']} |", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -312,6 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=5, help="keep the fastest of this many runs")
     p.add_argument("--json", default=None, help="write the rows as JSON")
     p.add_argument("--one-prefill", default=None, type=positive_int_list, help=argparse.SUPPRESS)  # child: chunk,ctx
+    p.add_argument("--prefill-form", default=PREFILL_FORMS[0], choices=PREFILL_FORMS, help=argparse.SUPPRESS)
     return p
 
 
@@ -324,15 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     if shape.head_dim % 16:
         p.error(f"argument --head-dim: GroupQueryAttention needs a multiple of 16, got {shape.head_dim}")
     if args.one_prefill:
-        print(json.dumps(measure_prefill(shape, *args.one_prefill, args.threads, args.repeats, args.layers)))
+        print(json.dumps(measure_prefill(shape, args.prefill_form, *args.one_prefill, args.threads, args.repeats,
+                                         args.layers)))
         return 0
     bad = [(c, n) for c in args.prefill_chunks for n in args.prefill_context if c > n]
     if bad and not args.no_prefill:
         p.error(f"argument --prefill-chunks: chunk {bad[0][0]} exceeds --prefill-context {bad[0][1]}")
     decode = measure_decode(shape, args.context, args.threads, args.repeats)
     _print_decode(decode, args.context)
-    prefill = [] if args.no_prefill else [prefill_in_child(shape, c, n, args.threads, args.repeats, args.layers)
-                                          for n in args.prefill_context for c in args.prefill_chunks]
+    prefill = [] if args.no_prefill else [prefill_in_child(shape, f, c, n, args.threads, args.repeats, args.layers)
+                                          for f in PREFILL_FORMS for n in args.prefill_context
+                                          for c in args.prefill_chunks]
     if prefill:
         _print_prefill(prefill)
     if args.json:
