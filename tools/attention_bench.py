@@ -297,7 +297,8 @@ def _print_prefill(rows: list[dict]) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['form']} | {r['chunk']} | {r['context']} | {r['ms']} | {r['ms_per_token']} | "
-              f"{r['prompt_attention_s']} | {r['peak_rss_gib']} | {r['peak_rise_gib']} | {r['probs_matrix_gib']} |", flush=True)
+              f"{r['prompt_attention_s']} | {r['peak_rss_gib']} | {r['peak_rise_gib']} | {r['probs_matrix_gib']} |",
+              flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
