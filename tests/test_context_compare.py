@@ -10,8 +10,8 @@ import pytest
 
 from ernie_paddle.tools.context_compare import Run, main, tables
 
-OURS = Run("ort int4 b64, int8 cache", [], False)
-THEIRS = Run("llama.cpp Q4_0, f16 cache", [], True)
+OURS = Run("ort int4 b64, int8 cache", "ort", "e21b-int4-b64-kvint8")
+THEIRS = Run("llama.cpp Q4_0, f16 cache", "llama", "e21b-q4_0.gguf", "f16")
 
 
 def _row(engine: str, context: int, decode: float, ttft: float, rss: float) -> dict:

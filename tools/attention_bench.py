@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from onnx import TensorProto
 
 from ernie_paddle.cli_args import positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
+from ernie_paddle.sysinfo import ChildFailed, json_from_child, peak_rss
+from ernie_paddle.tools.context_bench import fastest
 
 FORMS = ("gqa-fp32", "gqa-int8", "grouped-fp32")
 PREFILL_FORMS = ("gqa-fp32", "gqa-int8")  # the fused op on each cache the export offers
@@ -208,16 +209,6 @@ def step_inputs(shape: Shape, rng, tokens: int = 1) -> tuple[np.ndarray, np.ndar
 
 
 # ---- measurements ------------------------------------------------------------------------------------------------
-def fastest(run: Callable[[], object], repeats: int) -> float:
-    """The least wall time of `repeats` calls (the least disturbed by other work on a shared machine)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def measure_decode(shape: Shape, contexts: list[int], threads: int | None, repeats: int) -> list[dict]:
     """Per context and form: ms per layer-step and the KV bytes (read once) per second."""
     rng = np.random.default_rng(0)
@@ -228,7 +219,7 @@ def measure_decode(shape: Shape, contexts: list[int], threads: int | None, repea
             q, k, v = step_inputs(shape, rng)
             for form, step in steps.items():
                 step(q, k, v, context - 1)  # warm-up: the first run of a session pays one-time costs
-                s = fastest(lambda: step(q, k, v, context - 1), repeats)
+                s = fastest(lambda: step(q, k, v, context - 1), repeats)[0]
                 rows.append({"context": context, "form": form, "ms": round(s * 1e3, 3),
                              "gb_s": round(shape.kv_bytes(context, form) / s / 1e9, 2)})
     return rows
@@ -249,8 +240,6 @@ def measure_prefill(shape: Shape, form: str, chunk: int, context: int, threads: 
     """The fused op (`form`: gqa-fp32 or gqa-int8) on one chunk of `chunk` queries ending at slot `context` (this
     process's peak RSS is the run's: call it in a fresh process)."""
     int8 = form == "gqa-int8"
-    from ernie_paddle.sysinfo import peak_rss
-
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as workdir:
         keys, values = random_cache(shape, context, rng)
@@ -260,7 +249,7 @@ def measure_prefill(shape: Shape, form: str, chunk: int, context: int, threads: 
         q, k, v = step_inputs(shape, rng, chunk)
         reset_peak_rss()
         before = peak_rss()
-        s = fastest(lambda: step(q, k, v, context - chunk), repeats)
+        s = fastest(lambda: step(q, k, v, context - chunk), repeats)[0]
     probs = 4 * shape.heads * chunk * context  # the [B, heads, S, T] fp32 probabilities, were they materialised
     return {"form": form, "chunk": chunk, "context": context, "ms": round(s * 1e3, 2),
             "ms_per_token": round(s * 1e3 / chunk, 3),
@@ -272,14 +261,13 @@ def measure_prefill(shape: Shape, form: str, chunk: int, context: int, threads: 
 def prefill_in_child(shape: Shape, form: str, chunk: int, context: int, threads: int | None, repeats: int,
                      layers: int) -> dict:
     """measure_prefill in a fresh process, so each row's peak RSS is its own."""
-    cmd = [sys.executable, "-m", "ernie_paddle.tools.attention_bench", "--one-prefill", f"{chunk},{context}",
-           "--prefill-form", form,
-           "--heads", str(shape.heads), "--kv-heads", str(shape.kv_heads), "--head-dim", str(shape.head_dim),
-           "--repeats", str(repeats), "--layers", str(layers)] + (["--threads", str(threads)] if threads else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"{form} prefill chunk {chunk} at context {context} failed: {r.stderr.strip()}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    args = ["--one-prefill", f"{chunk},{context}", "--prefill-form", form, "--heads", str(shape.heads), "--kv-heads",
+            str(shape.kv_heads), "--head-dim", str(shape.head_dim), "--repeats", str(repeats), "--layers",
+            str(layers)] + (["--threads", str(threads)] if threads else [])
+    try:
+        return json_from_child("ernie_paddle.tools.attention_bench", args)
+    except ChildFailed as e:
+        raise RuntimeError(f"{form} prefill chunk {chunk} at context {context} failed: {e.stderr.strip()}") from None
 
 
 # ---- command line --------------------------------------------------------------------------------------------------

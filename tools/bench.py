@@ -17,15 +17,16 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from typing import NamedTuple
 
 from ernie_paddle.atomic import write_json, write_png
+from ernie_paddle.charts import subplots
 from ernie_paddle.cli_args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.generation import logits_numpy
 from ernie_paddle.interrupts import run_command
+from ernie_paddle.sysinfo import ChildFailed, json_from_child, peak_rss
 from ernie_paddle.precisions import BITS
 
 ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "genai-int4", "hf", "llama-f16",
@@ -244,6 +245,15 @@ class _Ours:
         return logits_numpy(self.model(np.asarray(tokens)[:, None], cache=cache, last_only=True))[:, -1], cache
 
 
+def llama_logits(llm):
+    """The last decoded position's logits, read in place from a llama-cpp-python `Llama`'s context (valid until its
+    next decode)."""
+    import llama_cpp
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
 class _Llama:
     """llama.cpp through llama-cpp-python, one sequence. Logits of the last token only (computing every position's,
     `logits_all`, would slow prefill); read from the context, since `Llama.scores` holds them only with
@@ -252,15 +262,11 @@ class _Llama:
     def __init__(self, path: str, threads: int, n_ctx: int):
         import llama_cpp
 
-        self.lib = llama_cpp
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, logits_all=False, verbose=False)
 
     def _last_logits(self):
-        import numpy as np
-
-        row = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy()[None]
+        return llama_logits(self.llm).copy()[None]
 
     def prefill(self, ids):
         if len(ids) != 1:
@@ -344,8 +350,6 @@ def measure(engine: str, path: str, prompt_lengths: list[int], batches: list[int
     tokens/s per batch size and peak RSS of one engine, in this process."""
     import numpy as np
 
-    from ernie_paddle.sysinfo import peak_rss
-
     t0 = time.perf_counter()
     runner = _runner(engine, path, threads, max(prompt_lengths) + decode_tokens + 8)
     result = {"engine": engine, "load_s": round(time.perf_counter() - t0, 2), "prefill_tok_s": {}, "decode_tok_s": {}}
@@ -395,16 +399,11 @@ def _table(rows: list[dict], prompt_lengths: list[int], batches: list[int]) -> s
 
 
 def _plot(rows: list[dict], batches: list[int], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("bench: matplotlib is not installed; no chart written (pip install matplotlib)")
+    made = subplots("bench", figsize=(9, 4))
+    if made is None:
         return False
+    fig, ax = made
     ok = [r for r in rows if "error" not in r]
-    fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(batches)
     for i, b in enumerate(batches):
         vals = [r["decode_tok_s"].get(str(b)) or 0 for r in ok]
@@ -452,14 +451,13 @@ def measure_in_child(engine: str, path: str, *, prompt_lengths: list[int], batch
                      threads: int, seed: int, vocab: int) -> dict:
     """`measure` in a fresh process, so that the peak RSS is this engine's alone; a failure becomes an error row."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "ernie_paddle.tools.bench", "--run-engine", engine, "--path", path,
-           "--prompt-lengths", ",".join(map(str, prompt_lengths)), "--batches", ",".join(map(str, batches)),
-           "--decode-tokens", str(decode_tokens), "--threads", str(threads), "--seed", str(seed),
-           "--vocab", str(vocab)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        return {"engine": engine, "error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    args = ["--run-engine", engine, "--path", path, "--prompt-lengths", ",".join(map(str, prompt_lengths)),
+            "--batches", ",".join(map(str, batches)), "--decode-tokens", str(decode_tokens), "--threads",
+            str(threads), "--seed", str(seed), "--vocab", str(vocab)]
+    try:
+        return json_from_child("ernie_paddle.tools.bench", args, env)
+    except ChildFailed as e:
+        return {"engine": engine, "error": (e.stderr.strip().splitlines() or ["failed"])[-1][:200]}
 
 
 def _meta(args: argparse.Namespace, cfg) -> dict:

@@ -20,14 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
 from ernie_paddle.cli_args import positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
+from ernie_paddle.sysinfo import ChildFailed, json_from_child, peak_rss
+from ernie_paddle.tools import llama_state
 
 
 def ttft_estimate(context: int, chunk: int, first_s: float, last_s: float) -> float:
@@ -37,7 +39,7 @@ def ttft_estimate(context: int, chunk: int, first_s: float, last_s: float) -> fl
     return n_chunks * (first_s + last_s) / 2
 
 
-def _fastest(run, repeats: int) -> tuple[float, object]:
+def fastest(run: Callable[[], object], repeats: int) -> tuple[float, object]:
     """The least wall time of `repeats` calls of `run()` (the least disturbed by other work), and the last result."""
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -57,7 +59,7 @@ def _chunk_times(model, ids, mask, context: int, chunk: int, decode: int, repeat
         cache.length = 0
         return model(ids[:, :chunk], attention_mask=mask[:, :chunk], cache=cache, last_only=True)
 
-    first, _ = _fastest(first_chunk, repeats)
+    first, _ = fastest(first_chunk, repeats)
     # the cache as a long prompt leaves it: random keys/values in every slot before the last chunk
     shape = (1, cfg.num_key_value_heads, context + decode, cfg.head_dim)
     for k, v in cache.layers:
@@ -69,7 +71,7 @@ def _chunk_times(model, ids, mask, context: int, chunk: int, decode: int, repeat
         cache.length = context - chunk
         return model(ids[:, context - chunk:context], attention_mask=mask[:, :context], cache=cache, last_only=True)
 
-    last, out = _fastest(last_chunk, repeats)
+    last, out = fastest(last_chunk, repeats)
     return first, last, cache, out
 
 
@@ -85,8 +87,6 @@ def measure(folder: str, context: int, chunk: int, decode: int, threads: int | N
     `repeats`."""
     from ernie_paddle.generation import prefill
     from ernie_paddle.onnx_runtime import OnnxCausalLM
-    from ernie_paddle.sysinfo import peak_rss
-
     t0 = time.perf_counter()
     model = OnnxCausalLM(folder, threads=threads)
     load_s = time.perf_counter() - t0
@@ -110,12 +110,17 @@ def measure(folder: str, context: int, chunk: int, decode: int, threads: int | N
             cache.length = 0
             return prefill(model, ids[:, :context], mask[:, :context], np.arange(context)[None], cache, chunk)
 
-        row["ttft_measured_s"] = round(_fastest(whole_prefill, repeats)[0], 3)
+        row["ttft_measured_s"] = round(fastest(whole_prefill, repeats)[0], 3)
     row["peak_rss_gib"] = round(peak_rss() / 2**30, 3)
     return row
 
 
-LLAMA_KV_TYPES = {"f16": 1, "q8_0": 8}  # --kv-cache -> llama.cpp's type_k/type_v (GGML_TYPE_F16, GGML_TYPE_Q8_0)
+LLAMA_KV_CACHES = ("f16", "q8_0")  # --kv-cache: llama.cpp's cache types (ids in llama_state.TYPE_IDS); f16 its default
+
+
+def llama_flash_attn(kv_cache: str) -> bool:
+    """Flash attention only where llama.cpp needs it: a quantised V cache."""
+    return kv_cache != "f16"
 
 
 def _llama(path: str, n_ctx: int, chunk: int, threads: int | None, kv_cache: str):
@@ -128,8 +133,9 @@ def _llama(path: str, n_ctx: int, chunk: int, threads: int | None, kv_cache: str
     threads = threads or os.cpu_count()  # llama-cpp-python's own default is half the cores
     try:
         return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=chunk, n_ubatch=chunk, n_threads=threads,
-                               n_threads_batch=threads, logits_all=False, flash_attn=kv_cache != "f16",
-                               type_k=LLAMA_KV_TYPES[kv_cache], type_v=LLAMA_KV_TYPES[kv_cache], verbose=False)
+                               n_threads_batch=threads, logits_all=False, flash_attn=llama_flash_attn(kv_cache),
+                               type_k=llama_state.TYPE_IDS[kv_cache], type_v=llama_state.TYPE_IDS[kv_cache],
+                               verbose=False)
     except ValueError as e:  # llama-cpp-python's one message for every refusal; llama.cpp logs the reason
         raise InputError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens with a {kv_cache} KV cache "
                          f"({e}; a q8_0 cache needs a head_dim divisible by 32)") from None
@@ -140,10 +146,8 @@ def measure_llama(path: str, context: int, chunk: int, decode: int, threads: int
     """`measure` for a GGUF file under llama.cpp. The cache before the last chunk holds the first chunk's cells
     repeated to context - chunk (llama_state.load): what a chunk or a step costs depends on how many cells are
     occupied, not on their values."""
-    import llama_cpp
+    from ernie_paddle.tools.bench import llama_logits
 
-    from ernie_paddle.sysinfo import peak_rss
-    from ernie_paddle.tools import llama_state
 
     t0 = time.perf_counter()
     llm = _llama(path, context + decode, chunk, threads, kv_cache)
@@ -155,15 +159,15 @@ def measure_llama(path: str, context: int, chunk: int, decode: int, threads: int
         llm.n_tokens = start  # eval drops the cells from here on, then decodes `tokens` at positions start...
         llm.eval(tokens)
 
-    first, _ = _fastest(lambda: run(0, ids[:chunk]), repeats)
+    first, _ = fastest(lambda: run(0, ids[:chunk]), repeats)
     if context > chunk:
         llama_state.load(llm.ctx, llama_state.read(llm.ctx), context - chunk)
-    last, _ = _fastest(lambda: run(context - chunk, ids[context - chunk:context]), repeats)
-    row = {"engine": "llama", "kv_cache": kv_cache, "flash_attn": kv_cache != "f16",
+    last, _ = fastest(lambda: run(context - chunk, ids[context - chunk:context]), repeats)
+    row = {"engine": "llama", "kv_cache": kv_cache, "flash_attn": llama_flash_attn(kv_cache),
            **_chunk_row(context, chunk, load_s, first, last)}
 
     def greedy() -> int:
-        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+        return int(llama_logits(llm).argmax())
 
     token = greedy()
     t = time.perf_counter()
@@ -172,9 +176,20 @@ def measure_llama(path: str, context: int, chunk: int, decode: int, threads: int
         token = greedy()
     row["decode_tok_s"] = round(decode / (time.perf_counter() - t), 3)
     if full:
-        row["ttft_measured_s"] = round(_fastest(lambda: run(0, ids[:context]), repeats)[0], 3)
+        row["ttft_measured_s"] = round(fastest(lambda: run(0, ids[:context]), repeats)[0], 3)
     row["peak_rss_gib"] = round(peak_rss() / 2**30, 3)
     return row
+
+
+def row_in_child(engine: str, model: str, context: int, *, chunk: int, decode: int, threads: int | None = None,
+                 full: bool = False, repeats: int = 1, kv_cache: str | None = None) -> dict:
+    """One context's row (`measure` or `measure_llama`) in a fresh process, so that its peak RSS is its own; a child
+    that fails raises sysinfo.ChildFailed."""
+    args = ["--one", "--engine", engine, "--model", model, "--context", str(context), "--chunk", str(chunk),
+            "--decode", str(decode), "--repeats", str(repeats)]
+    args += (["--threads", str(threads)] if threads else []) + (["--full"] if full else [])
+    args += ["--kv-cache", kv_cache] if kv_cache else []
+    return json_from_child("ernie_paddle.tools.context_bench", args)
 
 
 def _gguf_context_length(p: argparse.ArgumentParser, path: str) -> int:
@@ -216,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="exported folder (ernie-paddle export), or a GGUF file for llama")
     p.add_argument("--engine", choices=("ort", "llama"), default="ort",
                    help="ort: ONNX Runtime on an exported folder; llama: llama.cpp (llama-cpp-python) on a GGUF file")
-    p.add_argument("--kv-cache", choices=tuple(LLAMA_KV_TYPES), default=None,
+    p.add_argument("--kv-cache", choices=LLAMA_KV_CACHES, default=None,
                    help="llama.cpp's K/V cache type (default f16; q8_0 turns flash attention on)")
     p.add_argument("--context", default=[8192, 32768], type=positive_int_list,
                    help="comma-separated context lengths (default 8192,32768)")
@@ -241,16 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     print("| context | load s | first chunk s | last chunk s | TTFT estimate s | TTFT measured s | decode tok/s | "
           "peak RSS GiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for n in args.context:
-        cmd = [sys.executable, "-m", "ernie_paddle.tools.context_bench", "--one", "--engine", args.engine, "--model",
-               args.model, "--context", str(n), "--chunk", str(args.chunk), "--decode", str(args.decode), "--repeats",
-               str(args.repeats)]
-        cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--full"] if args.full else [])
-        cmd += ["--kv-cache", args.kv_cache] if args.kv_cache else []
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            sys.stderr.write(r.stderr)
-            return r.returncode
-        row = json.loads(r.stdout.strip().splitlines()[-1])
+        try:
+            row = row_in_child(args.engine, args.model, n, chunk=args.chunk, decode=args.decode, threads=args.threads,
+                               full=args.full, repeats=args.repeats, kv_cache=args.kv_cache)
+        except ChildFailed as e:
+            sys.stderr.write(e.stderr)
+            return e.returncode
         rows.append(row)
         print(f"| {n} | {row['load_s']} | {row['first_chunk_s']} | {row['last_chunk_s']} | {row['ttft_estimate_s']} | "
               f"{row.get('ttft_measured_s', '—')} | {row['decode_tok_s']} | {row['peak_rss_gib']} |", flush=True)

@@ -11,58 +11,54 @@ machine touches every engine alike:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from typing import NamedTuple
 
 from ernie_paddle.atomic import write_json, write_png
+from ernie_paddle.charts import subplots
 from ernie_paddle.cli_args import positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
-
-LLAMA_KV_CACHES = ("f16", "q8_0")
+from ernie_paddle.sysinfo import ChildFailed
+from ernie_paddle.tools.context_bench import LLAMA_KV_CACHES, row_in_child
 
 
 class Run(NamedTuple):
-    """One engine configuration: its label, the `context_bench` arguments that select it, and its family."""
+    """One engine configuration: its label, and what selects it in `context_bench` (engine, model, llama.cpp's
+    cache type)."""
 
     label: str
-    args: list[str]
-    llama: bool
+    engine: str  # ort or llama
+    model: str
+    kv_cache: str | None = None
+
+    @property
+    def llama(self) -> bool:
+        return self.engine == "llama"
 
 
 def ort_run(folder: str) -> Run:
     """An exported folder, labelled by its manifest (precision, block, KV cache)."""
-    from ernie_paddle.files import MANIFEST
+    from ernie_paddle.onnx_runtime import load_manifest
 
-    with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
-        m = json.load(f)
+    m = load_manifest(folder)
     block = f" b{m['block_size']}" if m.get("block_size") else ""
-    return Run(f"ort {m['precision']}{block}, {m.get('kv_cache') or 'fp32'} cache",
-               ["--engine", "ort", "--model", folder], False)
+    return Run(f"ort {m['precision']}{block}, {m.get('kv_cache') or 'fp32'} cache", "ort", folder)
 
 
 def llama_run(gguf: str, kv_cache: str) -> Run:
     quant = os.path.basename(gguf).rsplit(".", 1)[0].rsplit("-", 1)[-1].upper()
-    return Run(f"llama.cpp {quant}, {kv_cache} cache", ["--engine", "llama", "--model", gguf, "--kv-cache", kv_cache],
-               True)
+    return Run(f"llama.cpp {quant}, {kv_cache} cache", "llama", gguf, kv_cache)
 
 
 def measure(run: Run, context: int, chunk: int, decode: int, threads: int | None) -> dict:
-    """One `context_bench` row for `run` at `context`, measured in its own processes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "row.json")
-        cmd = [sys.executable, "-m", "ernie_paddle.tools.context_bench", *run.args, "--context", str(context),
-               "--chunk", str(chunk), "--decode", str(decode), "--json", out]
-        cmd += ["--threads", str(threads)] if threads else []
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            return {"label": run.label, "context": context, "error": (r.stderr.strip() or "failed")[-300:]}
-        with open(out, encoding="utf-8") as f:
-            row = json.load(f)["results"][0]
+    """One `context_bench` row for `run` at `context`, measured in its own process; a failure becomes an error row."""
+    try:
+        row = row_in_child(run.engine, run.model, context, chunk=chunk, decode=decode, threads=threads,
+                           kv_cache=run.kv_cache)
+    except ChildFailed as e:
+        return {"label": run.label, "context": context, "error": (e.stderr.strip() or "failed")[-300:]}
     return {"label": run.label, **row}  # row["engine"]: ort or llama
 
 
@@ -93,15 +89,10 @@ def tables(rows: list[dict], runs: list[Run], contexts: list[int]) -> str:
 
 def plot(rows: list[dict], runs: list[Run], path: str) -> bool:
     """Decode tok/s and time to first token against context, one line per engine (log-scale context)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("context_compare: matplotlib is not installed; no chart written", file=sys.stderr)
+    made = subplots("context_compare", 1, 2, figsize=(11, 4))
+    if made is None:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = made
     for run in runs:
         mine = sorted((r for r in rows if r["label"] == run.label and "error" not in r), key=lambda r: r["context"])
         style = "--" if run.llama else "-"

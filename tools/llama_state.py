@@ -34,6 +34,7 @@ IO_MAGIC = 0xAF143CD8
 FILE_MAGIC = 0x67677371  # 'ggsq', LLAMA_STATE_SEQ_MAGIC
 FILE_VERSION = 3  # LLAMA_STATE_SEQ_VERSION
 TYPES = {0: "f32", 1: "f16", 8: "q8_0"}  # the ggml cache types this module knows (ids from ggml.h)
+TYPE_IDS = {name: i for i, name in TYPES.items()}  # llama.cpp's type_k / type_v by name
 
 
 class StateFormatError(ValueError):

@@ -26,6 +26,7 @@ import sys
 import time
 
 from ernie_paddle.atomic import write_json, write_png
+from ernie_paddle.charts import subplots
 from ernie_paddle.cli_args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
 
@@ -268,15 +269,10 @@ def _table(rows: list[dict], static: dict) -> str:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("serve_bench: matplotlib is not installed; no chart written")
+    made = subplots("serve_bench", 1, 2, figsize=(10, 4))
+    if made is None:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = made
     for server in sorted({r["server"] for r in rows}):
         mine = [r for r in rows if r["server"] == server]
         a.plot([r["concurrency"] for r in mine], [r["tok_s"] for r in mine], marker="o", label=server)
