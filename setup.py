@@ -18,12 +18,14 @@ ORT = ["onnxruntime-gpu>=1.22"] if GPU else ["onnxruntime>=1.22"]
 
 setup(
     name="ernie-paddle",
-    version="0.1.0",
+    version="0.2.0",
     description="ERNIE-4.5 MoE (21B-A3B) in PaddlePaddle, with ONNX export and an ONNX Runtime runtime",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["ernie_paddle", "ernie_paddle.serving", "ernie_paddle.export", "ernie_paddle.tools"],
+    packages=["ernie_paddle", "ernie_paddle.benchmarking", "ernie_paddle.checkpoint", "ernie_paddle.cli",
+              "ernie_paddle.ort", "ernie_paddle.paddle", "ernie_paddle.parity", "ernie_paddle.serving",
+              "ernie_paddle.text", "ernie_paddle.export", "ernie_paddle.tools"],
     package_dir={"ernie_paddle": "ernie_paddle", "ernie_paddle.export": "export", "ernie_paddle.tools": "tools"},
     # the shipped trained model (the default --model) and its corpus: a few MB, installed with the package
     package_data={"ernie_paddle": ["models/ernie-4.5-shakespeare/*", "data/*"]},
@@ -45,5 +47,6 @@ setup(
         # benchmarks: charts, GGUF files; llama-cpp-python builds llama.cpp from source (see README)
         "bench": ["matplotlib", "gguf>=0.17", "llama-cpp-python>=0.3.16"],
     },
-    entry_points={"console_scripts": ["ernie-paddle=ernie_paddle.cli:main", "ernie-onnx=ernie_paddle.onnx_cli:main"]},
+    entry_points={"console_scripts": ["ernie-paddle=ernie_paddle.cli.paddle_cli:main",
+                                    "ernie-onnx=ernie_paddle.cli.onnx_cli:main"]},
 )

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from typing import Iterator
 
-from .errors import ErnieError
+from ernie_paddle.errors import ErnieError
 
 
 def _umask() -> int:

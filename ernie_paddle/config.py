@@ -13,9 +13,9 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from . import files
-from .errors import ConfigDefaultWarning, ConfigError
-from .textfile import read_json_object
+from ernie_paddle import files
+from ernie_paddle.errors import ConfigDefaultWarning, ConfigError
+from ernie_paddle.textfile import read_json_object
 
 MOE_TYPE = "ernie4_5_moe"
 DENSE_TYPE = "ernie4_5"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .textfile import read_text
+from ernie_paddle.textfile import read_text
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tinyshakespeare.txt")
 HELD_OUT_SHARE = 0.1  # the last 10% by bytes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 # ---- a checkpoint folder (Hugging Face / PaddleNLP conventions) ----------------------------------------------------
 CONFIG = "config.json"
 SPM_MODEL = "tokenizer.model"  # sentencepiece
@@ -25,6 +27,10 @@ PDPARAMS_SUFFIX = ".pdparams"
 def shard_file(i: int, n: int) -> str:
     """The name of shard `i` (from 1) of `n`, as `save_pretrained` writes it."""
     return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+def pickled_files(directory: str) -> list[str]:
+    """The `.pdparams` files in `directory`, sorted (Paddle's pickled weights, read only by `paddle.pdparams`)."""
+    return sorted(f for f in os.listdir(directory) if f.endswith(PDPARAMS_SUFFIX))
 
 
 def is_weight_file(name: str) -> bool:

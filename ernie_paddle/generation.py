@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ernie_paddle.errors import InputError
 
 
 @dataclass

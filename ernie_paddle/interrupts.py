@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-from .errors import ErnieError
+from ernie_paddle.errors import ErnieError
 
 SIGINT_STATUS = 128 + signal.SIGINT  # 130: what a shell reports for a command killed by Ctrl-C
 SIGTERM_STATUS = 128 + signal.SIGTERM  # 143

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ErnieConfig
-from .errors import InputError
-from .generation import GenerationConfig
-from .layout import PT, Role, TensorMap, tensor_maps
-from .precisions import (BITS, DEFAULT_BLOCK_SIZE, PLAN_PRECISIONS, check_block_size, expert_block, float_bytes,
+from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import InputError
+from ernie_paddle.generation import GenerationConfig
+from ernie_paddle.checkpoint.layout import PT, Role, TensorMap, tensor_maps
+from ernie_paddle.precisions import (BITS, DEFAULT_BLOCK_SIZE, PLAN_PRECISIONS, check_block_size, expert_block, float_bytes,
                          kv_cache_bytes, kv_cache_for)
-from .sizes import parse_size as _parse_size
+from ernie_paddle.sizes import parse_size as _parse_size
 
 # MLAS prepacked MatMulNBits / QMoE, accuracy_level 4: bytes per block beyond the codes. Least squares over the four
 # weight-only measurements of tests/test_memory.py (FIT_WEIGHTS).
@@ -65,7 +65,7 @@ FP32_REFERENCE_SHARE = 0.5
 
 def fp32_reference_fits(cfg: ErnieConfig) -> bool:
     """Whether the whole fp32 Paddle model fits as a reference here (unknown available memory: assume it does)."""
-    from .sysinfo import available_memory
+    from ernie_paddle.sysinfo import available_memory
 
     available = available_memory()
     return available is None or fp32_bytes(cfg) <= FP32_REFERENCE_SHARE * available

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import InputError
+from ernie_paddle.errors import InputError
 
 # Exported ONNX folders (`ernie-paddle export --precision`).
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int2")

@@ -7,8 +7,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import InputError
-from .token_ids import first_out_of_range
+from ernie_paddle.errors import InputError
+from ernie_paddle.token_ids import first_out_of_range
 
 
 @lru_cache(maxsize=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import ErnieError, InputError
+from ernie_paddle.errors import ErnieError, InputError
 
 
 def read_text(path: str, what: str) -> str:

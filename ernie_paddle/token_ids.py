@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from ernie_paddle.errors import InputError
 
 
 def first_out_of_range(values: np.ndarray, limit: int) -> tuple[int, ...] | None:

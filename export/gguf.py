@@ -19,10 +19,10 @@ import numpy as np
 
 from ernie_paddle import files
 from ernie_paddle.atomic import atomic_path
-from ernie_paddle.checkpoint import TensorStream, read_canonical
+from ernie_paddle.checkpoint.folder import TensorStream, read_canonical
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.layout import PT, Role, TensorMap, tensor_maps
+from ernie_paddle.checkpoint.layout import PT, Role, TensorMap, tensor_maps
 
 ARCH = "ernie4_5-moe"
 TYPES = ("F32", "F16", "Q8_0", "Q4_0")  # the matrices' type, as `--type` names it

@@ -2,7 +2,7 @@
 
 Each linear weight W [N out, K in] is quantised one input column at a time; the rounding error of column c is
 spread over the columns not yet quantised, weighted by the inverse Hessian H = 2 X^T X of that layer's inputs X
-(collected by running the Paddle model on calibration text). Block scales are chosen, as in round-to-nearest, from
+(collected from the Paddle model by `paddle.calibration.layer_hessians`). Block scales are chosen, as in round-to-nearest, from
 each block's value of largest magnitude, but on the error-updated weights. The codes and scales have exactly the
 layout of `quantize.quantize_rows`, so MatMulNBits and QMoE run them unchanged.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quantize import quantize_rows
+from ernie_paddle.export.quantize import quantize_rows
 
 
 def gptq_rows(w_nk: np.ndarray, hessian: np.ndarray, bits: int, block: int, damp: float = 0.01
@@ -47,40 +47,6 @@ def gptq_rows(w_nk: np.ndarray, hessian: np.ndarray, bits: int, block: int, damp
     return codes.reshape(n, nb, block), scales
 
 
-class HessianCollector:
-    """Accumulates 2 X^T X / n for the input of every Linear of a Paddle model (and of the LM head)."""
-
-    def __init__(self, model):
-        import paddle.nn as nn
-
-        self.sums: dict[str, np.ndarray] = {}
-        self.counts: dict[str, int] = {}
-        self._hooks = []
-        for name, layer in model.named_sublayers():
-            if isinstance(layer, nn.Linear):
-                self._hooks.append(layer.register_forward_pre_hook(self._hook(name + ".weight")))
-        self._hooks.append(model.norm.register_forward_post_hook(
-            lambda layer, inputs, output: self._add("lm_head.weight", output)))
-
-    def _hook(self, name: str):
-        def hook(layer, inputs):
-            self._add(name, inputs[0])
-        return hook
-
-    def _add(self, name: str, x) -> None:
-        a = x.numpy().astype(np.float64)
-        a = a.reshape(-1, a.shape[-1])
-        if not len(a):
-            return
-        self.sums[name] = self.sums.get(name, 0) + 2.0 * a.T @ a
-        self.counts[name] = self.counts.get(name, 0) + len(a)
-
-    def hessians(self) -> dict[str, np.ndarray]:
-        for h in self._hooks:
-            h.remove()
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
-
-
 class GPTQ:
     """A quantiser for `ErnieOrtBuilder`: GPTQ where calibration saw the layer, round-to-nearest otherwise."""
 
@@ -94,11 +60,3 @@ class GPTQ:
             return quantize_rows(w_nk, bits, block)
         self.calibrated.append(name)
         return gptq_rows(w_nk, h, bits, block)
-
-
-def calibrate(model, batches: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Layer-input Hessians from running `model` (Paddle) on token batches [B, T]."""
-    collector = HessianCollector(model)
-    for ids in batches:
-        model(ids)
-    return collector.hessians()

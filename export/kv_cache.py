@@ -20,7 +20,7 @@ import numpy as np
 
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.onnx_runtime import LOGITS_TO_KEEP, prompt_feeds
+from ernie_paddle.ort.runtime import LOGITS_TO_KEEP, prompt_feeds
 
 MARGIN = 1.25  # head-room over the calibration maxima
 CALIBRATION_TOKENS = 512  # per sequence
@@ -29,7 +29,7 @@ CALIBRATION_SEQUENCES = 4
 
 def calibration_ids(model_dir: str | None, vocab_size: int, seed: int = 0) -> list[np.ndarray]:
     """Token sequences to calibrate on: held-out corpus text through the checkpoint's tokenizer, else random ids."""
-    from ernie_paddle.tokenizer import ErnieTokenizer, has_tokenizer
+    from ernie_paddle.text.tokenizer import ErnieTokenizer, has_tokenizer
 
     rng = np.random.default_rng(seed)
     if model_dir is None or not has_tokenizer(model_dir):

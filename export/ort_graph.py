@@ -7,7 +7,7 @@ experts. Linear layers become MatMulNBits at int8/int4/int2. Tensors arrive one 
 their bytes go straight to external data.
 
 The routing is built from ONNX ops here (a different language from the Paddle side), but it mirrors
-`ernie_paddle.moe` (`router_probs`, `select`, `mix_weights`), which is its definition.
+`ernie_paddle.paddle.moe` (`router_probs`, `select`, `mix_weights`), which is its definition.
 
 Padded batches follow onnxruntime-genai's convention: each row's length is the sum of its `attention_mask` (GQA's
 per-row `seqlens_k`), so a row's keys fill its cache slots 0..length-1 and rows of different lengths share one
@@ -22,15 +22,15 @@ from typing import Callable, NamedTuple
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
-from ernie_paddle.checkpoint import TensorStream
+from ernie_paddle.checkpoint.folder import TensorStream
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.onnx_runtime import LOGITS_TO_KEEP  # optional input: the last N positions' logits (0: all)
+from ernie_paddle.ort.runtime import LOGITS_TO_KEEP  # optional input: the last N positions' logits (0: all)
 from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, expert_block
 from ernie_paddle.rope import cos_sin_tables
 
-from .graph import MS, GraphBuilder
-from .quantize import matmul_nbits_weights, qmoe_weights, rtn
+from ernie_paddle.export.graph import MS, GraphBuilder
+from ernie_paddle.export.quantize import matmul_nbits_weights, qmoe_weights, rtn
 
 
 class SequenceInputs(NamedTuple):
@@ -228,7 +228,7 @@ class ErnieOrtBuilder:
         return g.op("Reshape", [y, shape])
 
     def router(self, flat: str, L: str, tensors: TensorStream) -> tuple[str, str]:
-        """(probs, selection scores) [N, E] fp32: the ONNX spelling of `ernie_paddle.moe.router_probs` and of the
+        """(probs, selection scores) [N, E] fp32: the ONNX spelling of `ernie_paddle.paddle.moe.router_probs` and of the
         biased scores `moe.select` takes the top k of (the correction bias picks experts, never weights them)."""
         g = self.g
         x32 = g.op("Cast", [flat], to=TensorProto.FLOAT) if self.precision == "fp16" else flat

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ernie_paddle.atomic import atomic_dir, check_new_dir, write_json
-from ernie_paddle.checkpoint import TensorStream, copy_side_files, read_canonical
+from ernie_paddle.checkpoint.folder import TensorStream, copy_side_files, read_canonical
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 from ernie_paddle.files import CONFIG, GENAI_CONFIG, MANIFEST, ONNX_MODEL, is_weight_file
@@ -26,9 +26,9 @@ from ernie_paddle.memory import fp32_bytes, fp32_reference_fits
 from ernie_paddle.precisions import (BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, check_block_size,
                                     kv_cache_for)
 
-from .genai import genai_config
-from .tokenizer_json import write_tokenizer_files
-from .verify import FP32_LOGIT_TOL, compare, verification_prompts
+from ernie_paddle.export.genai import genai_config
+from ernie_paddle.export.tokenizer_json import write_tokenizer_files
+from ernie_paddle.export.verify import FP32_LOGIT_TOL, compare, verification_prompts
 
 FLAVORS = ("ort", "portable")
 
@@ -148,12 +148,12 @@ def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Opti
     """
     model_path = os.path.join(folder, ONNX_MODEL)
     if opts.flavor == "portable":
-        from .portable import export_portable
+        from ernie_paddle.paddle.portable_export import export_portable
 
         export_portable(model_dir, cfg, model_path, log=log)
         return True
-    from .graph import GraphBuilder, data_file_for
-    from .ort_graph import ErnieOrtBuilder
+    from ernie_paddle.export.graph import GraphBuilder, data_file_for
+    from ernie_paddle.export.ort_graph import ErnieOrtBuilder
 
     g = GraphBuilder(*data_file_for(model_path))
     try:
@@ -163,7 +163,7 @@ def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Opti
     finally:
         g.close()
     if opts.kv_cache == "int8":
-        from .kv_cache import calibrate, calibration_ids, quantize_cache
+        from ernie_paddle.export.kv_cache import calibrate, calibration_ids, quantize_cache
 
         log("export: calibrating the int8 KV cache")
         scales = calibrate(model_path, cfg, calibration_ids(model_dir, cfg.vocab_size))
@@ -184,7 +184,7 @@ def copy_checkpoint_files(model_dir: str | None, cfg: ErnieConfig, folder: str) 
 
 def _stop_ids(folder: str) -> list[int]:
     """The ids the folder's tokenizer ends a generation with (none without a tokenizer)."""
-    from ernie_paddle.tokenizer import ErnieTokenizer, has_tokenizer
+    from ernie_paddle.text.tokenizer import ErnieTokenizer, has_tokenizer
 
     if not has_tokenizer(folder):
         return []
@@ -222,8 +222,8 @@ def _verify(model_dir: str, folder: str, cfg: ErnieConfig, opts: Options, log: L
     provider = opts.provider
     if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         provider = "cpu"  # fp16 is meant for CUDA, but ONNX Runtime's CPU kernels run it too
-    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-    from ernie_paddle.onnx_runtime import OnnxCausalLM
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.ort.runtime import OnnxCausalLM
 
     log("export: verifying against the Paddle model")
     reference = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir, config=cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ernie_paddle.layout import TensorMap
+from ernie_paddle.checkpoint.layout import TensorMap
 from ernie_paddle.precisions import expert_block
 
 

@@ -264,7 +264,7 @@ def write_tokenizer_files(model_dir: str, out_dir: str) -> list[str]:
 def _chat_template(model_dir: str, config: dict) -> str | list[dict]:
     """The template onnxruntime-genai reads from tokenizer_config.json: the checkpoint's (chat_template.jinja wins,
     as in transformers), or ERNIE-4.5's with the warning that says so, so that the folder always has one."""
-    from ernie_paddle.chat_template import read_chat_template
+    from ernie_paddle.text.chat_template import read_chat_template
 
     templates = read_chat_template(model_dir, config, {}).templates
     if list(templates) == ["default"]:

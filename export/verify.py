@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.metrics import shared_prefix
+from ernie_paddle.scoring import shared_prefix
 
 FP32_LOGIT_TOL = 1e-4
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from ernie_paddle.checkpoint import make_checkpoint
+from ernie_paddle.checkpoint.folder import make_checkpoint
 from ernie_paddle.config import ErnieConfig, preset
 
 # The tests' tiny model: config's "tiny" preset with a smaller vocabulary, dense FFN, depth and window (the
@@ -48,13 +48,13 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `ernie-paddle` as users do (through the installed module), capturing output."""
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "ernie_paddle.cli", *args], capture_output=True, text=True, env=e,
+    return subprocess.run([sys.executable, "-m", "ernie_paddle.cli.paddle_cli", *args], capture_output=True, text=True, env=e,
                           timeout=600)
 
 
 def run_cli_onnx(*args: str) -> subprocess.CompletedProcess:
     """Run `ernie-onnx` as users do (through the installed module), capturing output."""
-    return subprocess.run([sys.executable, "-m", "ernie_paddle.onnx_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ernie_paddle.cli.onnx_cli", *args], capture_output=True, text=True,
                           timeout=600)
 
 

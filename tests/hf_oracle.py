@@ -1,6 +1,6 @@
 """transformers' implementation as the independent oracle for the parity tests (tests only).
 
-A thin view of `ernie_paddle.parity_probes.HFProbe` (eager attention and experts, fp32), which the parity report
+A thin view of `ernie_paddle.parity.probes.HFProbe` (eager attention and experts, fp32), which the parity report
 uses too, with one convention pinned: the rotary inverse frequencies. transformers computes them with torch's fp32
 `pow`, which lands an ulp away from the nearest fp32 value at a few indices, at different ones on different
 installs; at position 131071 one ulp of a high frequency turns the angle by ~1e-3 rad. The oracle takes the
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ernie_paddle import rope
-from ernie_paddle.parity_probes import HFProbe
+from ernie_paddle.parity.probes import HFProbe
 
 
 class HFOracle(HFProbe):

@@ -15,13 +15,13 @@ import sys
 
 import pytest
 
-from ernie_paddle.cli_args import default_model_dir
+from ernie_paddle.cli.args import default_model_dir
 
 from conftest import run_cli
 
 
 def run_onnx(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ernie_paddle.onnx_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ernie_paddle.cli.onnx_cli", *args], capture_output=True, text=True,
                           timeout=600)
 
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from ernie_paddle.chat_output import ChatFormat, ChatOutput, ChatOutputParser, ModelOutputWarning, parse_chat_output
-from ernie_paddle.tokenizer import ErnieTokenizer, IncrementalDecoder
-from ernie_paddle.training import train_tokenizer
+from ernie_paddle.text.chat_output import ChatFormat, ChatOutput, ChatOutputParser, ModelOutputWarning, parse_chat_output
+from ernie_paddle.text.tokenizer import ErnieTokenizer, IncrementalDecoder
+from ernie_paddle.paddle.training import train_tokenizer
 
 from test_chat_template import CORPUS, make_thinking_checkpoint
 

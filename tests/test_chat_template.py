@@ -10,10 +10,10 @@ from datetime import datetime
 
 import pytest
 
-from ernie_paddle.chat_template import BUILT_IN, ERNIE_TEMPLATE, ChatTemplate, read_chat_template
+from ernie_paddle.text.chat_template import BUILT_IN, ERNIE_TEMPLATE, ChatTemplate, read_chat_template
 from ernie_paddle.errors import TokenizerError
-from ernie_paddle.tokenizer import ErnieTokenizer
-from ernie_paddle.training import train_tokenizer
+from ernie_paddle.text.tokenizer import ErnieTokenizer
+from ernie_paddle.paddle.training import train_tokenizer
 
 CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
           "What is the weather in Rome? Sunny, 24 degrees.\n") * 200

@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from ernie_paddle.checkpoint import convert, make_checkpoint, random_tensors, write_checkpoint
+from ernie_paddle.checkpoint.folder import convert, make_checkpoint, random_tensors, write_checkpoint
 from ernie_paddle.errors import CheckpointError
-from ernie_paddle.layout import PT_FUSED
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-from ernie_paddle.paddle_weights import save_pretrained
-from ernie_paddle.safetensors_io import CheckpointReader, SafetensorsFile, bf16_to_f32, f32_to_bf16, write_file
+from ernie_paddle.checkpoint.layout import PT_FUSED
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.paddle.weights import save_pretrained
+from ernie_paddle.checkpoint.safetensors_io import CheckpointReader, SafetensorsFile, bf16_to_f32, f32_to_bf16, write_file
 
 from conftest import prompt, run_cli
 
@@ -245,7 +245,7 @@ def test_side_files_travel_with_convert_and_export(tiny_ckpt, tmp_path):
 
 
 def test_default_shard_size_is_5gb_as_hugging_face_means_it():
-    from ernie_paddle.safetensors_io import MAX_SHARD_BYTES
+    from ernie_paddle.checkpoint.safetensors_io import MAX_SHARD_BYTES
     from ernie_paddle.sizes import parse_size
 
     assert MAX_SHARD_BYTES == parse_size("5GB") == 5 * 10**9
@@ -274,7 +274,7 @@ def test_wrong_dtype_is_named(single):
     p = os.path.join(single, "model.safetensors")
     items = list(disk_tensors(single).items())
     write_file(p, [(n, a, "F32") for n, a in items if n != name])
-    from ernie_paddle.safetensors_io import _encode, _write_encoded
+    from ernie_paddle.checkpoint.safetensors_io import _encode, _write_encoded
 
     enc = [(n, list(a.shape), *_encode(a, "F32")) for n, a in items if n != name]
     enc.append((name, [64], "I32", np.zeros(64, np.int32).tobytes()))
@@ -302,7 +302,7 @@ def test_checkpoint_io_is_numpy_only(tiny_ckpt):
     import subprocess
     import sys
 
-    code = ("import sys; from ernie_paddle.checkpoint import read_canonical; "
+    code = ("import sys; from ernie_paddle.checkpoint.folder import read_canonical; "
             f"n = sum(1 for _ in read_canonical({tiny_ckpt[0]!r})); "
             "print(n, sorted(m for m in sys.modules if m == 'paddle' or m.startswith('paddle.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-from ernie_paddle.safetensors_io import CheckpointReader
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.checkpoint.safetensors_io import CheckpointReader
 
 from conftest import prompt, run_cli
 
@@ -144,8 +144,8 @@ def test_config_defaults_warn_and_strict_config_refuses(tiny_ckpt, tmp_path):
 def test_generate_flags_not_given_take_generation_configs_defaults(tiny_ckpt):
     """--repetition-penalty, --prefill-chunk and the sampling flags default to GenerationConfig's own values (one
     place); --max-new-tokens of an --input-ids prompt too; given flags pass through as given."""
-    from ernie_paddle.cli import build_parser
-    from ernie_paddle.cli_commands import Prompt, generation_config
+    from ernie_paddle.cli.paddle_cli import build_parser
+    from ernie_paddle.cli.commands import Prompt, generation_config
 
     d, cfg = tiny_ckpt
     parse = build_parser().parse_args
@@ -215,8 +215,8 @@ def thinking_ckpt(tiny_ckpt, tmp_path_factory):
 
 def test_chat_prints_the_answer_and_json_has_its_parts(thinking_ckpt, tmp_path, capsys, monkeypatch):
     """`ernie-paddle generate --chat` run whole (in this process), with a model that answers as told."""
-    from ernie_paddle import cli
-    from ernie_paddle.tokenizer import ErnieTokenizer
+    from ernie_paddle.cli import paddle_cli as cli
+    from ernie_paddle.text.tokenizer import ErnieTokenizer
     from test_chat_template import TOOLS
 
     d, cfg = thinking_ckpt
@@ -258,8 +258,8 @@ def test_chat_prints_the_answer_and_json_has_its_parts(thinking_ckpt, tmp_path, 
 
 
 def test_generate_chat_json_end_to_end(thinking_ckpt):
-    from ernie_paddle.chat_output import ChatFormat, parse_chat_output
-    from ernie_paddle.tokenizer import ErnieTokenizer
+    from ernie_paddle.text.chat_output import ChatFormat, parse_chat_output
+    from ernie_paddle.text.tokenizer import ErnieTokenizer
 
     d, _ = thinking_ckpt
     r = run_cli("generate", "--model", d, "--chat", "--prompt", "Weather in Rome?", "--max-new-tokens", "12",

@@ -1,4 +1,4 @@
-"""Tensor + expert parallelism (`ernie_paddle.distributed`): 2 CPU processes (gloo) under Paddle's launcher must give
+"""Tensor + expert parallelism (`ernie_paddle.paddle.distributed`): 2 CPU processes (gloo) under Paddle's launcher must give
 the single-process logits within 1e-5 and the same greedy tokens, with the KV cache and left-padded batches."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import prompt, tiny_config
-from ernie_paddle.distributed import ParallelPlan, check_plan, init, local_config, shard_tensor
+from ernie_paddle.paddle.distributed import ParallelPlan, check_plan, init, local_config, shard_tensor
 from ernie_paddle.errors import InputError
-from ernie_paddle.layout import canonical_maps
+from ernie_paddle.checkpoint.layout import canonical_maps
 
 TOOL = (sys.executable, "-m", "ernie_paddle.tools.dist_generate")  # the launcher runs a command: the documented form
 TOL = 1e-5
@@ -26,7 +26,7 @@ MODEL = dict(tie_word_embeddings=False, seed=5)
 WORKER = textwrap.dedent("""
     import json, sys
     from dataclasses import replace
-    from ernie_paddle import distributed
+    from ernie_paddle.paddle import distributed
     from ernie_paddle.generation import GenerationConfig, generate
 
     ckpt, out, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -57,7 +57,7 @@ def launch(tmp_path, *args: str, timeout: int = 240) -> subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def reference(ckpt_factory):
     from ernie_paddle.generation import GenerationConfig, generate
-    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 
     directory, cfg = ckpt_factory("dist-tiny", **MODEL)
     prompts = [prompt(12, cfg.vocab_size, seed=1), prompt(5, cfg.vocab_size, seed=2)]  # batch: left padding
@@ -129,7 +129,7 @@ def test_slices_keep_heads_and_gate_up_halves_together():
 def test_a_rank_model_holds_its_plan_and_restores_the_default_dtype():
     import paddle
 
-    from ernie_paddle.distributed import RankModel, build
+    from ernie_paddle.paddle.distributed import RankModel, build
 
     cfg = tiny_config()
     before = paddle.get_default_dtype()

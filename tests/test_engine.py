@@ -13,8 +13,8 @@ import pytest
 from ernie_paddle.errors import InputError
 from ernie_paddle.export import pipeline
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-from ernie_paddle.onnx_runtime import OnnxCausalLM
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.ort.runtime import OnnxCausalLM
 from ernie_paddle.serving.engine import Engine, Finished, QueueFull, Request, ShuttingDown, Token
 from ernie_paddle.serving.slots import SeparateSlots, SharedSlots
 

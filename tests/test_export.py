@@ -11,15 +11,15 @@ import numpy as np
 import onnx
 import pytest
 
-from ernie_paddle.checkpoint import read_canonical, write_checkpoint
+from ernie_paddle.checkpoint.folder import read_canonical, write_checkpoint
 from ernie_paddle.errors import ExportError, InputError, OnnxFolderError
 from ernie_paddle.export import pipeline
-from ernie_paddle.export.portable import export_portable
+from ernie_paddle.paddle.portable_export import export_portable
 from ernie_paddle.export.quantize import round_trip
 from ernie_paddle.export.verify import compare
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-from ernie_paddle.onnx_runtime import OnnxCausalLM
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.ort.runtime import OnnxCausalLM
 
 from conftest import prompt, run_cli, run_cli_onnx, tiny_config
 
@@ -139,9 +139,9 @@ def test_fewer_bits_are_further_from_fp32(exported):
 @pytest.fixture(scope="module")
 def shipped_held_out():
     """The shipped trained model, and 8 windows of 64 tokens spread over the corpus's held-out part."""
-    from ernie_paddle.cli_args import default_model_dir
+    from ernie_paddle.cli.args import default_model_dir
     from ernie_paddle.corpus import held_out_text
-    from ernie_paddle.tokenizer import ErnieTokenizer
+    from ernie_paddle.text.tokenizer import ErnieTokenizer
 
     model_dir = default_model_dir()
     ids = ErnieTokenizer(model_dir).encode(held_out_text())
@@ -183,7 +183,7 @@ def test_runtime_works_without_paddle(exported, tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import paddle"], capture_output=True, text=True,
                            env={**os.environ, **env})
     assert "blocked for this test" in probe.stderr  # the blocker works
-    r = subprocess.run([sys.executable, "-m", "ernie_paddle.onnx_cli", "generate", "--model", folder, "--input-ids",
+    r = subprocess.run([sys.executable, "-m", "ernie_paddle.cli.onnx_cli", "generate", "--model", folder, "--input-ids",
                         "5,6,7", "--max-new-tokens", "8", "--json"], capture_output=True, text=True,
                        env={**os.environ, **env})
     assert r.returncode == 0, r.stderr
@@ -239,7 +239,7 @@ def test_export_refuses_and_leaves_nothing(exported, tmp_path, monkeypatch):
 
 
 def test_in_memory_export_records_why_it_was_not_verified(tmp_path):
-    from ernie_paddle.checkpoint import random_tensors
+    from ernie_paddle.checkpoint.folder import random_tensors
 
     cfg = tiny_config()
     m = pipeline.export(None, str(tmp_path / "o"), config=cfg, tensors=random_tensors(cfg, 0), verify=True)

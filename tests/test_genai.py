@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from ernie_paddle.cli_args import default_model_dir
+from ernie_paddle.cli.args import default_model_dir
 from ernie_paddle.export import pipeline
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.onnx_runtime import OnnxCausalLM
-from ernie_paddle.tokenizer import ErnieTokenizer
+from ernie_paddle.ort.runtime import OnnxCausalLM
+from ernie_paddle.text.tokenizer import ErnieTokenizer
 
 from conftest import run_cli_onnx
 

@@ -7,7 +7,7 @@ import pytest
 
 from ernie_paddle.errors import InputError
 from ernie_paddle.generation import GenerationConfig, generate, process_logits, stream
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 
 from conftest import prompt
 

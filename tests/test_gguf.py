@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ernie_paddle.checkpoint import convert
+from ernie_paddle.checkpoint.folder import convert
 from ernie_paddle.errors import ExportError
 from ernie_paddle.export.gguf import write_gguf
 
@@ -180,7 +180,7 @@ def test_bench_llama_engine_decodes_the_models_tokens(tiny_ckpt, tmp_path):
     tokens are Paddle's."""
     _need_llama_cpp()
     from ernie_paddle.generation import GenerationConfig, generate
-    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
     from ernie_paddle.tools.bench import _Llama
 
     d, cfg = tiny_ckpt

@@ -8,7 +8,7 @@ import pytest
 
 from ernie_paddle.errors import InputError
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 
 from conftest import prompt
 
@@ -47,8 +47,8 @@ def test_fused_moe_data_flow_on_cpu_with_the_ops_contracts(tiny_ckpt):
     `test_fused_kernels_match_the_reference_path_on_gpu` runs the real ops. The dispatch stand-in takes its
     routing from Paddle's own pure-Python fallback of `moe_gate_dispatch`, so that op's contract is Paddle's."""
     import gpu_standins
-    from ernie_paddle import kernels_gpu
-    from ernie_paddle.moe import route, sorted_grouped
+    from ernie_paddle.paddle import kernels_gpu
+    from ernie_paddle.paddle.moe import route, sorted_grouped
 
     model = Ernie4_5_MoeForCausalLM.from_pretrained(tiny_ckpt[0])
     block = model.layers[1].mlp

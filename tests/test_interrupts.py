@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from ernie_paddle.cli_args import progress_printer
+from ernie_paddle.cli.args import progress_printer
 from ernie_paddle.errors import CheckpointError, InputError
 from ernie_paddle.interrupts import run_command
 
@@ -58,7 +58,7 @@ def assert_ended_cleanly(p: subprocess.Popen, sig: int, prog: str = "ernie-paddl
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_generate_interrupted_after_paddle_started(tiny_ckpt, sig):
-    p = start("ernie_paddle.cli", "generate", "--model", tiny_ckpt[0], "--input-ids", "5,6,7", "--max-new-tokens",
+    p = start("ernie_paddle.cli.paddle_cli", "generate", "--model", tiny_ckpt[0], "--input-ids", "5,6,7", "--max-new-tokens",
               "2000")
     assert p.stdout.read(4)  # tokens are streaming: Paddle is loaded and its signal handler would be installed
     p.send_signal(sig)
@@ -76,7 +76,7 @@ def small_ckpt(ckpt_factory):
 @pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "export: verifying"), (signal.SIGINT, "temporary folder")])
 def test_export_interrupted_leaves_nothing(small_ckpt, tmp_path, sig, when):
     out = tmp_path / "exports" / "small"
-    p = start("ernie_paddle.cli", "export", "--model", small_ckpt[0], "--out", str(out))
+    p = start("ernie_paddle.cli.paddle_cli", "export", "--model", small_ckpt[0], "--out", str(out))
     if when == "temporary folder":  # while the graph is being built
         wait_for(lambda: out.parent.is_dir() and any(f.startswith(".tmp-export-") for f in os.listdir(out.parent)),
                  p, "the temporary folder")
@@ -93,7 +93,7 @@ def test_parity_interrupted_leaves_the_export_as_it_was(small_ckpt, tmp_path):
     folder = tmp_path / "onnx"
     export(small_ckpt[0], str(folder), verify=False)
     before = sorted(os.listdir(folder))
-    p = start("ernie_paddle.cli", "parity", "--model", small_ckpt[0], "--onnx", str(folder), "--json",
+    p = start("ernie_paddle.cli.paddle_cli", "parity", "--model", small_ckpt[0], "--onnx", str(folder), "--json",
               str(tmp_path / "parity.json"))
     wait_for_line(p, f"parity: {folder}")  # the candidate is being traced
     p.send_signal(signal.SIGTERM)
@@ -104,7 +104,7 @@ def test_parity_interrupted_leaves_the_export_as_it_was(small_ckpt, tmp_path):
 def test_make_checkpoint_interrupted_leaves_nothing(tmp_path):
     out = tmp_path / "ck"
     # one layer of the 0.3B preset: a 103424 x 1024 embedding, seconds of work once the staging folder exists
-    p = start("ernie_paddle.cli", "make-checkpoint", "--preset", "0.3b", "--num-layers", "1", "--layout", "pt",
+    p = start("ernie_paddle.cli.paddle_cli", "make-checkpoint", "--preset", "0.3b", "--num-layers", "1", "--layout", "pt",
               "--dtype", "float32", "--out", str(out))
     wait_for(lambda: any(f.startswith(".tmp-ck-") for f in os.listdir(tmp_path)), p, "the staging folder")
     p.send_signal(signal.SIGTERM)
@@ -162,7 +162,7 @@ def test_tool_program_ends_bad_input_with_one_line(tmp_path):
 
 def test_closed_stdout_ends_quietly(tiny_ckpt):
     """`ernie-paddle generate ... | head -c 8`: no 'Broken pipe' error, and the status a shell gives `yes | head`."""
-    p = start("ernie_paddle.cli", "generate", "--model", tiny_ckpt[0], "--input-ids", "5,6,7", "--max-new-tokens",
+    p = start("ernie_paddle.cli.paddle_cli", "generate", "--model", tiny_ckpt[0], "--input-ids", "5,6,7", "--max-new-tokens",
               "2000")
     assert len(p.stdout.read(8)) == 8
     p.stdout.close()
@@ -173,7 +173,7 @@ def test_closed_stdout_ends_quietly(tiny_ckpt):
 
 def test_bench_interrupted_while_measuring(tmp_path):
     """`ernie-paddle bench` is its own program, run by the same CLI entry: Ctrl-C ends it (and its engine) too."""
-    p = start("ernie_paddle.cli", "bench", "--preset", "tiny", "--engines", "paddle", "--work", str(tmp_path / "w"),
+    p = start("ernie_paddle.cli.paddle_cli", "bench", "--preset", "tiny", "--engines", "paddle", "--work", str(tmp_path / "w"),
               "--json", str(tmp_path / "r.json"))
     wait_for_line(p, "bench: measuring paddle")
     p.send_signal(signal.SIGINT)

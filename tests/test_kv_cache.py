@@ -10,16 +10,16 @@ import numpy as np
 import onnx
 import pytest
 
-from ernie_paddle.cli_args import default_model_dir
+from ernie_paddle.cli.args import default_model_dir
 from ernie_paddle.corpus import held_out_text
 from ernie_paddle.errors import ExportError
 from ernie_paddle.export import pipeline
 from ernie_paddle.export.kv_cache import MARGIN, calibration_ids
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.metrics import perplexity
-from ernie_paddle.onnx_runtime import OnnxCausalLM
+from ernie_paddle.scoring import perplexity
+from ernie_paddle.ort.runtime import OnnxCausalLM
 from ernie_paddle.serving.engine import Engine, Request, Token
-from ernie_paddle.tokenizer import ErnieTokenizer
+from ernie_paddle.text.tokenizer import ErnieTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 
 from conftest import tiny_config
-from ernie_paddle.layout import LAYOUTS, PT, Role, canonical_maps, tensor_maps
+from ernie_paddle.checkpoint.layout import LAYOUTS, PT, Role, canonical_maps, tensor_maps
 
 
 def test_every_tensor_has_its_role_layer_and_expert():

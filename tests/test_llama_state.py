@@ -21,7 +21,7 @@ if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gg
 import llama_cpp
 
 from ernie_paddle.export.gguf import write_gguf
-from ernie_paddle.tools import llama_state
+from ernie_paddle.benchmarking import llama_state
 from ernie_paddle.tools.context_bench import ttft_estimate
 
 # (cache type, flash attention): f16 without flash attention stores V transposed, q8_0 needs flash attention

@@ -27,11 +27,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ernie_paddle.checkpoint import convert
+from ernie_paddle.checkpoint.folder import convert
 from ernie_paddle.errors import InputError
 from ernie_paddle.export import pipeline
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-from ernie_paddle.onnx_runtime import OnnxCache, OnnxCausalLM
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.ort.runtime import OnnxCache, OnnxCausalLM
 
 from conftest import import_hf_oracle, prompt
 
@@ -122,7 +122,7 @@ def same_experts(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 def ort_router_choices(folder, cfg, feeds) -> list[np.ndarray]:
     """The ort graph's expert choices per MoE layer for one run (parity's probe graph with router outputs)."""
-    from ernie_paddle.parity_probes import OnnxProbe
+    from ernie_paddle.parity.probes import OnnxProbe
 
     probe = OnnxProbe(folder, cfg)
     outs = probe.runtime.run(probe.router_names, feeds)
@@ -200,7 +200,7 @@ def test_prompt_at_explicit_offset_matches_transformers(trio, monkeypatch):
     # A float64 angle table (a mistake other ports made) is caught by this bound at these positions.
     import paddle
 
-    from ernie_paddle import modeling
+    from ernie_paddle.paddle import modeling
 
     def rope_float64(position_ids, head_dim, theta):
         exact = position_ids.numpy().astype(np.float64)[..., None] * theta ** (-np.arange(0, head_dim, 2) / head_dim)
@@ -231,7 +231,7 @@ def test_rope_at_large_positions_is_fp32_in_all_three(trio):
     from transformers.models.ernie4_5_moe import modeling_ernie4_5_moe as hf_ernie
 
     from ernie_paddle import rope
-    from ernie_paddle.modeling import apply_rope, rope_cos_sin
+    from ernie_paddle.paddle.modeling import apply_rope, rope_cos_sin
 
     cfg, _, _, hf, folder = trio
     d, nh, theta = cfg.head_dim, cfg.num_attention_heads, cfg.rope_theta

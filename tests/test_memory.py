@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ernie_paddle import memory
-from ernie_paddle.cli_args import default_model_dir
+from ernie_paddle.cli.args import default_model_dir
 from ernie_paddle.config import ErnieConfig, preset
 from ernie_paddle.errors import InputError
 from ernie_paddle.memory import GPUS, plan_memory, report

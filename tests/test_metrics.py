@@ -1,4 +1,4 @@
-"""The one greedy-match count, perplexity and KL divergence (ernie_paddle.metrics), on values worked by hand."""
+"""The one greedy-match count, perplexity and KL divergence (ernie_paddle.scoring), on values worked by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ernie_paddle.errors import InputError
-from ernie_paddle.metrics import kl_divergence, perplexity, shared_prefix
+from ernie_paddle.scoring import kl_divergence, perplexity, shared_prefix
 
 
 def test_shared_prefix_counts_tokens_before_the_first_difference():

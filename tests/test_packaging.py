@@ -25,12 +25,12 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"ernie_paddle", next(t for t in tops if t.endswith(".dist-info"))}
-    for f in ("ernie_paddle/export/__init__.py", "ernie_paddle/tools/bench_moe.py", "ernie_paddle/modeling.py",
+    for f in ("ernie_paddle/export/__init__.py", "ernie_paddle/tools/bench_moe.py", "ernie_paddle/paddle/modeling.py",
               "ernie_paddle/models/ernie-4.5-shakespeare/model.safetensors",
               "ernie_paddle/models/ernie-4.5-shakespeare/tokenizer.model", "ernie_paddle/data/tinyshakespeare.txt"):
         assert f in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "ernie-paddle = ernie_paddle.cli:main" in entry and "ernie-onnx = ernie_paddle.onnx_cli:main" in entry
+    assert "ernie-paddle = ernie_paddle.cli.paddle_cli:main" in entry and "ernie-onnx = ernie_paddle.cli.onnx_cli:main" in entry
     # a plain (non-editable) install finds the shipped corpus inside the package, with nothing beside it
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

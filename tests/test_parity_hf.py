@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ernie_paddle.checkpoint import convert
+from ernie_paddle.checkpoint.folder import convert
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 
 from conftest import import_hf_oracle, prompt
 

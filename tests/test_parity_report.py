@@ -47,7 +47,7 @@ def test_parity_report_fp32_int4_and_transformers(tiny_ckpt, tmp_path):
 
 
 def test_layer_by_layer_reference_gives_the_same_report(tiny_ckpt, tmp_path):
-    from ernie_paddle import parity
+    from ernie_paddle.parity import run as parity
 
     d, cfg = tiny_ckpt
     folder = str(tmp_path / "int4")
@@ -74,7 +74,7 @@ def test_parity_refuses_a_missing_gguf_before_loading_anything(tiny_ckpt, tmp_pa
 def test_parity_refuses_what_cannot_run_before_loading_a_model(tiny_ckpt, tmp_path, monkeypatch):
     import importlib.util
 
-    from ernie_paddle import parity
+    from ernie_paddle.parity import run as parity
     from ernie_paddle.errors import InputError
 
     d, _ = tiny_ckpt

@@ -6,12 +6,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ernie_paddle.checkpoint import make_checkpoint
+from ernie_paddle.checkpoint.folder import make_checkpoint
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.export.pipeline import export
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-from ernie_paddle.onnx_runtime import OnnxCausalLM
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.ort.runtime import OnnxCausalLM
 
 
 @st.composite

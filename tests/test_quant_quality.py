@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ernie_paddle.cli_args import default_model_dir
+from ernie_paddle.cli.args import default_model_dir
 from ernie_paddle.corpus import DEFAULT_CORPUS
 from ernie_paddle.tools.quant_quality import run
 

@@ -25,7 +25,7 @@ def test_readme_bash_commands_run(tmp_path):
             continue  # installing is what .ci/run does before the tests
         argv = shlex.split(cmd)
         assert argv[0] in ("ernie-paddle", "ernie-onnx"), f"README command not covered by this test: {cmd}"
-        module = {"ernie-paddle": "ernie_paddle.cli", "ernie-onnx": "ernie_paddle.onnx_cli"}[argv[0]]
+        module = {"ernie-paddle": "ernie_paddle.cli.paddle_cli", "ernie-onnx": "ernie_paddle.cli.onnx_cli"}[argv[0]]
         r = subprocess.run([sys.executable, "-m", module, *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, f"{cmd}\n{r.stderr}"
@@ -39,7 +39,7 @@ def test_readme_python_examples_run(tmp_path):
     assert len(blocks) >= 2
     for block in blocks:
         if '"shakespeare-onnx"' in block and not (tmp_path / "shakespeare-onnx").is_dir():  # the README's export
-            r = subprocess.run([sys.executable, "-m", "ernie_paddle.cli", "export", "--out", "shakespeare-onnx",
+            r = subprocess.run([sys.executable, "-m", "ernie_paddle.cli.paddle_cli", "export", "--out", "shakespeare-onnx",
                                 "--precision", "int4"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
             assert r.returncode == 0, r.stderr
         r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -22,13 +22,13 @@ import openai
 import pytest
 import uvicorn
 
-from ernie_paddle.chat_output import ChatFormat
-from ernie_paddle.cli_args import default_model_dir
+from ernie_paddle.text.chat_output import ChatFormat
+from ernie_paddle.cli.args import default_model_dir
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.onnx_runtime import OnnxCausalLM
+from ernie_paddle.ort.runtime import OnnxCausalLM
 from ernie_paddle.serving.app import create_app, start_service
 from ernie_paddle.serving.server import listening_socket
-from ernie_paddle.tokenizer import ErnieTokenizer
+from ernie_paddle.text.tokenizer import ErnieTokenizer
 
 NAME = "shakespeare-onnx"  # the exported folder's name: the served model's name by default
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "To be, or not to be:", "KING RICHARD III:\nNow is"]
@@ -436,7 +436,7 @@ def start_server(argv: list[str], cwd: str, env: dict | None = None) -> tuple[su
 
 
 def test_onnx_serve_answers_the_readme_lines_and_sigterm_exits_0(onnx_dir, tok, alone, capsys):
-    argv = ["ernie_paddle.onnx_cli"] + README_SERVE.split()[1:] + ["--threads", "1"]
+    argv = ["ernie_paddle.cli.onnx_cli"] + README_SERVE.split()[1:] + ["--threads", "1"]
     proc, base = start_server(argv, cwd=os.path.dirname(onnx_dir))
     try:
         port = base.rsplit(":", 1)[1]
@@ -461,9 +461,9 @@ def test_onnx_serve_answers_the_readme_lines_and_sigterm_exits_0(onnx_dir, tok, 
 
 
 def test_paddle_serve_answers_as_paddle_generate(tmp_path, capsys):
-    from ernie_paddle import cli
+    from ernie_paddle.cli import paddle_cli as cli
 
-    proc, base = start_server(["ernie_paddle.cli", "serve", "--max-batch", "2"], cwd=str(tmp_path),
+    proc, base = start_server(["ernie_paddle.cli.paddle_cli", "serve", "--max-batch", "2"], cwd=str(tmp_path),
                               env={"ERNIE_API_KEY": "sesame"})
     try:
         assert cli.main(["generate", "--prompt", "ROMEO:", "--max-new-tokens", "12", "--json"]) == 0
@@ -480,7 +480,7 @@ def test_paddle_serve_answers_as_paddle_generate(tmp_path, capsys):
 
 def test_serving_an_onnx_folder_never_imports_paddle(onnx_dir):
     code = ("import sys; from ernie_paddle import onnx_cli; from ernie_paddle.serving import app, server; "
-            "from ernie_paddle.onnx_runtime import OnnxCausalLM; "
+            "from ernie_paddle.ort.runtime import OnnxCausalLM; "
             f"s = app.start_service(OnnxCausalLM({onnx_dir!r}), {onnx_dir!r}); app.create_app(s); "
             "s.engine.shutdown(0); print('paddle' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -488,7 +488,7 @@ def test_serving_an_onnx_folder_never_imports_paddle(onnx_dir):
 
 
 def test_serve_defaults_and_a_missing_extra(onnx_dir, monkeypatch, capsys):
-    from ernie_paddle import onnx_cli
+    from ernie_paddle.cli import onnx_cli
 
     args = onnx_cli.build_parser().parse_args(["serve", "--model", onnx_dir])
     assert (args.host, args.port, args.max_batch, args.max_queue, args.grace_period) == ("127.0.0.1", 8000, 4, 64, 30)

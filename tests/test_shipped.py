@@ -9,16 +9,16 @@ import re
 import numpy as np
 import pytest
 
-from ernie_paddle.chat_template import ERNIE_TEMPLATE
-from ernie_paddle.cli_args import default_model_dir
+from ernie_paddle.text.chat_template import ERNIE_TEMPLATE
+from ernie_paddle.cli.args import default_model_dir
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.export import pipeline
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-from ernie_paddle.onnx_runtime import OnnxCausalLM
-from ernie_paddle.tokenizer import ErnieTokenizer
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+from ernie_paddle.ort.runtime import OnnxCausalLM
+from ernie_paddle.text.tokenizer import ErnieTokenizer
 from ernie_paddle.corpus import held_out_text
-from ernie_paddle.training import evaluate
+from ernie_paddle.paddle.training import evaluate
 
 from conftest import run_cli, run_cli_onnx
 

@@ -9,9 +9,9 @@ import os
 import pytest
 
 from ernie_paddle.errors import InputError, TokenizerError
-from ernie_paddle.tokenizer import ErnieTokenizer, IncrementalDecoder
+from ernie_paddle.text.tokenizer import ErnieTokenizer, IncrementalDecoder
 from ernie_paddle.corpus import split_corpus
-from ernie_paddle.training import train_tokenizer
+from ernie_paddle.paddle.training import train_tokenizer
 
 from conftest import run_cli
 
@@ -190,7 +190,7 @@ def test_a_vocabulary_too_small_for_the_corpus_is_refused_by_name(tmp_path):
 def test_incremental_decoding_of_a_long_text_equals_the_whole_decode():
     """Windowed decoding (a few emitted tokens of context per step) gives exactly the whole text's decode, spaces,
     newlines and byte-fallback characters included, on the shipped tokenizer and held-out text."""
-    from ernie_paddle.cli_args import default_model_dir
+    from ernie_paddle.cli.args import default_model_dir
     from ernie_paddle.corpus import held_out_text
 
     shipped = ErnieTokenizer(default_model_dir())

@@ -12,16 +12,16 @@ import sentencepiece as spm
 from tokenizers import Tokenizer
 
 from ernie_paddle.atomic import write_json
-from ernie_paddle.cli_args import default_model_dir
+from ernie_paddle.cli.args import default_model_dir
 from ernie_paddle.corpus import read_corpus, split_corpus
-from ernie_paddle.chat_template import ERNIE_TEMPLATE
+from ernie_paddle.text.chat_template import ERNIE_TEMPLATE
 from ernie_paddle.errors import ConfigDefaultWarning, ExportError
 from ernie_paddle.export.genai import genai_config
 from ernie_paddle.export.tokenizer_json import (GENAI_TOKENIZER_CLASS, ExtraToken, genai_tokenizer_config,
                                                 tokenizer_json, write_tokenizer_files)
 from ernie_paddle.files import (ADDED_TOKENS, CHAT_TEMPLATE, GENAI_CONFIG, ONNX_MODEL, SPM_MODEL, TOKENIZER_CONFIG,
                                 TOKENIZER_JSON)
-from ernie_paddle.tokenizer import SPECIAL
+from ernie_paddle.text.tokenizer import SPECIAL
 
 from conftest import tiny_config
 
@@ -42,7 +42,7 @@ TEXTS = LINES + [BLOCK] + WIDE + CHAT
 def trained(tmp_path_factory) -> str:
     """A tokenizer as `train_tokenizer` makes them, trained on text with accents, CJK and emoji."""
     d = str(tmp_path_factory.mktemp("trained"))
-    from ernie_paddle.training import train_tokenizer
+    from ernie_paddle.paddle.training import train_tokenizer
 
     train_tokenizer(TRAIN[:150_000] + WIDE[0] * 40, d, vocab_size=800)
     return d

@@ -23,9 +23,10 @@ from typing import Callable, NamedTuple
 import numpy as np
 from onnx import TensorProto
 
-from ernie_paddle.cli_args import positive_int, positive_int_list
+from ernie_paddle.cli.args import positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
-from ernie_paddle.sysinfo import ChildFailed, json_from_child, peak_rss
+from ernie_paddle.benchmarking.child import ChildFailed, json_from_child
+from ernie_paddle.sysinfo import peak_rss
 from ernie_paddle.tools.context_bench import fastest
 
 FORMS = ("gqa-fp32", "gqa-int8", "grouped-fp32")

@@ -22,11 +22,12 @@ import time
 from typing import NamedTuple
 
 from ernie_paddle.atomic import write_json, write_png
-from ernie_paddle.charts import subplots
-from ernie_paddle.cli_args import non_negative_int, positive_int, positive_int_list
+from ernie_paddle.benchmarking.charts import subplots
+from ernie_paddle.cli.args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.generation import logits_numpy
 from ernie_paddle.interrupts import run_command
-from ernie_paddle.sysinfo import ChildFailed, json_from_child, peak_rss
+from ernie_paddle.benchmarking.child import ChildFailed, json_from_child
+from ernie_paddle.sysinfo import peak_rss
 from ernie_paddle.precisions import BITS
 
 ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "genai-int4", "hf", "llama-f16",
@@ -68,10 +69,10 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
 
     `tokenizer_from_shipped`: a random checkpoint gets the shipped model's tokenizer (servers take text prompts).
     Returns (path per engine, why an engine's artifact could not be made, config)."""
-    from ernie_paddle.checkpoint import make_checkpoint
+    from ernie_paddle.checkpoint.folder import make_checkpoint
     from ernie_paddle.config import preset as make_preset
 
-    from ernie_paddle.cli_args import default_model_dir
+    from ernie_paddle.cli.args import default_model_dir
     from ernie_paddle.config import ErnieConfig
 
     setup = SETUPS[preset]
@@ -122,7 +123,7 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
 
 def _random_source(source):
     """(checkpoint dir, config, canonical tensors) from prepare's `source`: a checkpoint, or random tensors."""
-    from ernie_paddle.checkpoint import random_tensors
+    from ernie_paddle.checkpoint.folder import random_tensors
 
     directory, cfg, seed = source
     return (directory, None, None) if directory else (None, cfg, random_tensors(cfg, seed))
@@ -160,7 +161,7 @@ def _gguf_file(engine: str, out: str, source) -> None:
 def _pt_checkpoint(ckpt: str, pt: str) -> str:
     """The bf16 -PT copy transformers reads, made once."""
     if not os.path.isdir(pt):
-        from ernie_paddle.checkpoint import convert
+        from ernie_paddle.checkpoint.folder import convert
 
         convert(ckpt, pt, layout="pt", dtype="bfloat16")
     return pt
@@ -200,7 +201,7 @@ class _HF:
     def __init__(self, path: str, threads: int):
         import torch
 
-        from ernie_paddle.parity_probes import load_hf_model
+        from ernie_paddle.parity.probes import load_hf_model
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -312,14 +313,14 @@ def _runner(engine: str, path: str, threads: int, max_len: int):
     if engine in ("paddle", "paddle-gpu"):
         import paddle
 
-        from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+        from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 
         if engine == "paddle-gpu":
             paddle.set_device("gpu")
         dtype = "bfloat16" if engine == "paddle-gpu" else "float32"
         return _Ours(Ernie4_5_MoeForCausalLM.from_pretrained(path, dtype=dtype), max_len)
     if engine.startswith("ort-"):
-        from ernie_paddle.onnx_runtime import OnnxCausalLM
+        from ernie_paddle.ort.runtime import OnnxCausalLM
 
         provider = "cuda" if engine == "ort-cuda-fp16" else "cpu"
         return _Ours(OnnxCausalLM(path, provider=provider, threads=threads), max_len)

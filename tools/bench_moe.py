@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ernie_paddle.atomic import write_json
-from ernie_paddle.cli_args import non_negative_int, positive_int, positive_int_list
+from ernie_paddle.cli.args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ernie_paddle.config import preset
-    from ernie_paddle.modeling import SparseMoeBlock
+    from ernie_paddle.paddle.modeling import SparseMoeBlock
 
     import paddle
 

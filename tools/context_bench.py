@@ -26,10 +26,11 @@ from typing import Callable
 
 import numpy as np
 
-from ernie_paddle.cli_args import positive_int, positive_int_list
+from ernie_paddle.cli.args import positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
-from ernie_paddle.sysinfo import ChildFailed, json_from_child, peak_rss
-from ernie_paddle.tools import llama_state
+from ernie_paddle.benchmarking.child import ChildFailed, json_from_child
+from ernie_paddle.sysinfo import peak_rss
+from ernie_paddle.benchmarking import llama_state
 
 
 def ttft_estimate(context: int, chunk: int, first_s: float, last_s: float) -> float:
@@ -86,7 +87,7 @@ def measure(folder: str, context: int, chunk: int, decode: int, threads: int | N
     """One context length, in this process (its peak RSS is the run's); each prefill timing is the fastest of
     `repeats`."""
     from ernie_paddle.generation import prefill
-    from ernie_paddle.onnx_runtime import OnnxCausalLM
+    from ernie_paddle.ort.runtime import OnnxCausalLM
     t0 = time.perf_counter()
     model = OnnxCausalLM(folder, threads=threads)
     load_s = time.perf_counter() - t0
@@ -184,7 +185,7 @@ def measure_llama(path: str, context: int, chunk: int, decode: int, threads: int
 def row_in_child(engine: str, model: str, context: int, *, chunk: int, decode: int, threads: int | None = None,
                  full: bool = False, repeats: int = 1, kv_cache: str | None = None) -> dict:
     """One context's row (`measure` or `measure_llama`) in a fresh process, so that its peak RSS is its own; a child
-    that fails raises sysinfo.ChildFailed."""
+    that fails raises child.ChildFailed."""
     args = ["--one", "--engine", engine, "--model", model, "--context", str(context), "--chunk", str(chunk),
             "--decode", str(decode), "--repeats", str(repeats)]
     args += (["--threads", str(threads)] if threads else []) + (["--full"] if full else [])

@@ -17,10 +17,10 @@ import time
 from typing import NamedTuple
 
 from ernie_paddle.atomic import write_json, write_png
-from ernie_paddle.charts import subplots
-from ernie_paddle.cli_args import positive_int, positive_int_list
+from ernie_paddle.benchmarking.charts import subplots
+from ernie_paddle.cli.args import positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
-from ernie_paddle.sysinfo import ChildFailed
+from ernie_paddle.benchmarking.child import ChildFailed
 from ernie_paddle.tools.context_bench import LLAMA_KV_CACHES, row_in_child
 
 
@@ -40,7 +40,7 @@ class Run(NamedTuple):
 
 def ort_run(folder: str) -> Run:
     """An exported folder, labelled by its manifest (precision, block, KV cache)."""
-    from ernie_paddle.onnx_runtime import load_manifest
+    from ernie_paddle.ort.runtime import load_manifest
 
     m = load_manifest(folder)
     block = f" b{m['block_size']}" if m.get("block_size") else ""

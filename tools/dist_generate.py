@@ -1,4 +1,4 @@
-"""`ernie-paddle generate` / `logits` on several devices: tensor + expert parallelism (`ernie_paddle.distributed`).
+"""`ernie-paddle generate` / `logits` on several devices: tensor + expert parallelism (`ernie_paddle.paddle.distributed`).
 
 Start one process per device with Paddle's launcher; every process loads only its slice of the checkpoint, all run
 the same steps, and only the first prints (and writes --out). The launcher runs a `.py` path or any command:
@@ -19,12 +19,12 @@ import os
 import sys
 from typing import Sequence
 
-from ernie_paddle import cli_commands
-from ernie_paddle.cli_args import generate_args, logits_args, paddle_model_args, positive_int
+from ernie_paddle.cli import commands as cli_commands
+from ernie_paddle.cli.args import generate_args, logits_args, paddle_model_args, positive_int
 
 
 def _load(args):
-    from ernie_paddle import distributed
+    from ernie_paddle.paddle import distributed
 
     plan = distributed.init(ep_degree=args.ep)
     if plan.rank != 0:  # one voice: the other ranks compute silently

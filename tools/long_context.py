@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from ernie_paddle.cli_args import non_negative_int, positive_int
+from ernie_paddle.cli.args import non_negative_int, positive_int
 from ernie_paddle.interrupts import run_command
 
 RUNTIMES = ("paddle", "ort", "ort-kv8", "hf")  # ort-kv8: the ort export with the int8 KV cache
@@ -32,7 +32,7 @@ RUNTIMES = ("paddle", "ort", "ort-kv8", "hf")  # ort-kv8: the ort export with th
 
 def prepare(args, work: str) -> tuple[str, str | None, str | None, str | None]:
     """(checkpoint dir, ort folder, ort folder with the int8 KV cache, -PT dir): made here unless given."""
-    from ernie_paddle.checkpoint import convert, make_checkpoint
+    from ernie_paddle.checkpoint.folder import convert, make_checkpoint
     from ernie_paddle.config import preset
     from ernie_paddle.export import pipeline
 
@@ -57,7 +57,7 @@ def prepare(args, work: str) -> tuple[str, str | None, str | None, str | None]:
 
 
 def _paddle(model_dir):
-    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 
     m = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir)
     return m.allocate_cache, lambda ids, mask, pos, cache: m(ids, attention_mask=mask, position_ids=pos,
@@ -65,7 +65,7 @@ def _paddle(model_dir):
 
 
 def _ort(folder):
-    from ernie_paddle.onnx_runtime import OnnxCausalLM
+    from ernie_paddle.ort.runtime import OnnxCausalLM
 
     m = OnnxCausalLM(folder)
     return m.allocate_cache, lambda ids, mask, pos, cache: m(ids, attention_mask=mask, position_ids=pos,
@@ -78,7 +78,7 @@ def _hf(pt_dir):
     import torch
     from transformers import DynamicCache
 
-    from ernie_paddle.parity_probes import load_hf_model
+    from ernie_paddle.parity.probes import load_hf_model
 
     m = load_hf_model(pt_dir)
     arg = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"

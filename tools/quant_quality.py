@@ -21,7 +21,7 @@ from ernie_paddle.atomic import write_json
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus
 from ernie_paddle.files import onnx_data
 from ernie_paddle.interrupts import run_command
-from ernie_paddle.metrics import perplexity, shared_prefix
+from ernie_paddle.scoring import perplexity, shared_prefix
 
 VARIANTS = [  # (label, precision, block, scheme, KV cache): the weights' rows with the float cache, then int8 caches
     ("ort fp32", "fp32", 32, "rtn", "fp32"), ("ort fp16", "fp16", 32, "rtn", "fp32"),
@@ -48,11 +48,12 @@ def greedy_agreement(reference, candidate, prompts: list[list[int]], tokens: int
 
 def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: int = 32, greedy_tokens: int = 32,
         variants=VARIANTS, log=lambda s: None) -> dict:
-    from ernie_paddle.export.gptq import GPTQ, calibrate
+    from ernie_paddle.export.gptq import GPTQ
+    from ernie_paddle.paddle.calibration import layer_hessians
     from ernie_paddle.export.pipeline import export
-    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-    from ernie_paddle.onnx_runtime import OnnxCausalLM
-    from ernie_paddle.tokenizer import ErnieTokenizer
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.ort.runtime import OnnxCausalLM
+    from ernie_paddle.text.tokenizer import ErnieTokenizer
 
     tok = ErnieTokenizer(model_dir)
     train_text, heldout_text = split_corpus(read_corpus(corpus))
@@ -69,7 +70,7 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
     for label, precision, block, scheme, kv_cache in variants:
         quantizer = None
         if scheme == "gptq":
-            hessians = hessians or calibrate(reference, calib)
+            hessians = hessians or layer_hessians(reference, calib)
             quantizer = GPTQ(hessians)
         out = os.path.join(work, label.replace(" ", "-"))
         export(model_dir, out, precision=precision, block_size=block, verify=False, quantizer=quantizer,
@@ -90,7 +91,7 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ernie_paddle.cli_args import default_model_dir
+    from ernie_paddle.cli.args import default_model_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=default_model_dir())

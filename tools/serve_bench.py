@@ -26,11 +26,11 @@ import sys
 import time
 
 from ernie_paddle.atomic import write_json, write_png
-from ernie_paddle.charts import subplots
-from ernie_paddle.cli_args import non_negative_int, positive_int, positive_int_list
+from ernie_paddle.benchmarking.charts import subplots
+from ernie_paddle.cli.args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
 
-from .bench import SETUPS, log, measure_in_child, prepare
+from ernie_paddle.tools.bench import SETUPS, log, measure_in_child, prepare
 
 
 # ---- servers ------------------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def ours_cmd(folder: str, port: int, threads: int, max_batch: int, max_len: int) -> list[str]:
-    return [sys.executable, "-m", "ernie_paddle.onnx_cli", "serve", "--model", folder, "--port", str(port),
+    return [sys.executable, "-m", "ernie_paddle.cli.onnx_cli", "serve", "--model", folder, "--port", str(port),
             "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "1024",
             "--max-model-len", str(max_len)]
 

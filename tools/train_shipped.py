@@ -18,19 +18,14 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # deterministic reductions; set before Paddle is imported
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from ernie_paddle import paddle_env  # noqa: E402,F401  (MKL settings before Paddle)
-
-from ernie_paddle.atomic import atomic_dir, check_new_dir, write_json  # noqa: E402
-from ernie_paddle.config import ErnieConfig, preset  # noqa: E402
-from ernie_paddle.interrupts import run_command  # noqa: E402
-from ernie_paddle.layout import Role, canonical_maps  # noqa: E402
-from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus  # noqa: E402
-from ernie_paddle.files import SPM_MODEL, TOKENIZER_CONFIG  # noqa: E402
-from ernie_paddle.training import evaluate, train_tokenizer  # noqa: E402
+from ernie_paddle.atomic import atomic_dir, check_new_dir, write_json
+from ernie_paddle.checkpoint.layout import Role, canonical_maps
+from ernie_paddle.config import ErnieConfig, preset
+from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus
+from ernie_paddle.files import SPM_MODEL, TOKENIZER_CONFIG
+from ernie_paddle.interrupts import run_command
 
 # The shipped model's shape: the "tiny" preset at a width that learns Shakespeare (vocab_size: the tokenizer's).
 SHAPE = dict(hidden_size=256, intermediate_size=768, head_dim=64, max_position_embeddings=2048,
@@ -82,7 +77,7 @@ def _optimizer(model, args: argparse.Namespace):
     gradient: `_balance` moves them). Returns (optimizer, schedule, biases)."""
     import paddle
 
-    from ernie_paddle.modeling import SparseMoeBlock
+    from ernie_paddle.paddle.modeling import SparseMoeBlock
 
     biases = [layer.mlp.e_score_correction_bias for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
     for b in biases:
@@ -133,6 +128,7 @@ def _train(model, cfg: ErnieConfig, train_ids: np.ndarray, args: argparse.Namesp
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # deterministic reductions; set before Paddle is imported
     args = _parse(argv)
     check_new_dir(args.out)  # before an hour of training, not after
     _train_and_save(args)
@@ -141,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_and_save(args: argparse.Namespace) -> None:
     """Tokenizer, training, evaluation and the checkpoint folder at `args.out` (all or nothing)."""
-    import paddle
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM  # first: its package sets up Paddle's process
+    from ernie_paddle.paddle.training import evaluate, train_tokenizer
+    from ernie_paddle.paddle.weights import save_pretrained
 
-    from ernie_paddle.paddle_weights import save_pretrained
-    from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM
-    from ernie_paddle.tokenizer import ErnieTokenizer
+    import paddle
+    from ernie_paddle.text.tokenizer import ErnieTokenizer
 
     t0 = time.time()
     paddle.seed(args.seed)

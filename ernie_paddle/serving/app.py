@@ -19,13 +19,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from ..chat_output import ChatDelta, ChatFormat, ChatOutputParser
-from ..tokenizer import ErnieTokenizer
-from .bridge import Generation
-from .engine import Engine
-from .metrics import CountRequests, ServerMetrics
-from .protocol import ApiError, ServedModel, parse_chat, parse_completion, read_body
-from .responses import (DONE, Head, chat_choice, chat_message, completion_choice, completion_logprobs, sse,
+from ernie_paddle.text.chat_output import ChatDelta, ChatFormat, ChatOutputParser
+from ernie_paddle.text.tokenizer import ErnieTokenizer
+from ernie_paddle.serving.bridge import Generation
+from ernie_paddle.serving.engine import Engine
+from ernie_paddle.serving.metrics import CountRequests, ServerMetrics
+from ernie_paddle.serving.protocol import ApiError, ServedModel, parse_chat, parse_completion, read_body
+from ernie_paddle.serving.responses import (DONE, Head, chat_choice, chat_message, completion_choice, completion_logprobs, sse,
                         tool_calls, usage)
 
 CLIENT_CLOSED = 499  # the status logged for a request whose client left before the answer (nginx's)

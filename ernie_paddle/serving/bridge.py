@@ -12,11 +12,11 @@ import asyncio
 import time
 from typing import AsyncIterator
 
-from ..errors import InputError
-from .engine import Engine, Finished, QueueFull, Request, ShuttingDown, Token
-from .metrics import ServerMetrics
-from .protocol import ApiError, Job
-from .text import Piece, TextStream
+from ernie_paddle.errors import InputError
+from ernie_paddle.serving.engine import Engine, Finished, QueueFull, Request, ShuttingDown, Token
+from ernie_paddle.serving.metrics import ServerMetrics
+from ernie_paddle.serving.protocol import ApiError, Job
+from ernie_paddle.serving.text import Piece, TextStream
 
 
 class Generation:

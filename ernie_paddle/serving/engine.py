@@ -23,9 +23,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ErnieError, InputError
-from ..generation import GenerationConfig, next_tokens
-from .slots import Slots, slots_for
+from ernie_paddle.errors import ErnieError, InputError
+from ernie_paddle.generation import GenerationConfig, next_tokens
+from ernie_paddle.serving.slots import Slots, slots_for
 
 
 class QueueFull(ErnieError):

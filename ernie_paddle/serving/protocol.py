@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..chat_output import ChatFormat
-from ..errors import ErnieError, InputError
-from ..generation import GenerationConfig
-from ..token_ids import check_token_ids
+from ernie_paddle.text.chat_output import ChatFormat
+from ernie_paddle.errors import ErnieError, InputError
+from ernie_paddle.generation import GenerationConfig
+from ernie_paddle.token_ids import check_token_ids
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions (chat's is the rest of the context)
 MAX_LOGPROBS = 20  # the most alternatives per token (as vLLM's default max_logprobs)

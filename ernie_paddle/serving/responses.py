@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from .text import TokenText
+from ernie_paddle.serving.text import TokenText
 
 DONE = b"data: [DONE]\n\n"  # the last event of every stream
 

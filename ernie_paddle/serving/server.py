@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import uvicorn
 
-from .app import Service, create_app
+from ernie_paddle.serving.app import Service, create_app
 
 SHUTDOWN_MARGIN = 5.0  # seconds uvicorn waits for connections beyond the grace period (aborted answers to send)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..generation import logits_numpy
+from ernie_paddle.generation import logits_numpy
 
 
 class Slots(Protocol):
@@ -53,7 +53,7 @@ class SharedSlots:
 
     def _cache(self, start: int, n: int, length: int):
         """The runtime's cache over rows start..start+n-1 (OrtValues over the same memory, made once per range)."""
-        from ..onnx_runtime import OnnxCache
+        from ernie_paddle.ort.runtime import OnnxCache
 
         view = self._views.get((start, n))
         if view is None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
-from ..chat_output import partial_tag_length as _held_back  # the longest end of a text that begins one of some strings
-from ..tokenizer import IncrementalDecoder
-from .engine import Token
+from ernie_paddle.text.chat_output import partial_tag_length as _held_back  # the longest end of a text that begins one of some strings
+from ernie_paddle.text.tokenizer import IncrementalDecoder
+from ernie_paddle.serving.engine import Token
 
 
 @dataclass

@@ -24,7 +24,6 @@ here; the plain `paddle.distributed.all_reduce` on fleet's model-parallel group 
 
 from __future__ import annotations
 
-from . import paddle_env  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
 import os
 from dataclasses import dataclass
@@ -35,13 +34,14 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn as nn
 
-from . import files, kernels_gpu
-from .checkpoint import open_checkpoint
-from .config import ErnieConfig
-from .errors import InputError
-from .layout import TensorMap, iter_canonical
-from .modeling import MLP, Ernie4_5_MoeForCausalLM, SparseMoeBlock, default_dtype
-from .paddle_weights import fill_parameters
+from ernie_paddle import files
+from ernie_paddle.paddle import kernels_gpu
+from ernie_paddle.checkpoint.folder import open_checkpoint
+from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import InputError
+from ernie_paddle.checkpoint.layout import TensorMap, iter_canonical
+from ernie_paddle.paddle.modeling import MLP, Ernie4_5_MoeForCausalLM, SparseMoeBlock, default_dtype
+from ernie_paddle.paddle.weights import fill_parameters
 
 
 @dataclass(frozen=True)

@@ -47,3 +47,18 @@ if "paddle" not in sys.modules:
     for line in captured.getvalue().splitlines():  # pass on anything but the OMP_NUM_THREADS advice
         if "OMP_NUM_THREADS" not in line:
             print(line, file=sys.stderr)
+
+
+def set_device(device: str) -> None:
+    """`paddle.set_device(--device)`, with one-line errors that name the flag (a CPU build asked for a GPU, too)."""
+    import paddle
+
+    from ernie_paddle.errors import ErnieError
+
+    if device.split(":")[0] == "gpu" and not paddle.device.is_compiled_with_cuda():
+        raise ErnieError(f"--device {device}: this Paddle build has no CUDA support; use --device cpu, or install "
+                         f"Paddle's GPU build")
+    try:
+        paddle.set_device(device)
+    except (ValueError, RuntimeError) as e:
+        raise ErnieError(f"--device {device}: {str(e).strip().splitlines()[0]}") from None

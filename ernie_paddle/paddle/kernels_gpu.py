@@ -18,7 +18,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from .moe import mix_weights, router_probs
+from ernie_paddle.paddle.moe import mix_weights, router_probs
 
 
 def gpu_active() -> bool:
@@ -35,7 +35,7 @@ def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tens
 def rope_tables(head_dim: int, theta: float, max_pos: int, dtype: str) -> tuple[paddle.Tensor, paddle.Tensor]:
     """Full-width cos/sin tables [1, max_pos, 1, d] in ERNIE's layout [θ0, θ0, θ1, θ1, ...], from
     `rope.cos_sin_tables` (the tables the ONNX export uses)."""
-    from .rope import cos_sin_tables
+    from ernie_paddle.rope import cos_sin_tables
 
     cos, sin = (np.repeat(t, 2, axis=-1)[None, :, None, :] for t in cos_sin_tables(max_pos, head_dim, theta))
     return paddle.to_tensor(cos).astype(dtype), paddle.to_tensor(sin).astype(dtype)

@@ -6,15 +6,15 @@ allowed and the directory has no safetensors, so reading safetensors never impor
 
 from __future__ import annotations
 
-from . import paddle_env  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
 import os
 
 import numpy as np
 import paddle
 
-from .errors import CheckpointError
-from .safetensors_io import TensorInfo, pickled_files
+from ernie_paddle.errors import CheckpointError
+from ernie_paddle.checkpoint.safetensors_io import TensorInfo
+from ernie_paddle.files import pickled_files
 
 
 class PickleReader:

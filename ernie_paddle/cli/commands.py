@@ -15,12 +15,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .chat_output import ChatFormat, ChatOutputParser, ModelOutputWarning, parse_chat_output
-from .cli_args import DECODING, MAX_NEW_TOKENS_IDS, MAX_NEW_TOKENS_TEXT, SAMPLING, sampling_given, token_ids
-from .errors import ConfigDefaultWarning, InputError
-from .interrupts import raise_if_interrupted, run_command
-from .sysinfo import peak_rss
-from .textfile import read_text
+from ernie_paddle.text.chat_output import ChatFormat, ChatOutputParser, ModelOutputWarning, parse_chat_output
+from ernie_paddle.cli.args import DECODING, MAX_NEW_TOKENS_IDS, MAX_NEW_TOKENS_TEXT, SAMPLING, sampling_given, token_ids
+from ernie_paddle.errors import ConfigDefaultWarning, InputError
+from ernie_paddle.interrupts import raise_if_interrupted, run_command
+from ernie_paddle.sysinfo import peak_rss
+from ernie_paddle.textfile import read_text
 
 Load = Callable[[argparse.Namespace], Any]  # the model for these arguments (Paddle, ONNX Runtime, distributed)
 ONE_LINE_WARNINGS = (ConfigDefaultWarning, ModelOutputWarning)  # the user's to read, not a programmer's
@@ -59,7 +59,7 @@ _python_showwarning = warnings.showwarning
 # ---- checks before loading -----------------------------------------------------------------------------------------
 def folder_config(args: argparse.Namespace):
     """config.json of --model, read without its default-value warnings (the model's own load reports them)."""
-    from .config import ErnieConfig
+    from ernie_paddle.config import ErnieConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigDefaultWarning)
@@ -68,7 +68,7 @@ def folder_config(args: argparse.Namespace):
 
 def check_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
     """Every id must index the embedding of config.json's vocabulary; the error names the argument."""
-    from .token_ids import check_token_ids
+    from ernie_paddle.token_ids import check_token_ids
     import numpy as np
 
     try:
@@ -102,7 +102,7 @@ def read_prompt(args: argparse.Namespace, vocab_size: int) -> Prompt:
             raise InputError("--chat needs --prompt (the chat template is text)")
         check_ids(args.input_ids, vocab_size, "--input-ids")
         return Prompt(list(args.input_ids))
-    from .tokenizer import ErnieTokenizer
+    from ernie_paddle.text.tokenizer import ErnieTokenizer
 
     tok = ErnieTokenizer(args.model)
     echo = None if args.json or args.prompt_file is not None else ("" if args.chat else text)
@@ -154,8 +154,8 @@ def parity_prompts(path: str | None, model_dir: str, vocab_size: int) -> list[li
 
 def _parity_tokenizer(model_dir: str, required: bool):
     """The model's tokenizer; None when it has none and no prompt needs it."""
-    from .errors import TokenizerError
-    from .tokenizer import ErnieTokenizer
+    from ernie_paddle.errors import TokenizerError
+    from ernie_paddle.text.tokenizer import ErnieTokenizer
 
     try:
         return ErnieTokenizer(model_dir)
@@ -171,7 +171,7 @@ def _is_ids(line: str) -> bool:
 
 def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
     """The validated GenerationConfig of the arguments; sampling flags without --do-sample get a warning."""
-    from .generation import GenerationConfig
+    from ernie_paddle.generation import GenerationConfig
 
     stops = list(args.stop_ids or ())
     check_ids(stops, cfg.vocab_size, "--stop-ids")
@@ -219,8 +219,8 @@ def _stream(model, prompt: Prompt, gen, quiet: bool) -> tuple[list[int], float, 
 
     The prompt is echoed with the first token, so an error raised before it (a prompt too long for the model)
     stands on its own line."""
-    from .generation import stream
-    from .tokenizer import IncrementalDecoder
+    from ernie_paddle.generation import stream
+    from ernie_paddle.text.tokenizer import IncrementalDecoder
 
     decoder = show = None
     if prompt.tokenizer and not quiet:
@@ -295,7 +295,7 @@ def logits(load: Load, args: argparse.Namespace) -> int:
     """Write float32 [T, vocab] logits of one forward pass (no cache) to --out, all or nothing."""
     import numpy as np
 
-    from .atomic import atomic_path
+    from ernie_paddle.atomic import atomic_path
 
     check_ids(args.input_ids, folder_config(args).vocab_size, "--input-ids")
     values = load(args).logits(np.asarray(args.input_ids, dtype=np.int64)).astype(np.float32)

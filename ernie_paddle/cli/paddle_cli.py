@@ -14,18 +14,18 @@ import sys
 import time
 from typing import Sequence
 
-from . import cli_commands
-from .cli_args import (allow_pickle_arg, block_size, dtype_arg, folder, generate_args, input_file, log_line,
+from ernie_paddle.cli import commands as cli_commands
+from ernie_paddle.cli.args import (allow_pickle_arg, block_size, dtype_arg, folder, generate_args, input_file, log_line,
                        logits_args, model_arg, non_negative_int, output_file, paddle_model_args, positive_int,
                        progress_printer, size, strict_config_arg)
-from .cli_args import default_model_dir  # noqa: F401  (public: earlier READMEs imported it from here)
-from .errors import CheckpointError, ErnieError
-from .export.pipeline import FLAVORS
-from .interrupts import run_command
-from .layout import PADDLE, PT
-from .precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, PLAN_PRECISIONS
-from .safetensors_io import MAX_SHARD_BYTES
-from .serving import cli as serve_cli
+from ernie_paddle.cli.args import default_model_dir  # noqa: F401  (public: earlier READMEs imported it from here)
+from ernie_paddle.errors import CheckpointError, ErnieError
+from ernie_paddle.export.pipeline import FLAVORS
+from ernie_paddle.interrupts import run_command
+from ernie_paddle.checkpoint.layout import PADDLE, PT
+from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, PLAN_PRECISIONS
+from ernie_paddle.checkpoint.safetensors_io import MAX_SHARD_BYTES
+from ernie_paddle.cli import serve as serve_cli
 
 # what --layout offers: the released -Paddle and -PT layouts (layout.LAYOUTS adds pt-fused, which is only read)
 WRITABLE_LAYOUTS = (PADDLE, PT)
@@ -34,24 +34,13 @@ WRITABLE_LAYOUTS = (PADDLE, PT)
 # ---- commands ------------------------------------------------------------------------------------------------------
 def _load_model(args):
     """The Paddle model of --model on --device (checked before the weights are read)."""
-    from .modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.paddle.env import set_device
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 
     if args.device:
-        _set_device(args.device)
+        set_device(args.device)
     return Ernie4_5_MoeForCausalLM.from_pretrained(args.model, dtype=args.dtype, strict_config=args.strict_config,
                                                    allow_pickle=args.allow_pickle)
-
-
-def _set_device(device: str) -> None:
-    import paddle
-
-    if device.split(":")[0] == "gpu" and not paddle.device.is_compiled_with_cuda():
-        raise ErnieError(f"--device {device}: this Paddle build has no CUDA support; use --device cpu, or install "
-                         f"Paddle's GPU build")
-    try:
-        paddle.set_device(device)
-    except (ValueError, RuntimeError) as e:
-        raise ErnieError(f"--device {device}: {str(e).strip().splitlines()[0]}") from None
 
 
 def cmd_generate(args) -> int:
@@ -63,7 +52,7 @@ def cmd_logits(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export.pipeline import export
+    from ernie_paddle.export.pipeline import export
 
     t0 = time.time()
     m = export(args.model, args.out, flavor=args.flavor, precision=args.precision, verify=not args.no_verify,
@@ -85,8 +74,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .atomic import check_new_dir
-    from .checkpoint import convert
+    from ernie_paddle.atomic import check_new_dir
+    from ernie_paddle.checkpoint.folder import convert
 
     check_new_dir(args.out, CheckpointError, "directory")  # before reading any weights
     files = convert(args.model, args.out, layout=args.layout, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
@@ -97,9 +86,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_make_checkpoint(args) -> int:
-    from .atomic import check_new_dir
-    from .checkpoint import make_checkpoint
-    from .config import preset
+    from ernie_paddle.atomic import check_new_dir
+    from ernie_paddle.checkpoint.folder import make_checkpoint
+    from ernie_paddle.config import preset
 
     check_new_dir(args.out, CheckpointError, "directory")
     overrides = {"num_hidden_layers": args.num_layers} if args.num_layers is not None else {}
@@ -112,8 +101,8 @@ def cmd_make_checkpoint(args) -> int:
 
 
 def cmd_parity(args) -> int:
-    from . import parity
-    from .parity_report import format_table, plot
+    from ernie_paddle.parity import run as parity
+    from ernie_paddle.parity.report import format_table, plot
 
     cfg = cli_commands.folder_config(args)
     prompts = cli_commands.parity_prompts(args.prompts, args.model, cfg.vocab_size)
@@ -121,7 +110,7 @@ def cmd_parity(args) -> int:
                         log=log_line, gguf_files=args.gguf or [])
     print(format_table(report))
     if args.json:
-        from .atomic import write_json
+        from ernie_paddle.atomic import write_json
 
         write_json(args.json, report)
     if args.plot:
@@ -130,8 +119,8 @@ def cmd_parity(args) -> int:
 
 
 def cmd_memory(args) -> int:
-    from .config import ErnieConfig, preset
-    from .memory import report
+    from ernie_paddle.config import ErnieConfig, preset
+    from ernie_paddle.memory import report
 
     if (args.model is None) == (args.preset is None):
         raise ErnieError("give exactly one of --model DIR or --preset NAME")
@@ -174,7 +163,7 @@ def _parity_args(pr: argparse.ArgumentParser) -> None:
 
 
 def _memory_args(mem: argparse.ArgumentParser) -> None:
-    from .config import PRESETS
+    from ernie_paddle.config import PRESETS
 
     mem.add_argument("--model", default=None, type=folder, help="checkpoint folder (its config.json)")
     mem.add_argument("--preset", default=None, choices=list(PRESETS))
@@ -204,7 +193,7 @@ def _convert_args(c: argparse.ArgumentParser) -> None:
 
 
 def _make_checkpoint_args(m: argparse.ArgumentParser) -> None:
-    from .config import PRESETS
+    from ernie_paddle.config import PRESETS
 
     m.add_argument("--preset", required=True, choices=list(PRESETS))
     _checkpoint_out_args(m, "bfloat16")

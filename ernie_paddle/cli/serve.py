@@ -13,15 +13,15 @@ import os
 import sys
 from typing import Any, Callable
 
-from ..cli_args import positive_int
-from ..errors import ErnieError
+from ernie_paddle.cli.args import positive_int
+from ernie_paddle.errors import ErnieError
 
 API_KEY_ENV = "ERNIE_API_KEY"
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")  # the `serve` extra of setup.py
 
 
 def _engine_default(name: str) -> Any:
-    from .engine import Engine
+    from ernie_paddle.serving.engine import Engine
 
     return inspect.signature(Engine).parameters[name].default
 
@@ -68,7 +68,7 @@ def server_args(p: argparse.ArgumentParser) -> None:
 
 def paddle_server_args(p: argparse.ArgumentParser) -> None:
     """`ernie-paddle serve`: how the Paddle model is read, then the server's arguments."""
-    from ..cli_args import paddle_model_args
+    from ernie_paddle.cli.args import paddle_model_args
 
     paddle_model_args(p)
     server_args(p)
@@ -91,8 +91,8 @@ def _missing(module: str) -> bool:
 def serve(load: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
     """Load the model with `load`, start the engine and answer requests until SIGTERM (status 0)."""
     check_installed()
-    from . import server
-    from .app import start_service
+    from ernie_paddle.serving import server
+    from ernie_paddle.serving.app import start_service
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     sock = server.listening_socket(args.host, args.port)

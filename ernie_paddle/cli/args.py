@@ -14,18 +14,19 @@ import sys
 import time
 from typing import Callable
 
-from . import files
-from .errors import InputError
-from .generation import GenerationConfig
-from .interrupts import raise_if_interrupted
-from .precisions import DTYPES, check_block_size
-from .sizes import parse_size
-from .textfile import read_text
+from ernie_paddle import files
+from ernie_paddle.errors import InputError
+from ernie_paddle.generation import GenerationConfig
+from ernie_paddle.interrupts import raise_if_interrupted
+from ernie_paddle.precisions import DTYPES, check_block_size
+from ernie_paddle.sizes import parse_size
+from ernie_paddle.textfile import read_text
 
 
 def default_model_dir() -> str:
     """The small trained ERNIE-architecture model that ships inside the package."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "ernie-4.5-shakespeare")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # ernie_paddle/, above cli/
+    return os.path.join(package, "models", "ernie-4.5-shakespeare")
 
 
 # ---- argument types ------------------------------------------------------------------------------------------------

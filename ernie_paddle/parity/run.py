@@ -23,9 +23,9 @@ from typing import Callable, ContextManager
 
 import numpy as np
 
-from .errors import InputError
-from .metrics import shared_prefix
-from .parity_report import Trace, compare_traces
+from ernie_paddle.errors import InputError
+from ernie_paddle.scoring import shared_prefix
+from ernie_paddle.parity.report import Trace, compare_traces
 
 
 @dataclass
@@ -39,7 +39,7 @@ class CandidateRun:
 
 def _check_inputs(onnx_dirs: list[str], use_hf: bool, gguf_files: list[str], streaming: bool) -> None:
     """Refuse what cannot run before any model is loaded."""
-    from .onnx_runtime import load_manifest
+    from ernie_paddle.ort.runtime import load_manifest
 
     for folder in onnx_dirs:
         load_manifest(folder)  # names the folder when it is not an export
@@ -60,7 +60,7 @@ def _check_inputs(onnx_dirs: list[str], use_hf: bool, gguf_files: list[str], str
 def _openers(cfg, model_dir: str, onnx_dirs: list[str], use_hf: bool, gguf_files: list[str], n_ctx: int
              ) -> list[tuple[str, Callable[[], ContextManager]]]:
     """(label, opener) of every candidate, in report order: ONNX folders, transformers, GGUF files."""
-    from .parity_probes import open_hf, open_llama, open_onnx
+    from ernie_paddle.parity.probes import open_hf, open_llama, open_onnx
 
     return ([(folder, partial(open_onnx, folder, cfg)) for folder in onnx_dirs]
             + ([("transformers", partial(open_hf, model_dir))] if use_hf else [])
@@ -85,9 +85,9 @@ def run(model_dir: str, onnx_dirs: list[str], use_hf: bool, prompts: list[list[i
         gguf_files: list[str] | None = None) -> dict:
     """The whole report as a dict (see module docstring). `streaming` (default: when the fp32 model would not fit
     in memory) computes the Paddle reference layer by layer."""
-    from .config import ErnieConfig
-    from .memory import fp32_reference_fits
-    from .parity_reference import reference_traces
+    from ernie_paddle.config import ErnieConfig
+    from ernie_paddle.memory import fp32_reference_fits
+    from ernie_paddle.paddle.reference import reference_traces
 
     cfg = ErnieConfig.from_file(model_dir)
     gguf_files = list(gguf_files or [])

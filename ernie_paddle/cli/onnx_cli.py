@@ -9,14 +9,14 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import cli_commands
-from .cli_args import folder, generate_args, logits_args, positive_int
-from .onnx_runtime import PROVIDERS
-from .serving import cli as serve_cli
+from ernie_paddle.cli import commands as cli_commands
+from ernie_paddle.cli.args import folder, generate_args, logits_args, positive_int
+from ernie_paddle.ort.runtime import PROVIDERS
+from ernie_paddle.cli import serve as serve_cli
 
 
 def _load(args, spinning: bool = True):
-    from .onnx_runtime import OnnxCausalLM
+    from ernie_paddle.ort.runtime import OnnxCausalLM
 
     return OnnxCausalLM(args.model, provider=args.provider, threads=args.threads, spinning=spinning)
 

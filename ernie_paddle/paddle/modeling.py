@@ -9,7 +9,6 @@ Shapes: B batch, T new tokens, S cached + new tokens, H hidden, nh/nkv heads, d 
 
 from __future__ import annotations
 
-from . import paddle_env  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
 import contextlib
 import os
@@ -21,11 +20,13 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .config import ErnieConfig
-from .errors import InputError
-from . import files, kernels_gpu, rope
-from .token_ids import check_token_ids
-from .moe import EXPERT_PASSES, route
+from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import InputError
+from ernie_paddle import files
+from ernie_paddle.paddle import kernels_gpu
+from ernie_paddle import rope
+from ernie_paddle.token_ids import check_token_ids
+from ernie_paddle.paddle.moe import EXPERT_PASSES, route
 
 _NEG = float(np.finfo(np.float32).min)
 
@@ -259,7 +260,7 @@ class ForwardOutput:
 class Ernie4_5_MoeForCausalLM(nn.Layer):
     """The causal LM (also serves the dense `ernie4_5` config: every layer is then an MLP layer).
 
-    Parameter names are the canonical names of `ernie_paddle.layout`; load with `from_pretrained`.
+    Parameter names are the canonical names of `ernie_paddle.checkpoint.layout`; load with `from_pretrained`.
     """
 
     def __init__(self, cfg: ErnieConfig, dtype: str = "float32"):
@@ -287,12 +288,12 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
     def from_pretrained(cls, directory: str, *, dtype: str = "float32", strict_config: bool = False,
                         config: ErnieConfig | None = None, fused: bool | None = None,
                         allow_pickle: bool = False) -> "Ernie4_5_MoeForCausalLM":
-        """Load a `-Paddle` or `-PT` checkpoint directory (see `ernie_paddle.paddle_weights.load_weights`).
+        """Load a `-Paddle` or `-PT` checkpoint directory (see `ernie_paddle.paddle.weights.load_weights`).
 
         `fused`: use Paddle's fused GPU kernels (default: when running on a GPU). `allow_pickle`: also read
         pickled `.pdparams` weights (off by default: unpickling can run code).
         """
-        from .paddle_weights import load_weights
+        from ernie_paddle.paddle.weights import load_weights
 
         cfg = config or ErnieConfig.from_file(os.path.join(directory, files.CONFIG), strict=strict_config)
         model = cls(cfg, dtype)

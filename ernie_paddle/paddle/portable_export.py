@@ -26,8 +26,8 @@ import paddle.nn.functional as F
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 from ernie_paddle.memory import fp32_bytes
-from ernie_paddle.modeling import Ernie4_5_MoeForCausalLM, SparseMoeBlock
-from ernie_paddle.moe import mix_weights, router_probs, select
+from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM, SparseMoeBlock
+from ernie_paddle.paddle.moe import mix_weights, router_probs, select
 from ernie_paddle.rope import inv_freq as rope_inv_freq
 
 OPSET = 21  # paddle2onnx 2.1.0 goes up to 21
@@ -67,7 +67,7 @@ class PortableErnie(nn.Layer):
         return attn.o_proj(out), k, v
 
     def moe(self, block, x):
-        """ERNIE's routing (`ernie_paddle.moe`) as a dense [N, E] weight matrix: every expert runs on every token
+        """ERNIE's routing (`ernie_paddle.paddle.moe`) as a dense [N, E] weight matrix: every expert runs on every token
         and unselected experts get weight 0 (exact; no data-dependent shapes for the exporter)."""
         flat = x.reshape([-1, self.m.config.hidden_size])
         probs = router_probs(flat, block.gate.weight)  # [N, E] fp32
@@ -127,7 +127,7 @@ def _finish(onnx_path: str, out_path: str, cfg: ErnieConfig) -> None:
     """genai names, Constant weights -> external-data initializers, shared dynamic dimension names."""
     import onnx
 
-    from .graph import INLINE_LIMIT, data_file_for
+    from ernie_paddle.export.graph import INLINE_LIMIT, data_file_for
 
     model = onnx.load(onnx_path)
     g = model.graph

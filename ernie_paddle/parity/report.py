@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atomic import write_png
-from .metrics import kl_divergence
+from ernie_paddle.atomic import write_png
+from ernie_paddle.scoring import kl_divergence
 
 
 @dataclass

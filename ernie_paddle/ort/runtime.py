@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import files
-from .config import ErnieConfig
-from .errors import InputError, OnnxFolderError
-from .textfile import read_json_object
-from .precisions import BITS
-from .token_ids import check_token_ids
-from .rope import check_position_ids
+from ernie_paddle import files
+from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import InputError, OnnxFolderError
+from ernie_paddle.textfile import read_json_object
+from ernie_paddle.precisions import BITS
+from ernie_paddle.token_ids import check_token_ids
+from ernie_paddle.rope import check_position_ids
 
 @dataclass
 class OnnxCache:

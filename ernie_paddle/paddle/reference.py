@@ -12,13 +12,12 @@ from typing import Iterator
 
 import numpy as np
 
-from . import paddle_env  # noqa: F401  (thread / MKL settings before Paddle is imported below)
-from .parity_report import Trace
+from ernie_paddle.parity.report import Trace
 
 
 def bias_changed(block, router_input, chosen: np.ndarray) -> float:
     """Share of tokens whose expert set the correction bias changed (plain top-k of the probs vs the choice)."""
-    from .moe import router_probs, select
+    from ernie_paddle.paddle.moe import router_probs, select
 
     h = router_input.reshape([-1, router_input.shape[-1]])
     plain = select(router_probs(h, block.gate.weight), None, block.k).numpy()
@@ -39,7 +38,7 @@ def router_inputs(blocks) -> Iterator[list]:
 
 def paddle_trace(model, ids: list[int]) -> tuple[Trace, list[float]]:
     """Paddle trace, and per MoE layer the share of tokens whose expert set the correction bias changed."""
-    from .modeling import SparseMoeBlock
+    from ernie_paddle.paddle.modeling import SparseMoeBlock
 
     blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
     with router_inputs(blocks) as captured:
@@ -55,7 +54,7 @@ def _causal_inputs(cfg, seqs: list[list[int]]) -> list[tuple]:
     """Per sequence: the rotary angles of positions 0..T-1 and the additive causal mask [1, 1, T, T]."""
     import paddle
 
-    from .modeling import Rotary, attention_bias
+    from ernie_paddle.paddle.modeling import Rotary, attention_bias
 
     out = []
     for p in seqs:
@@ -69,7 +68,7 @@ def _load_layer(cfg, i: int, take):
     """Decoder layer `i` in fp32 with its weights taken by name from the checkpoint stream."""
     import paddle
 
-    from .modeling import DecoderLayer
+    from ernie_paddle.paddle.modeling import DecoderLayer
 
     layer = DecoderLayer(cfg, i, "float32")
     for name, param in layer.named_parameters():
@@ -85,8 +84,8 @@ def paddle_trace_streaming(model_dir: str, cfg, seqs: list[list[int]]) -> tuple[
     """
     import paddle
 
-    from .checkpoint import TensorStream, read_canonical
-    from .modeling import RMSNorm, SparseMoeBlock
+    from ernie_paddle.checkpoint.folder import TensorStream, read_canonical
+    from ernie_paddle.paddle.modeling import RMSNorm, SparseMoeBlock
 
     take = TensorStream((m.canonical, a) for m, a in read_canonical(model_dir, cfg)).take
     embed = take("embed_tokens.weight")
@@ -122,7 +121,7 @@ def reference_traces(model_dir: str, cfg, seqs: list[list[int]], streaming: bool
     """The Paddle reference's trace of every sequence, and per sequence and MoE layer the bias-changed share."""
     if streaming:
         return paddle_trace_streaming(model_dir, cfg, seqs)
-    from .modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 
     model = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir, config=cfg)
     traces, changed = [], []

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .atomic import atomic_dir
-from .config import ErnieConfig
-from .errors import CheckpointError
-from .files import INDEX_FILE, SIDE_FILES, SINGLE_FILE
-from .layout import LAYOUTS, PADDLE, PT, Role, TensorMap, iter_canonical, tensor_maps
-from .precisions import DTYPES
-from .safetensors_io import MAX_SHARD_BYTES, CheckpointReader, ShardedWriter, pickled_files
+from ernie_paddle.atomic import atomic_dir
+from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import CheckpointError
+from ernie_paddle.files import INDEX_FILE, SIDE_FILES, SINGLE_FILE, pickled_files
+from ernie_paddle.checkpoint.layout import LAYOUTS, PADDLE, PT, Role, TensorMap, iter_canonical, tensor_maps
+from ernie_paddle.precisions import DTYPES
+from ernie_paddle.checkpoint.safetensors_io import MAX_SHARD_BYTES, CheckpointReader, ShardedWriter
 
 if TYPE_CHECKING:
-    from .pdparams import PickleReader
+    from ernie_paddle.paddle.pdparams import PickleReader
 
 # The safetensors dtype each Paddle dtype of `precisions.DTYPES` (float32, bfloat16, float16) is written in.
 ST_DTYPES = dict(zip(DTYPES, ("F32", "BF16", "F16")))
@@ -53,7 +53,7 @@ def open_checkpoint(directory: str, allow_pickle: bool = False) -> CheckpointRea
     safetensors (only then is Paddle imported)."""
     if allow_pickle and os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, SINGLE_FILE)) \
             and not os.path.isfile(os.path.join(directory, INDEX_FILE)) and pickled_files(directory):
-        from .pdparams import PickleReader
+        from ernie_paddle.paddle.pdparams import PickleReader
 
         return PickleReader(directory)
     return CheckpointReader(directory)

@@ -18,9 +18,9 @@ import os
 import re
 from typing import Collection, Iterable, Sequence
 
-from . import files
-from .errors import TokenizerError
-from .textfile import read_json_object
+from ernie_paddle import files
+from ernie_paddle.errors import TokenizerError
+from ernie_paddle.textfile import read_json_object
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<unk>", "cls": "<|begin_of_sentence|>",
            "sep": "<|end_of_sentence|>", "mask": "<mask:1>"}  # ERNIE-4.5's, used where tokenizer_config names none
@@ -182,7 +182,7 @@ class ErnieTokenizer:
         """The checkpoint's chat template (`chat_template.ChatTemplate`), read when first used: ERNIE-4.5's with a
         warning when the checkpoint ships none."""
         if self._chat_template is None:
-            from .chat_template import read_chat_template
+            from ernie_paddle.text.chat_template import read_chat_template
 
             self._chat_template = read_chat_template(self.directory, self.config, self.named_tokens)
         return self._chat_template

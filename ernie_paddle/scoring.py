@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ernie_paddle.errors import InputError
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

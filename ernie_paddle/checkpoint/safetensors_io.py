@@ -16,8 +16,8 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import CheckpointError
-from .files import INDEX_FILE, PDPARAMS_SUFFIX, SINGLE_FILE, shard_file
+from ernie_paddle.errors import CheckpointError
+from ernie_paddle.files import INDEX_FILE, SINGLE_FILE, pickled_files, shard_file
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
               "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16}
@@ -26,10 +26,6 @@ _MAX_HEADER = 100 * 1024 * 1024
 # Largest shard written by default: 5 GB = 5e9 bytes, as Hugging Face's `max_shard_size="5GB"` (and `--max-shard-size`).
 MAX_SHARD_BYTES = 5_000_000_000
 
-
-def pickled_files(directory: str) -> list[str]:
-    """The `.pdparams` files in `directory`, sorted (Paddle's pickled weights: read by `pdparams.PickleReader`)."""
-    return sorted(f for f in os.listdir(directory) if f.endswith(PDPARAMS_SUFFIX))
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:

@@ -16,9 +16,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import InputError
-from .generation import GenerationConfig, generate
-from .parity_report import Trace
+from ernie_paddle.errors import InputError
+from ernie_paddle.generation import GenerationConfig, generate
+from ernie_paddle.parity.report import Trace
 
 
 def _greedy_config(n: int) -> GenerationConfig:
@@ -32,7 +32,7 @@ def _probe_graph(folder: str, manifest: dict, cfg, work: str) -> tuple[str, list
     router-score names)."""
     import onnx
 
-    from .files import ONNX_MODEL
+    from ernie_paddle.files import ONNX_MODEL
 
     model_file = manifest.get("model_file", ONNX_MODEL)
     model = onnx.load(os.path.join(folder, model_file), load_external_data=False)
@@ -60,7 +60,7 @@ class OnnxProbe:
     """An exported folder with its per-layer residual stream and router choices exposed as extra outputs."""
 
     def __init__(self, folder: str, cfg):
-        from .onnx_runtime import OnnxCausalLM, load_manifest
+        from ernie_paddle.ort.runtime import OnnxCausalLM, load_manifest
 
         self.cfg = cfg
         manifest = load_manifest(folder)
@@ -75,7 +75,7 @@ class OnnxProbe:
         self.session = self.runtime.session
 
     def trace(self, ids: list[int]) -> Trace:
-        from .onnx_runtime import prompt_feeds
+        from ernie_paddle.ort.runtime import prompt_feeds
 
         cfg = self.cfg
         feeds = prompt_feeds(ids, cfg, self.runtime.kv_dtype)
@@ -150,8 +150,8 @@ class HFProbe:
 def pt_copy(model_dir: str) -> Iterator[str]:
     """The checkpoint as a -PT folder for transformers: a -PT folder as it is, a -Paddle one converted to a fp32
     -PT copy in the temp folder, removed on exit."""
-    from .layout import PADDLE, detect_layout
-    from .safetensors_io import CheckpointReader
+    from ernie_paddle.checkpoint.layout import PADDLE, detect_layout
+    from ernie_paddle.checkpoint.safetensors_io import CheckpointReader
 
     reader = CheckpointReader(model_dir)
     try:
@@ -161,7 +161,7 @@ def pt_copy(model_dir: str) -> Iterator[str]:
     if layout != PADDLE:
         yield model_dir
         return
-    from .checkpoint import convert
+    from ernie_paddle.checkpoint.folder import convert
 
     work = tempfile.mkdtemp(prefix="ernie-parity-pt-")
     try:
@@ -189,7 +189,7 @@ class LlamaProbe:
     def __init__(self, path: str, cfg, n_ctx: int):
         import llama_cpp
 
-        from .export.gguf import FILE_TYPE
+        from ernie_paddle.export.gguf import FILE_TYPE
 
         self.cfg = cfg
         try:
@@ -203,7 +203,7 @@ class LlamaProbe:
 
     def _check_shape(self, path: str) -> None:
         """The file must hold this model's shape: a GGUF of another model would give meaningless figures."""
-        from .export.gguf import ARCH
+        from ernie_paddle.export.gguf import ARCH
 
         meta, cfg = self.llm.metadata, self.cfg
         arch = meta.get("general.architecture")

@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .config import ErnieConfig
-from .errors import CheckpointError
+from ernie_paddle.config import ErnieConfig
+from ernie_paddle.errors import CheckpointError
 
 PADDLE, PT, PT_FUSED = "paddle", "pt", "pt-fused"
 LAYOUTS = (PADDLE, PT, PT_FUSED)

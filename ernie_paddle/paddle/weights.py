@@ -5,17 +5,16 @@ The Paddle-needing half of checkpoint I/O (`checkpoint.py` is numpy only).
 
 from __future__ import annotations
 
-from . import paddle_env  # noqa: F401  (thread / MKL settings must precede `import paddle`)
 
 from typing import Iterable
 
 import numpy as np
 import paddle
 
-from .checkpoint import read_canonical, write_checkpoint
-from .errors import CheckpointError
-from .layout import PADDLE, TensorMap, tensor_maps
-from .safetensors_io import MAX_SHARD_BYTES
+from ernie_paddle.checkpoint.folder import read_canonical, write_checkpoint
+from ernie_paddle.errors import CheckpointError
+from ernie_paddle.checkpoint.layout import PADDLE, TensorMap, tensor_maps
+from ernie_paddle.checkpoint.safetensors_io import MAX_SHARD_BYTES
 
 
 def fill_parameters(model: paddle.nn.Layer, pairs: Iterable[tuple[TensorMap, np.ndarray]], directory: str,
