@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 
 from conftest import tiny_config
-from ernie_paddle.checkpoint.layout import LAYOUTS, PT, Role, canonical_maps, tensor_maps
+from ernie_paddle.checkpoint.layout import LAYOUTS, PT, Role, canonical_maps, maps_by_role, tensor_maps
 
 
 def test_every_tensor_has_its_role_layer_and_expert():
@@ -36,6 +36,15 @@ def test_every_tensor_has_its_role_layer_and_expert():
     assert layers == [None, *range(cfg.num_hidden_layers), None]
     # roles do not depend on the on-disk layout
     assert all([m.role for m in tensor_maps(cfg, lay)] == [m.role for m in maps] for lay in LAYOUTS)
+
+
+def test_maps_by_role_find_each_tensor_once():
+    cfg = tiny_config(tie_word_embeddings=False)
+    by_role = maps_by_role(cfg)
+    assert sorted(m.canonical for m in by_role.values()) == sorted(m.canonical for m in tensor_maps(cfg, PT))
+    assert by_role[(Role.ATTN_OUT, 2, None)].canonical == "layers.2.self_attn.o_proj.weight"
+    assert by_role[(Role.EXPERT_DOWN, 1, 3)].canonical == "layers.1.mlp.experts.3.down_proj.weight"
+    assert by_role[(Role.LM_HEAD, None, None)].canonical == "lm_head.weight"
 
 
 def test_role_facts():

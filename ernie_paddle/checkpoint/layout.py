@@ -216,6 +216,12 @@ def canonical_maps(cfg: ErnieConfig) -> dict[str, TensorMap]:
     return {m.canonical: m for m in tensor_maps(cfg, PT)}
 
 
+def maps_by_role(cfg: ErnieConfig) -> dict[tuple[Role, int | None, int | None], TensorMap]:
+    """Every canonical tensor of `cfg` by (role, layer, routed expert), None where they do not apply: a builder asks
+    for layer 3's o_proj by its role instead of spelling its name."""
+    return {(m.role, m.layer, m.expert): m for m in tensor_maps(cfg, PT)}
+
+
 def is_ignored(name: str) -> bool:
     """On-disk tensors that inference does not use: the multi-token-prediction (MTP) head."""
     return ".mtp_" in name or "mtp_block" in name
