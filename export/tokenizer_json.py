@@ -30,11 +30,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 from ernie_paddle.atomic import atomic_path, write_json
 from ernie_paddle.errors import ExportError
-from ernie_paddle.files import ADDED_TOKENS, SPM_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON
+from ernie_paddle.files import SPM_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON
+from ernie_paddle.text.chat_template import read_chat_template
+from ernie_paddle.text.tokenizer import ExtraToken, read_added_tokens
 from ernie_paddle.textfile import read_json_object
 
 # The class onnxruntime-genai is told: Hugging Face's generic fast tokenizer (tokenizer.json as written, no class
@@ -46,13 +48,6 @@ SPACE = "▁"  # SentencePiece's whitespace
 _UNIGRAM, _BPE = 1, 2
 _MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
-
-
-class ExtraToken(NamedTuple):
-    """A token a checkpoint's tokenizer files add to the SentencePiece vocabulary, at a fixed id."""
-    id: int
-    content: str
-    special: bool = False
 
 
 def read_proto(spm_path: str):
@@ -198,28 +193,6 @@ def _decoder(proto):
 
 
 # ---- a checkpoint's files -----------------------------------------------------------------------------------------
-def checkpoint_added_tokens(model_dir: str) -> list[ExtraToken]:
-    """The added tokens a checkpoint lists: `added_tokens.json` ({content: id}) and tokenizer_config.json's
-    `added_tokens_decoder` ({id: {"content", "special", ...}}, which also says which are special)."""
-    found: dict[int, ExtraToken] = {}
-    path = os.path.join(model_dir, ADDED_TOKENS)
-    if os.path.isfile(path):
-        for content, i in read_json_object(path, ExportError).items():
-            if not isinstance(i, int):
-                raise ExportError(f"{path}: the id of {content!r} must be an integer, got {i!r}")
-            found[i] = ExtraToken(i, content)
-    path = os.path.join(model_dir, TOKENIZER_CONFIG)
-    decoder = _read_config(model_dir).get("added_tokens_decoder") or {}
-    for key, entry in decoder.items():
-        if not (key.isdigit() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
-            raise ExportError(f"{path}: added_tokens_decoder[{key!r}] must be an id with a {{\"content\": ...}} entry")
-        i = int(key)
-        if i in found and found[i].content != entry["content"]:
-            raise ExportError(f"id {i} is {found[i].content!r} in {ADDED_TOKENS} but {entry['content']!r} in {path}")
-        found[i] = ExtraToken(i, entry["content"], bool(entry.get("special", False)))
-    return sorted(found.values())
-
-
 def genai_tokenizer_config(config: dict) -> dict:
     """The exported folder's tokenizer_config.json: the checkpoint's, with a class onnxruntime-genai accepts (the
     original kept in `original_tokenizer_class`) and no BOS or EOS added, as ERNIE-4.5's tokenizer does."""
@@ -244,18 +217,19 @@ def write_tokenizer_files(model_dir: str, out_dir: str) -> list[str]:
     spm_path = os.path.join(model_dir, SPM_MODEL)
     if not (os.path.isfile(own) or os.path.isfile(spm_path)):
         return []
+    config = _read_config(model_dir)
     json_out = os.path.join(out_dir, TOKENIZER_JSON)
     if os.path.isfile(own):
         if os.path.abspath(own) != os.path.abspath(json_out):
             with atomic_path(json_out) as tmp:
                 shutil.copyfile(own, tmp)
     else:
-        content = tokenizer_json(spm_path, checkpoint_added_tokens(model_dir))
+        by_id = {t.id: t for t in read_added_tokens(model_dir, config, ExportError)}  # one token per id, the last
+        content = tokenizer_json(spm_path, sorted(by_id.values()))
         with atomic_path(json_out) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(content, f, ensure_ascii=False)
     config_out = os.path.join(out_dir, TOKENIZER_CONFIG)
-    config = _read_config(model_dir)
     config["chat_template"] = _chat_template(model_dir, config)
     write_json(config_out, genai_tokenizer_config(config))
     return [json_out, config_out]
@@ -264,8 +238,6 @@ def write_tokenizer_files(model_dir: str, out_dir: str) -> list[str]:
 def _chat_template(model_dir: str, config: dict) -> str | list[dict]:
     """The template onnxruntime-genai reads from tokenizer_config.json: the checkpoint's (chat_template.jinja wins,
     as in transformers), or ERNIE-4.5's with the warning that says so, so that the folder always has one."""
-    from ernie_paddle.text.chat_template import read_chat_template
-
     templates = read_chat_template(model_dir, config, {}).templates
     if list(templates) == ["default"]:
         return templates["default"]

@@ -120,11 +120,14 @@ def test_stop_ids_include_generation_configs_eos_ids(tagged, tmp_path):
     for f in os.listdir(tagged.directory):
         (tmp_path / f).write_bytes(open(os.path.join(tagged.directory, f), "rb").read())
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 405]}))
-    assert ErnieTokenizer(str(tmp_path)).stop_ids() == [tagged.eos_token_id, tagged.sep_token_id, 405]
+    built = ErnieTokenizer(str(tmp_path))
+    assert built.stop_ids() == [tagged.eos_token_id, tagged.sep_token_id, 405]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    built.stop_ids().append(7)
+    assert built.stop_ids() == [tagged.eos_token_id, tagged.sep_token_id, 405]  # read once, when built
     with pytest.raises(TokenizerError, match="generation_config.json: eos_token_id: expected a token id \\(a "
                                              "non-negative integer\\), got 'x'"):
-        ErnieTokenizer(str(tmp_path)).stop_ids()
+        ErnieTokenizer(str(tmp_path))
 
 
 def test_bad_added_tokens_are_named(tok_dir, tmp_path):

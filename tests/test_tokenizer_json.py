@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -14,14 +15,15 @@ from tokenizers import Tokenizer
 from ernie_paddle.atomic import write_json
 from ernie_paddle.cli.args import default_model_dir
 from ernie_paddle.corpus import read_corpus, split_corpus
-from ernie_paddle.text.chat_template import ERNIE_TEMPLATE
-from ernie_paddle.errors import ConfigDefaultWarning, ExportError
+from ernie_paddle.errors import ConfigDefaultWarning, ExportError, TokenizerError
 from ernie_paddle.export.genai import genai_config
-from ernie_paddle.export.tokenizer_json import (GENAI_TOKENIZER_CLASS, ExtraToken, genai_tokenizer_config,
-                                                tokenizer_json, write_tokenizer_files)
+from ernie_paddle.export.tokenizer_json import (GENAI_TOKENIZER_CLASS, genai_tokenizer_config, tokenizer_json,
+                                                write_tokenizer_files)
 from ernie_paddle.files import (ADDED_TOKENS, CHAT_TEMPLATE, GENAI_CONFIG, ONNX_MODEL, SPM_MODEL, TOKENIZER_CONFIG,
                                 TOKENIZER_JSON)
-from ernie_paddle.text.tokenizer import SPECIAL
+from ernie_paddle.text.chat_template import ERNIE_TEMPLATE
+from ernie_paddle.text.special import SPECIAL
+from ernie_paddle.text.tokenizer import ErnieTokenizer, ExtraToken
 
 from conftest import tiny_config
 
@@ -232,8 +234,33 @@ def test_added_token_files_that_disagree(ckpt):
         config = json.load(f)
     config["added_tokens_decoder"] = {"5001": {"content": "</think>"}}
     write_json(os.path.join(ckpt, TOKENIZER_CONFIG), config)
-    with pytest.raises(ExportError, match="id 5001 is '<other>' in added_tokens.json but '</think>'"):
+    message = (f"{os.path.join(ckpt, TOKENIZER_CONFIG)}: added_tokens_decoder['5001']: '</think>', but "
+               f"{os.path.join(ckpt, ADDED_TOKENS)} gives id 5001 to '<other>'")
+    with pytest.raises(ExportError, match=f"^{re.escape(message)}$"):
         write_tokenizer_files(ckpt, ckpt)
+    with pytest.raises(TokenizerError, match=f"^{re.escape(message)}$"):  # one reader: the tokenizer refuses it too
+        ErnieTokenizer(ckpt)
+
+
+@pytest.mark.parametrize("added, decoder, message", [
+    ({"<think>": -1}, {}, "{added}: '<think>': expected a token id (a non-negative integer), got -1"),
+    ({"<think>": True}, {}, "{added}: '<think>': expected a token id (a non-negative integer), got True"),
+    ({}, {"x": {"content": "<think>"}},
+     "{config}: added_tokens_decoder['x']: expected a token id (a non-negative integer), got 'x'"),
+    ({}, {"5000": {"special": True}},
+     "{config}: added_tokens_decoder['5000']: expected an object with a string \"content\""),
+    ({}, [], "{config}: added_tokens_decoder must be an object of {{id: {{content, special}}}}")])
+def test_bad_added_tokens_are_named_as_the_tokenizer_names_them(ckpt, added, decoder, message):
+    write_json(os.path.join(ckpt, ADDED_TOKENS), added)
+    with open(os.path.join(ckpt, TOKENIZER_CONFIG), encoding="utf-8") as f:
+        config = json.load(f)
+    config["added_tokens_decoder"] = decoder
+    write_json(os.path.join(ckpt, TOKENIZER_CONFIG), config)
+    message = message.format(added=os.path.join(ckpt, ADDED_TOKENS), config=os.path.join(ckpt, TOKENIZER_CONFIG))
+    with pytest.raises(ExportError, match=f"^{re.escape(message)}$"):
+        write_tokenizer_files(ckpt, os.path.join(ckpt, "out"))
+    with pytest.raises(TokenizerError, match=f"^{re.escape(message)}$"):
+        ErnieTokenizer(ckpt)
 
 
 # ---- onnxruntime-genai ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 from ernie_paddle.errors import InputError
 from ernie_paddle.files import SPM_MODEL, TOKENIZER_CONFIG
 from ernie_paddle.scoring import perplexity
-from ernie_paddle.text.tokenizer import MASK_TOKENS, SPECIAL
+from ernie_paddle.text.special import MASK_TOKENS, SPECIAL
 
 
 def train_tokenizer(train_text: str, out_dir: str, vocab_size: int) -> None:

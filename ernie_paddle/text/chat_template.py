@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from ernie_paddle import files
 from ernie_paddle.errors import ConfigDefaultWarning, InputError, TokenizerError
-from ernie_paddle.text.tokenizer import SPECIAL
+from ernie_paddle.text.special import SPECIAL
 
 # ERNIE-4.5's chat template (the -PT/-Paddle chat models'): cls, `system\n`, `User: ...\n`, `Assistant: ...` + sep
 # per turn, and "Assistant: " to prompt the answer; any other role is an error.

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Collection, Iterable, Sequence
+from typing import Collection, Iterable, NamedTuple, Sequence
 
 from ernie_paddle import files
-from ernie_paddle.errors import TokenizerError
+from ernie_paddle.errors import ErnieError, TokenizerError
+from ernie_paddle.text.chat_template import ChatTemplate, read_chat_template
+from ernie_paddle.text.special import MASK_TOKENS, SPECIAL
 from ernie_paddle.textfile import read_json_object
-
-SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<unk>", "cls": "<|begin_of_sentence|>",
-           "sep": "<|end_of_sentence|>", "mask": "<mask:1>"}  # ERNIE-4.5's, used where tokenizer_config names none
-MASK_TOKENS = [f"<mask:{i}>" for i in range(8)]  # <mask:4>/<mask:5> sys start/end, <mask:6>/<mask:7> header
 
 
 def has_tokenizer(directory: str) -> bool:
@@ -77,6 +75,7 @@ class ErnieTokenizer:
         self._split = re.compile("(" + "|".join(map(re.escape, sorted(self._pieces, key=len, reverse=True))) + ")") \
             if self._pieces else None
         self._chat_template = None
+        self._stop_ids = self._read_stop_ids()
 
     def _added_tokens(self) -> tuple[dict[str, int], set[int]]:
         """({string: id}, special ids) of the tokens besides the plain pieces: the model's control pieces (and a
@@ -93,22 +92,11 @@ class ErnieTokenizer:
                 added[token.content] = i
                 if token.special:
                     special.add(i)
-        path = os.path.join(self.directory, files.ADDED_TOKENS)
-        for piece, i in _read_json_object(path).items():
-            added[piece] = _token_id(i, f"{path}: {piece!r}")
-        path = os.path.join(self.directory, files.TOKENIZER_CONFIG)
-        decoder = self.config.get("added_tokens_decoder", {})
-        if not isinstance(decoder, dict):
-            raise TokenizerError(f"{path}: added_tokens_decoder must be an object of {{id: {{content, special}}}}")
-        for key, token in decoder.items():
-            where = f"{path}: added_tokens_decoder[{key!r}]"
-            if not isinstance(token, dict) or not isinstance(token.get("content"), str):
-                raise TokenizerError(f"{where}: expected an object with a string \"content\"")
-            i = _token_id(key, where)
-            added[token["content"]] = i
-            if token.get("special", False):
-                special.add(i)
-        extra = _special_names(self.config, path)
+        for token in read_added_tokens(self.directory, self.config):
+            added[token.content] = token.id
+            if token.special:
+                special.add(token.id)
+        extra = _special_names(self.config, os.path.join(self.directory, files.TOKENIZER_CONFIG))
         special |= {added[p] for p in extra if p in added}
         return added, special
 
@@ -178,12 +166,10 @@ class ErnieTokenizer:
 
     # ---- chat ------------------------------------------------------------------------------------------------------
     @property
-    def chat_template(self):
-        """The checkpoint's chat template (`chat_template.ChatTemplate`), read when first used: ERNIE-4.5's with a
-        warning when the checkpoint ships none."""
+    def chat_template(self) -> ChatTemplate:
+        """The checkpoint's chat template, read when first used: ERNIE-4.5's with a warning when the checkpoint ships
+        none."""
         if self._chat_template is None:
-            from ernie_paddle.text.chat_template import read_chat_template
-
             self._chat_template = read_chat_template(self.directory, self.config, self.named_tokens)
         return self._chat_template
 
@@ -203,6 +189,10 @@ class ErnieTokenizer:
 
     def stop_ids(self) -> list[int]:
         """Ids that end a generation: </s>, <|end_of_sentence|>, and generation_config.json's eos_token_id(s)."""
+        return list(self._stop_ids)
+
+    def _read_stop_ids(self) -> list[int]:
+        """`stop_ids`, read once when the tokenizer is built (the server asks on every request)."""
         path = os.path.join(self.directory, files.GENERATION_CONFIG)
         declared = _read_json_object(path).get("eos_token_id", [])
         declared = [declared] if not isinstance(declared, list) else declared
@@ -210,19 +200,48 @@ class ErnieTokenizer:
         return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _read_json_object(path: str) -> dict:
+class ExtraToken(NamedTuple):
+    """A token a checkpoint's tokenizer files add to the model's vocabulary, at a fixed id."""
+    id: int
+    content: str
+    special: bool = False
+
+
+def read_added_tokens(directory: str, config: dict, error: type[ErnieError] = TokenizerError) -> list[ExtraToken]:
+    """A checkpoint's added tokens in file order: added_tokens.json's, then `config`'s (tokenizer_config.json's)
+    added_tokens_decoder, which alone marks some special; a bad entry raises `error`, naming the file and field."""
+    added_path = os.path.join(directory, files.ADDED_TOKENS)
+    tokens = [ExtraToken(_token_id(i, f"{added_path}: {content!r}", error), content)
+              for content, i in _read_json_object(added_path, error).items()]
+    listed = {t.id: t.content for t in tokens}
+    path = os.path.join(directory, files.TOKENIZER_CONFIG)
+    decoder = config.get("added_tokens_decoder", {})
+    if not isinstance(decoder, dict):
+        raise error(f"{path}: added_tokens_decoder must be an object of {{id: {{content, special}}}}")
+    for key, token in decoder.items():
+        where = f"{path}: added_tokens_decoder[{key!r}]"
+        if not isinstance(token, dict) or not isinstance(token.get("content"), str):
+            raise error(f"{where}: expected an object with a string \"content\"")
+        i, content = _token_id(key, where, error), token["content"]
+        if listed.get(i, content) != content:
+            raise error(f"{where}: {content!r}, but {added_path} gives id {i} to {listed[i]!r}")
+        tokens.append(ExtraToken(i, content, bool(token.get("special", False))))
+    return tokens
+
+
+def _read_json_object(path: str, error: type[ErnieError] = TokenizerError) -> dict:
     """A JSON object file of the tokenizer ({} when absent); a corrupt one is named."""
     if not os.path.isfile(path):
         return {}
-    return read_json_object(path, TokenizerError)
+    return read_json_object(path, error)
 
 
-def _token_id(value, where: str) -> int:
+def _token_id(value, where: str, error: type[ErnieError] = TokenizerError) -> int:
     """A token id as a checkpoint file gives it (an int, or a digit string as a JSON key)."""
     if isinstance(value, str) and value.isdigit():
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TokenizerError(f"{where}: expected a token id (a non-negative integer), got {value!r}")
+        raise error(f"{where}: expected a token id (a non-negative integer), got {value!r}")
     return value
 
 
