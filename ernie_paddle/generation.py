@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ernie_paddle.causal_lm import Cache, CausalLM
 from ernie_paddle.errors import InputError
 
 
@@ -49,6 +50,21 @@ class GenerationConfig:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
+
+
+def generation_settings(vocab_size: int, tokenizer=None, stop_token_ids: Sequence[int] = (), **values
+                        ) -> GenerationConfig:
+    """The settings of a request, as every command line and the server make them: the given stop ids and, for a
+    model with a tokenizer, the tokenizer's end generation, and embedding rows past its vocabulary are never chosen.
+    `values` are GenerationConfig's other fields (those not given keep its defaults); validated."""
+    stops = tuple(stop_token_ids)
+    usable = None
+    if tokenizer is not None:
+        stops += tuple(tokenizer.stop_ids())
+        usable = tokenizer.vocab_limit(vocab_size)
+    gen = GenerationConfig(stop_token_ids=stops, vocab_limit=usable, **values)
+    gen.validate()
+    return gen
 
 
 def logits_numpy(out) -> np.ndarray:
@@ -103,25 +119,51 @@ def next_tokens(logits: np.ndarray, history: list[np.ndarray], gen: GenerationCo
     return logits[:, :gen.vocab_limit].argmax(axis=-1)
 
 
-def _check_prompts(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> list[np.ndarray]:
-    if len(prompts) == 0:
-        raise InputError("no prompts given")
-    out = []
-    for i, p in enumerate(prompts):
-        a = np.asarray(p, dtype=np.int64).reshape(-1)
-        if a.size == 0:
-            raise InputError(f"prompt {i} is empty: generation needs at least one input token")
-        model.check_ids(a[None])
-        out.append(a)
-    longest = max(len(a) for a in out)
-    limit = model.config.max_position_embeddings
-    if longest + gen.max_new_tokens > limit:
-        raise InputError(f"prompt length {longest} + max_new_tokens {gen.max_new_tokens} exceeds "
-                         f"max_position_embeddings {limit}")
-    return out
+def check_prompt(model: CausalLM, prompt: Sequence[int], max_new_tokens: int, context: int, what: str = "prompt",
+                 budget: str = "max_new_tokens") -> np.ndarray:
+    """The prompt as int64 ids, checked: not empty, every id in the model's vocabulary, and the prompt with its new
+    tokens within `context`. Errors name the prompt (`what`) and the setting that spends the context (`budget`)."""
+    a = np.asarray(prompt, dtype=np.int64).reshape(-1)
+    if a.size == 0:
+        raise InputError(f"{what} is empty: generation needs at least one input token")
+    model.check_ids(a[None])
+    need = a.size + max_new_tokens
+    if need > context:
+        raise InputError(f"{what} of {a.size} tokens + {budget} {max_new_tokens} = {need} exceeds the context of "
+                         f"{context} tokens")
+    return a
 
 
-def prefill(model, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache, chunk: int,
+class Decoding:
+    """One sequence's decoding rules, shared by `stream_batch` and the serving engine: its generator, the ids that
+    stop it, the history (kept only when the repetition penalty reads it) and the stop/length rule."""
+
+    def __init__(self, prompt: np.ndarray, gen: GenerationConfig, config_eos: Sequence[int],
+                 rng: np.random.Generator | None = None):
+        self.gen = gen
+        self.stops = gen.stops(config_eos)
+        self.rng = rng if rng is not None else np.random.default_rng(gen.seed)
+        self.history = np.asarray(prompt, np.int64)
+        self.generated = 0
+        self.finish: str | None = None  # "stop" or "length" once the sequence has ended
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The next token from this sequence's logits [V]."""
+        return int(next_tokens(logits[None], [self.history], self.gen, self.rng)[0])
+
+    def accept(self, token: int) -> bool:
+        """Record a chosen token; True when it ends the sequence (`finish` says why)."""
+        if self.gen.repetition_penalty != 1.0:  # the only reader of the history
+            self.history = np.append(self.history, token)
+        self.generated += 1
+        if token in self.stops:
+            self.finish = "stop"
+        elif self.generated >= self.gen.max_new_tokens:
+            self.finish = "length"
+        return self.finish is not None
+
+
+def prefill(model: CausalLM, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: Cache, chunk: int,
             lengths: np.ndarray | None = None) -> np.ndarray:
     """Run right-padded prompts into the cache `chunk` tokens at a time; returns float32 logits [B, V] at each
     row's last real token (`lengths`, default: every row full).
@@ -134,7 +176,7 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cac
     """
     b, t = ids.shape
     last = np.full(b, t - 1) if lengths is None else np.asarray(lengths) - 1
-    if b > getattr(model, "chunked_prefill_max_batch", b):
+    if model.chunked_prefill_max_batch is not None and b > model.chunked_prefill_max_batch:
         chunk = t
     logits: list[np.ndarray | None] = [None] * b
     for s in range(0, t, chunk):
@@ -163,55 +205,51 @@ def right_padded(rows: Sequence[np.ndarray], pad: int, total: int) -> tuple[np.n
     return ids, mask, positions
 
 
-def stream_batch(model, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None
+def stream_batch(model: CausalLM, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None
                  ) -> Iterator[list[int | None]]:
     """Yield, each step, the new token of every prompt (None once that prompt has finished)."""
     gen = gen or GenerationConfig()
     gen.validate()
-    rows = _check_prompts(model, prompts, gen)
+    if len(prompts) == 0:
+        raise InputError("no prompts given")
+    limit = model.config.max_position_embeddings
+    rows = [check_prompt(model, p, gen.max_new_tokens, limit, f"prompt {i}") for i, p in enumerate(prompts)]
     if gen.max_new_tokens == 0:
         return
     b, longest = len(rows), max(len(r) for r in rows)
     lengths = np.array([len(r) for r in rows])
     pad = model.config.pad_token_id
     ids, mask, positions = right_padded(rows, pad, longest + gen.max_new_tokens)
-    stops = gen.stops(model.config.eos_token_ids)
-    rng = np.random.default_rng(gen.seed)
-    history = [r.copy() for r in rows]
-    penalised = gen.repetition_penalty != 1.0  # the only reader of the history
-    finished = np.zeros(b, dtype=bool)
+    rng = np.random.default_rng(gen.seed)  # one generator for the batch, drawn from row by row
+    seqs = [Decoding(r, gen, model.config.eos_token_ids, rng) for r in rows]
     cache = model.allocate_cache(b, mask.shape[1])
 
     logits = prefill(model, ids, mask[:, :longest], positions, cache, gen.prefill_chunk, lengths)
-    # a graph that derives positions from the mask (the ort flavour) is not given them each step
-    explicit_positions = getattr(model, "has_position_ids", True)
     next_pos = lengths[:, None].astype(np.int64)  # each row's next position: its own length
     for step in range(gen.max_new_tokens):
-        tokens = next_tokens(logits, history, gen, rng)
-        chosen = tokens.tolist()
-        yield [None if f else t for f, t in zip(finished.tolist(), chosen)]
-        for i, t in enumerate(chosen):
-            if not finished[i]:
-                if penalised:
-                    history[i] = np.append(history[i], t)
-                finished[i] = t in stops
-        if finished.all() or step == gen.max_new_tokens - 1:
+        chosen = [s.choose(row) for s, row in zip(seqs, logits)]  # finished rows draw too: seeded as before
+        yield [None if s.finish else t for s, t in zip(seqs, chosen)]
+        for s, t in zip(seqs, chosen):
+            if not s.finish:
+                s.accept(t)
+        if all(s.finish for s in seqs):  # (every row has finished by max_new_tokens)
             return
-        tokens = np.where(finished, pad, tokens)
+        tokens = np.array([pad if s.finish else t for s, t in zip(seqs, chosen)], np.int64)
         mask[:, longest + step] = 1
+        # a graph that derives positions from the mask (the ort flavour) is not given them each step
         out = model(tokens[:, None], attention_mask=mask[:, :longest + step + 1],
-                    position_ids=next_pos if explicit_positions else None, cache=cache, last_only=True)
+                    position_ids=next_pos if model.has_position_ids else None, cache=cache, last_only=True)
         logits = logits_numpy(out)[:, -1]
         next_pos = next_pos + 1
 
 
-def stream(model, prompt: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
+def stream(model: CausalLM, prompt: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced (the eos token, if produced, is the last)."""
     for step in stream_batch(model, [prompt], gen):
         yield step[0]
 
 
-def generate(model, prompts: Sequence[Sequence[int]] | Sequence[int], gen: GenerationConfig | None = None
+def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | Sequence[int], gen: GenerationConfig | None = None
              ) -> list[list[int]] | list[int]:
     """New tokens for one prompt (a list of ids) or for a batch of prompts (a list of lists)."""
     single = len(prompts) > 0 and np.ndim(prompts[0]) == 0

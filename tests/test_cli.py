@@ -184,6 +184,10 @@ def test_input_ids_from_file_and_prefill_chunk(tiny_ckpt, tmp_path):
 class ScriptedModel:
     """Stands in for the model in `cli_commands.generate`: every call's greedy choice is the next id of `script`."""
 
+    chunked_prefill_max_batch = None  # a causal_lm.CausalLM
+    has_position_ids = True
+    shares_kv_buffer = False
+
     def __init__(self, config, script: list[int]):
         self.config, self.script, self.calls = config, script, 0
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from ernie_paddle.causal_lm import CausalLM
 from ernie_paddle.errors import InputError
 from ernie_paddle.export import pipeline
 from ernie_paddle.generation import GenerationConfig, generate
@@ -63,12 +64,20 @@ def drive(engine: Engine, reqs: list[Request], every: int = 3) -> None:
 
 
 @pytest.mark.parametrize("kind", ["onnx", "paddle"])
+def test_both_models_provide_the_interface_the_engine_drives(models, kind):
+    model = models[kind]
+    assert isinstance(model, CausalLM)
+    assert (model.chunked_prefill_max_batch, model.has_position_ids, model.shares_kv_buffer) == \
+        {"onnx": (1, False, True), "paddle": (None, True, False)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["onnx", "paddle"])
 def test_eight_staggered_requests_equal_each_alone(models, kind):
     model = models[kind]
-    engine = Engine(model, max_batch=4, prefill_chunk=8)
+    engine = Engine(model, max_batch=4)
     assert isinstance(engine.slots, SharedSlots if kind == "onnx" else SeparateSlots)
     vocab = model.config.vocab_size
-    made = [request(vocab, n, prompt_seed=i, new=10 + 3 * i) for i, n in enumerate(LENGTHS)]
+    made = [request(vocab, n, prompt_seed=i, new=10 + 3 * i, prefill_chunk=8) for i, n in enumerate(LENGTHS)]
     drive(engine, [r for r, _ in made])
     for r, rec in made:
         assert rec.finished.reason == "length"
@@ -79,9 +88,10 @@ def test_eight_staggered_requests_equal_each_alone(models, kind):
 
 def test_sampled_requests_are_seeded_per_request(models):
     model = models["onnx"]
-    engine = Engine(model, max_batch=4, prefill_chunk=16)
+    engine = Engine(model, max_batch=4)
     vocab = model.config.vocab_size
-    made = [request(vocab, n, prompt_seed=i, new=12, do_sample=True, temperature=1.3, top_p=0.9, seed=100 + i)
+    made = [request(vocab, n, prompt_seed=i, new=12, do_sample=True, temperature=1.3, top_p=0.9, seed=100 + i,
+                    prefill_chunk=16)
             for i, n in enumerate(LENGTHS[:5])]
     drive(engine, [r for r, _ in made], every=2)
     for r, rec in made:
@@ -90,9 +100,10 @@ def test_sampled_requests_are_seeded_per_request(models):
 
 def test_cancel_frees_the_row_and_the_others_go_on(models):
     model = models["onnx"]
-    engine = Engine(model, max_batch=2, prefill_chunk=64)
+    engine = Engine(model, max_batch=2)
     vocab = model.config.vocab_size
-    (a, ra), (b, rb), (c, rc) = (request(vocab, n, prompt_seed=s, new=30) for n, s in ((9, 1), (14, 2), (6, 3)))
+    (a, ra), (b, rb), (c, rc) = (request(vocab, n, prompt_seed=s, new=30, prefill_chunk=64)
+                                 for n, s in ((9, 1), (14, 2), (6, 3)))
     for r in (a, b, c):
         engine.submit(r)
     for _ in range(6):
@@ -108,9 +119,9 @@ def test_cancel_frees_the_row_and_the_others_go_on(models):
 
 def test_a_failing_request_fails_alone(models, monkeypatch):
     model = models["onnx"]
-    engine = Engine(model, max_batch=3, prefill_chunk=64)
+    engine = Engine(model, max_batch=3)
     vocab = model.config.vocab_size
-    made = [request(vocab, n, prompt_seed=s, new=8) for n, s in ((5, 1), (11, 2), (7, 3))]
+    made = [request(vocab, n, prompt_seed=s, new=8, prefill_chunk=64) for n, s in ((5, 1), (11, 2), (7, 3))]
     bad = made[1][0]
     real_decode = engine.slots.decode
 
@@ -145,19 +156,19 @@ def test_queue_limits_and_errors(models):
 
 def test_threaded_engine_serves_and_shuts_down(models):
     model = models["onnx"]
-    engine = Engine(model, max_batch=4, prefill_chunk=16)
+    engine = Engine(model, max_batch=4)
     engine.start()
     vocab = model.config.vocab_size
-    made = [request(vocab, n, prompt_seed=i, new=16) for i, n in enumerate(LENGTHS[:6])]
+    made = [request(vocab, n, prompt_seed=i, new=16, prefill_chunk=16) for i, n in enumerate(LENGTHS[:6])]
     for r, _ in made:
         engine.submit(r)
         time.sleep(0.005)
     for r, rec in made:
         assert rec.done.wait(60)
         assert rec.tokens == generate(model, r.prompt, r.gen)
-    long_req, long_rec = request(vocab, 8, prompt_seed=5, new=1500)
+    long_req, long_rec = request(vocab, 8, prompt_seed=5, new=1500, prefill_chunk=16)
     engine.submit(long_req)
     engine.shutdown(grace=0.2)  # too short for 1500 tokens: aborted, and nothing new is accepted
     assert long_rec.finished.reason == "aborted" and 0 < len(long_rec.tokens) < 1500
     with pytest.raises(ShuttingDown):
-        engine.submit(request(vocab, 4, prompt_seed=1, new=2)[0])
+        engine.submit(request(vocab, 4, prompt_seed=1, new=2, prefill_chunk=16)[0])

@@ -140,7 +140,8 @@ def test_bad_prompts(model):
         model.logits([-1, 4])
     with pytest.raises(InputError, match="prompt 0 is empty"):
         generate(model, [[]])
-    with pytest.raises(InputError, match="prompt length 3 \\+ max_new_tokens 2046 exceeds max_position_embeddings 2048"):
+    with pytest.raises(InputError, match="^prompt 0 of 3 tokens \\+ max_new_tokens 2046 = 2049 exceeds the context "
+                                         "of 2048 tokens$"):
         generate(model, [1, 2, 3], GenerationConfig(max_new_tokens=2046))
 
 

@@ -72,11 +72,12 @@ def test_continuous_batching_over_int8_rows_equals_each_alone(shipped):
     tok = ErnieTokenizer(shipped["int4"])
     texts = ["ROMEO:", "First Citizen:\nBefore we proceed any further, hear me speak.", "KING RICHARD III:",
              "To be, or not to be: that is the question:", "MENENIUS:\nWhat work's, my countrymen, in hand?"]
-    engine = Engine(model, max_batch=3, prefill_chunk=8)
+    engine = Engine(model, max_batch=3)
     made = []
     for i, t in enumerate(texts):
         got: list[int] = []
-        made.append((Request(tok.encode(t), GenerationConfig(max_new_tokens=12 + 4 * i, eos_token_ids=[]),
+        made.append((Request(tok.encode(t), GenerationConfig(max_new_tokens=12 + 4 * i, eos_token_ids=[],
+                                                               prefill_chunk=8),
                              lambda e, got=got: got.append(e.id) if isinstance(e, Token) else None), got))
     pending = [r for r, _ in made]
     while pending or not engine.idle():

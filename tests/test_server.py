@@ -473,13 +473,13 @@ def test_paddle_serve_answers_as_paddle_generate(tmp_path, capsys):
                                                                   max_tokens=12, temperature=0)
         assert r.choices[0].text == expected and r.usage.completion_tokens == 12
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert proc.wait(HANG) == 0
     finally:
         proc.kill()
 
 
 def test_serving_an_onnx_folder_never_imports_paddle(onnx_dir):
-    code = ("import sys; from ernie_paddle import onnx_cli; from ernie_paddle.serving import app, server; "
+    code = ("import sys; from ernie_paddle.cli import onnx_cli; from ernie_paddle.serving import app, server; "
             "from ernie_paddle.ort.runtime import OnnxCausalLM; "
             f"s = app.start_service(OnnxCausalLM({onnx_dir!r}), {onnx_dir!r}); app.create_app(s); "
             "s.engine.shutdown(0); print('paddle' in sys.modules)")

@@ -78,6 +78,26 @@ def _int_at_least(text: str, low: int, what: str) -> int:
     return value
 
 
+def non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535 (0: any free port), got {text!r}")
+    return value
+
+
 def size(text: str) -> int:
     """Bytes: "24GB" (24e9), "24GiB" (24 * 2**30), "500MB" (one parser for every size: `sizes.parse_size`)."""
     try:

@@ -1,4 +1,4 @@
-"""The generate and logits commands, the prompts of `parity`, and the runner of every command line.
+"""The generate and logits commands, the checks before a model loads, and the runner of every command line.
 
 Shared by `ernie-paddle`, `ernie-onnx` and `tools/dist_generate`: each passes the function that loads its model.
 Everything the arguments decide (token ids against config.json's vocabulary, sampling values, the prompt and its
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ernie_paddle.text.chat_output import ChatFormat, ChatOutputParser, ModelOutputWarning, parse_chat_output
-from ernie_paddle.cli.args import DECODING, MAX_NEW_TOKENS_IDS, MAX_NEW_TOKENS_TEXT, SAMPLING, sampling_given, token_ids
+from ernie_paddle.cli.args import DECODING, MAX_NEW_TOKENS_IDS, MAX_NEW_TOKENS_TEXT, SAMPLING, sampling_given
 from ernie_paddle.errors import ConfigDefaultWarning, InputError
 from ernie_paddle.interrupts import raise_if_interrupted, run_command
 from ernie_paddle.sysinfo import peak_rss
@@ -119,66 +119,12 @@ def read_prompt(args: argparse.Namespace, vocab_size: int) -> Prompt:
     return Prompt(tok.encode(rendered), tok, echo, chat, chat.opens_reasoning(rendered), args.show_reasoning)
 
 
-PARITY_TEXT_PROMPTS = ("ROMEO:\nBut, soft! what light through yonder window breaks?",
-                       "First Citizen:\nBefore we proceed any further, hear me speak.", "To be, or not to be:")
-
-
-def parity_prompts(path: str | None, model_dir: str, vocab_size: int) -> list[list[int]]:
-    """`parity --prompts FILE`: one prompt per line, text (needs the tokenizer) or comma-separated ids.
-
-    Without a file: three fixed text prompts when the model has a tokenizer, else three seeded random id prompts.
-    """
-    lines = None
-    if path:
-        lines = [ln for ln in read_text(path, f"--prompts {path}").split("\n") if ln.strip()]
-        if not lines:
-            raise InputError(f"--prompts {path}: no prompts in the file")
-    tok = None
-    if lines is None or not all(map(_is_ids, lines)):
-        tok = _parity_tokenizer(model_dir, required=lines is not None)
-    if lines is None:
-        if tok is None:
-            import numpy as np
-
-            rng = np.random.default_rng(0)
-            return [rng.integers(3, vocab_size, n).tolist() for n in (8, 16, 32)]
-        lines = list(PARITY_TEXT_PROMPTS)
-    prompts = [token_ids(ln) if _is_ids(ln) else tok.encode(ln) for ln in lines]
-    for i, ids in enumerate(prompts):
-        what = f"--prompts {path or '(default)'}: prompt {i + 1}"
-        if not ids:
-            raise InputError(f"{what}: no tokens")
-        check_ids(ids, vocab_size, what)
-    return prompts
-
-
-def _parity_tokenizer(model_dir: str, required: bool):
-    """The model's tokenizer; None when it has none and no prompt needs it."""
-    from ernie_paddle.errors import TokenizerError
-    from ernie_paddle.text.tokenizer import ErnieTokenizer
-
-    try:
-        return ErnieTokenizer(model_dir)
-    except TokenizerError:
-        if required:
-            raise
-        return None
-
-
-def _is_ids(line: str) -> bool:
-    return all(x.strip().isdigit() for x in line.split(",")) and bool(line.strip())
-
-
 def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
     """The validated GenerationConfig of the arguments; sampling flags without --do-sample get a warning."""
-    from ernie_paddle.generation import GenerationConfig
+    from ernie_paddle.generation import generation_settings
 
     stops = list(args.stop_ids or ())
     check_ids(stops, cfg.vocab_size, "--stop-ids")
-    usable = None
-    if prompt.tokenizer is not None:
-        stops += prompt.tokenizer.stop_ids()
-        usable = prompt.tokenizer.vocab_limit(cfg.vocab_size)
     given = sampling_given(args)
     if given and not args.do_sample:
         print(f"warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without --do-sample "
@@ -187,10 +133,8 @@ def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
     max_new = args.max_new_tokens
     if max_new is None:
         max_new = MAX_NEW_TOKENS_TEXT if prompt.tokenizer else MAX_NEW_TOKENS_IDS
-    gen = GenerationConfig(max_new_tokens=max_new, do_sample=args.do_sample, stop_token_ids=tuple(stops),
-                           vocab_limit=usable, **given_values)  # flags not given: GenerationConfig's defaults
-    gen.validate()
-    return gen
+    return generation_settings(cfg.vocab_size, prompt.tokenizer, stops, max_new_tokens=max_new,
+                               do_sample=args.do_sample, **given_values)  # flags not given: the defaults
 
 
 # ---- the commands --------------------------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ import time
 from typing import Sequence
 
 from ernie_paddle.cli import commands as cli_commands
-from ernie_paddle.cli.args import (allow_pickle_arg, block_size, dtype_arg, folder, generate_args, input_file, log_line,
-                       logits_args, model_arg, non_negative_int, output_file, paddle_model_args, positive_int,
-                       progress_printer, size, strict_config_arg)
-from ernie_paddle.cli.args import default_model_dir  # noqa: F401  (public: earlier READMEs imported it from here)
-from ernie_paddle.errors import CheckpointError, ErnieError
+from ernie_paddle.cli.args import (allow_pickle_arg, block_size, dtype_arg, folder, generate_args, input_file,
+                                   log_line, logits_args, model_arg, non_negative_int, output_file,
+                                   paddle_model_args, positive_int, progress_printer, size, strict_config_arg,
+                                   token_ids)
+from ernie_paddle.errors import CheckpointError, ErnieError, InputError
 from ernie_paddle.export.pipeline import FLAVORS
-from ernie_paddle.interrupts import run_command
+from ernie_paddle.textfile import read_text
 from ernie_paddle.checkpoint.layout import PADDLE, PT
 from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, PLAN_PRECISIONS
 from ernie_paddle.checkpoint.safetensors_io import MAX_SHARD_BYTES
@@ -105,7 +105,7 @@ def cmd_parity(args) -> int:
     from ernie_paddle.parity.report import format_table, plot
 
     cfg = cli_commands.folder_config(args)
-    prompts = cli_commands.parity_prompts(args.prompts, args.model, cfg.vocab_size)
+    prompts = parity_prompts(args.prompts, args.model, cfg.vocab_size)
     report = parity.run(args.model, args.onnx or [], args.hf, prompts, args.greedy_tokens,
                         log=log_line, gguf_files=args.gguf or [])
     print(format_table(report))
@@ -116,6 +116,56 @@ def cmd_parity(args) -> int:
     if args.plot:
         plot(report, args.plot)
     return 0
+
+
+PARITY_TEXT_PROMPTS = ("ROMEO:\nBut, soft! what light through yonder window breaks?",
+                       "First Citizen:\nBefore we proceed any further, hear me speak.", "To be, or not to be:")
+
+
+def parity_prompts(path: str | None, model_dir: str, vocab_size: int) -> list[list[int]]:
+    """`parity --prompts FILE`: one prompt per line, text (needs the tokenizer) or comma-separated ids.
+
+    Without a file: three fixed text prompts when the model has a tokenizer, else three seeded random id prompts.
+    """
+    lines = None
+    if path:
+        lines = [ln for ln in read_text(path, f"--prompts {path}").split("\n") if ln.strip()]
+        if not lines:
+            raise InputError(f"--prompts {path}: no prompts in the file")
+    tok = None
+    if lines is None or not all(map(_is_ids, lines)):
+        tok = _parity_tokenizer(model_dir, required=lines is not None)
+    if lines is None:
+        if tok is None:
+            import numpy as np
+
+            rng = np.random.default_rng(0)
+            return [rng.integers(3, vocab_size, n).tolist() for n in (8, 16, 32)]
+        lines = list(PARITY_TEXT_PROMPTS)
+    prompts = [token_ids(ln) if _is_ids(ln) else tok.encode(ln) for ln in lines]
+    for i, ids in enumerate(prompts):
+        what = f"--prompts {path or '(default)'}: prompt {i + 1}"
+        if not ids:
+            raise InputError(f"{what}: no tokens")
+        cli_commands.check_ids(ids, vocab_size, what)
+    return prompts
+
+
+def _parity_tokenizer(model_dir: str, required: bool):
+    """The model's tokenizer; None when it has none and no prompt needs it."""
+    from ernie_paddle.errors import TokenizerError
+    from ernie_paddle.text.tokenizer import ErnieTokenizer
+
+    try:
+        return ErnieTokenizer(model_dir)
+    except TokenizerError:
+        if required:
+            raise
+        return None
+
+
+def _is_ids(line: str) -> bool:
+    return all(x.strip().isdigit() for x in line.split(",")) and bool(line.strip())
 
 
 def cmd_memory(args) -> int:
@@ -219,10 +269,12 @@ COMMANDS = [  # name, help, arguments, function
     ("memory", "plan the memory of a model at a precision and context length", _memory_args, cmd_memory),
     ("serve", "an OpenAI-compatible HTTP server on the Paddle model (needs the serve extra)",
      serve_cli.paddle_server_args, lambda a: serve_cli.serve(_load_model, a)),
-    ("bench", "benchmark engines on the same weights (ernie-paddle bench --help)", None, None),
     ("convert", "convert a checkpoint between the -Paddle and -PT layouts", _convert_args, cmd_convert),
     ("make-checkpoint", "write a random checkpoint of a preset in the real format", _make_checkpoint_args,
      cmd_make_checkpoint),
+]
+PROGRAMS = [  # name, help, module: programs of `ernie_paddle.tools` with arguments of their own
+    ("bench", "benchmark engines on the same weights (ernie-paddle bench --help)", "ernie_paddle.tools.bench"),
 ]
 
 
@@ -233,17 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text, add_args, func in COMMANDS:
         sp = sub.add_parser(name, help=help_text)
-        if add_args:
-            add_args(sp)
-            sp.set_defaults(func=func)
+        add_args(sp)
+        sp.set_defaults(func=func)
+    for name, help_text, module in PROGRAMS:  # every argument, --help too, is the program's own
+        sp = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        sp.add_argument("program_args", nargs="*")
+        sp.set_defaults(func=lambda a, m=module: _run_program(m, a.program_args))
     return p
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
-    """Run one command (see `cli_commands.run`); `bench` is its own program with its own arguments."""
+    """Run one command (see `cli_commands.run`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if parser is None and argv[:1] == ["bench"]:
-        return run_command(lambda: _run_program("ernie_paddle.tools.bench", argv[1:]), "ernie-paddle")
     return cli_commands.run(argv, parser or build_parser())
 
 

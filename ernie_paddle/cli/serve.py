@@ -13,8 +13,9 @@ import os
 import sys
 from typing import Any, Callable
 
-from ernie_paddle.cli.args import positive_int
+from ernie_paddle.cli.args import non_negative_seconds, port, positive_int
 from ernie_paddle.errors import ErnieError
+from ernie_paddle.generation import GenerationConfig
 
 API_KEY_ENV = "ERNIE_API_KEY"
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")  # the `serve` extra of setup.py
@@ -24,26 +25,6 @@ def _engine_default(name: str) -> Any:
     from ernie_paddle.serving.engine import Engine
 
     return inspect.signature(Engine).parameters[name].default
-
-
-def non_negative_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
-    return value
-
-
-def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535 (0: any free port), got {text!r}")
-    return value
 
 
 def server_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +37,7 @@ def server_args(p: argparse.ArgumentParser) -> None:
                    help="requests waiting beyond the batch; more are refused with 429 (default %(default)s)")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="tokens per request, prompt + generated (default: the model's max_position_embeddings)")
-    p.add_argument("--prefill-chunk", type=positive_int, default=_engine_default("prefill_chunk"),
+    p.add_argument("--prefill-chunk", type=positive_int, default=GenerationConfig.prefill_chunk,
                    help="prompt tokens per prefill step, between decode steps (default %(default)s)")
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every route but /health "
                    f"(default: ${API_KEY_ENV} if set, else none)")

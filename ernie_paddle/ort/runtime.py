@@ -115,7 +115,7 @@ def _positions_from_mask(mask: np.ndarray, t: int) -> np.ndarray:
 
 
 class OnnxCausalLM:
-    """An exported folder opened in an ONNX Runtime session."""
+    """An exported folder opened in an ONNX Runtime session: a `causal_lm.CausalLM`."""
 
     # ONNX Runtime 1.32's GroupQueryAttention refuses several new tokens over a past when batch > 1
     # ("batch_size must be 1 when sequence_length > 1 and past context is given"): batches prefill in one pass
@@ -199,6 +199,14 @@ class OnnxCausalLM:
                         ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device) for _ in "kv")
                   for _ in range(cfg.num_hidden_layers)]
         return OnnxCache(layers, max_len, shared=shared)
+
+    def allocate_rows(self, capacity: int, max_len: int) -> "OnnxRows":
+        """`capacity` rows of one in-place cache in host memory, one sequence a row, for continuous batching: a
+        range of rows runs as one batch without copies (a shared-buffer graph only)."""
+        if not self.shares_kv_buffer:
+            raise InputError(f"{self.folder}: rows of one cache need a graph that updates its cache in place "
+                             f"(the ort flavour)")
+        return OnnxRows(self, capacity, max_len)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: OnnxCache | None = None,
                  last_only: bool = False) -> OnnxOutput:
@@ -313,3 +321,34 @@ class OnnxCausalLM:
         ids = np.asarray(input_ids, dtype=np.int64)
         out = self(ids).logits
         return out[0] if ids.ndim == 1 else out
+
+
+class OnnxRows:
+    """Rows of one preallocated [rows, kv_heads, max_len, head_dim] cache per layer, held as numpy arrays that
+    OrtValues view without copying: a range of rows is one GroupQueryAttention batch updated in place."""
+
+    def __init__(self, model: OnnxCausalLM, capacity: int, max_len: int):
+        import onnxruntime as ort
+
+        cfg = model.config
+        shape = (capacity, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.max_len, self._ort = max_len, ort
+        self.arrays = [(np.zeros(shape, model.kv_dtype), np.zeros(shape, model.kv_dtype))
+                       for _ in range(cfg.num_hidden_layers)]
+        self._views: dict[tuple[int, int], OnnxCache] = {}
+
+    def view(self, start: int, n: int, length: int) -> OnnxCache:
+        """The cache of rows start..start+n-1 holding `length` tokens (OrtValues made once per range)."""
+        view = self._views.get((start, n))
+        if view is None:
+            layers = [tuple(self._ort.OrtValue.ortvalue_from_numpy(a[start:start + n]) for a in kv)
+                      for kv in self.arrays]
+            view = self._views[(start, n)] = OnnxCache(layers, self.max_len, shared=True)
+        view.length = length
+        return view
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Row `src`'s first `length` cached tokens become row `dst`'s."""
+        for kv in self.arrays:
+            for a in kv:
+                a[dst, :, :length] = a[src, :, :length]

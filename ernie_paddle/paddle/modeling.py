@@ -261,7 +261,13 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
     """The causal LM (also serves the dense `ernie4_5` config: every layer is then an MLP layer).
 
     Parameter names are the canonical names of `ernie_paddle.checkpoint.layout`; load with `from_pretrained`.
+    It is a `causal_lm.CausalLM`: any batch prefills in chunks, positions are explicit, each sequence has its own
+    cache.
     """
+
+    chunked_prefill_max_batch = None
+    has_position_ids = True
+    shares_kv_buffer = False
 
     def __init__(self, cfg: ErnieConfig, dtype: str = "float32"):
         super().__init__()

@@ -3,7 +3,7 @@
 `slots` keeps each running request's KV cache in one row of a preallocated pool; `engine` schedules requests
 into those rows between decode steps. `protocol` checks OpenAI requests, `responses` builds the answers, `text`
 streams their text (stop strings held back), `bridge` carries engine events to the event loop, `metrics` counts
-for Prometheus, `app` holds the routes, `server` runs uvicorn with a graceful SIGTERM, and `cli` is the `serve`
-command of both CLIs. None of them imports Paddle: the ONNX Runtime model serves with `onnxruntime` alone, and the
-Paddle model plugs into the same interface.
+for Prometheus, `app` holds the routes and `server` runs uvicorn with a graceful SIGTERM (`ernie_paddle.cli.serve`
+is the `serve` command of both CLIs). None of them imports Paddle or ONNX Runtime: both models plug into the same
+interface, `causal_lm.CausalLM`.
 """

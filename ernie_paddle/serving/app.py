@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from ernie_paddle.text.chat_output import ChatDelta, ChatFormat, ChatOutputParser
 from ernie_paddle.text.tokenizer import ErnieTokenizer
 from ernie_paddle.serving.bridge import Generation
+from ernie_paddle.generation import GenerationConfig
 from ernie_paddle.serving.engine import Engine
 from ernie_paddle.serving.metrics import CountRequests, ServerMetrics
 from ernie_paddle.serving.protocol import ApiError, ServedModel, parse_chat, parse_completion, read_body
@@ -42,12 +43,13 @@ class Service:
 
 
 def start_service(model, folder: str, name: str | None = None, api_key: str | None = None,
-                  **engine_options) -> Service:
-    """Start an engine on `model` (its tokenizer read from `folder`); `name` defaults to the folder's name."""
+                  prefill_chunk: int = GenerationConfig.prefill_chunk, **engine_options) -> Service:
+    """Start an engine on `model` (its tokenizer read from `folder`); `name` defaults to the folder's name;
+    requests prefill `prefill_chunk` tokens at a time."""
     tok = ErnieTokenizer(folder)
     engine = Engine(model, **engine_options)
     served = ServedModel(name or os.path.basename(os.path.normpath(folder)), tok, engine.max_len,
-                         model.config.vocab_size, ChatFormat.of(tok))
+                         model.config.vocab_size, ChatFormat.of(tok), prefill_chunk)
     engine.start()
     return Service(engine, served, ServerMetrics(engine), api_key)
 

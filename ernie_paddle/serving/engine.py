@@ -7,8 +7,9 @@ while others decode, a slice is sized (from measured times) to cost a few decode
 Running requests occupy rows 0..n-1 of the cache (`slots`), so a decode step is one model call over them;
 when one finishes, the last row moves into its place.
 
-A request's tokens are chosen exactly as `generation.stream` chooses them (its own sampling settings and seeded
-generator), and each row's numbers do not depend on the others, so its output is that of running it alone.
+A request's tokens are chosen by the same `generation.Decoding` as `generation.stream` uses (its own sampling
+settings, seeded generator, stop and length rule), and each row's numbers do not depend on the others, so its
+output is that of running it alone.
 Events reach the request's `emit` callback from the engine thread.
 """
 
@@ -23,8 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from ernie_paddle.errors import ErnieError, InputError
-from ernie_paddle.generation import GenerationConfig, next_tokens
+from ernie_paddle.causal_lm import CausalLM
+from ernie_paddle.errors import ErnieError
+from ernie_paddle.generation import Decoding, GenerationConfig, check_prompt
+from ernie_paddle.scoring import log_softmax
 from ernie_paddle.serving.slots import Slots, slots_for
 
 
@@ -76,27 +79,28 @@ class Request:
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
     # engine state
-    history: np.ndarray | None = None
-    rng: np.random.Generator | None = None
+    decoding: Decoding | None = None  # from the first prefill slice on
     filled: int = 0  # tokens in the cache
-    generated: int = 0
-    next_token: int | None = None
-    finish: Finished | None = None
-    stops: frozenset = frozenset()
+    next_token: int | None = None  # None once finished
+
+    @property
+    def generated(self) -> int:
+        return self.decoding.generated if self.decoding else 0
 
 
 _ids = itertools.count(1)
 
 
 class Engine:
-    """Schedules requests on a model (`OnnxCausalLM`, or anything `generation` drives) with `max_batch` rows."""
+    """Schedules requests on a model with `max_batch` rows; a request's prompt is prefilled in slices of at most its
+    own `gen.prefill_chunk` tokens."""
 
-    def __init__(self, model, max_batch: int = 4, max_queue: int = 64, max_len: int | None = None,
-                 prefill_chunk: int = 256, slots: Slots | None = None):
+    def __init__(self, model: CausalLM, max_batch: int = 4, max_queue: int = 64, max_len: int | None = None,
+                 slots: Slots | None = None):
         limit = model.config.max_position_embeddings
         self.model = model
         self.max_len = min(max_len or limit, limit)
-        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.max_queue = max_queue
         self.slots = slots or slots_for(model, max_batch, self.max_len)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # rows 0..n-1, in order
@@ -119,13 +123,7 @@ class Engine:
     def check(self, req: Request) -> None:
         """Raise InputError naming what does not fit: the prompt and its new tokens must fit a row."""
         req.gen.validate()
-        if not req.prompt:
-            raise InputError("prompt is empty: generation needs at least one input token")
-        self.model.check_ids(np.asarray(req.prompt, np.int64)[None])
-        need = len(req.prompt) + req.gen.max_new_tokens
-        if need > self.max_len:
-            raise InputError(f"prompt of {len(req.prompt)} tokens + max_tokens {req.gen.max_new_tokens} = {need} "
-                             f"exceeds the context of {self.max_len} tokens")
+        check_prompt(self.model, req.prompt, req.gen.max_new_tokens, self.max_len, budget="max_tokens")
 
     def submit(self, req: Request) -> None:
         """Queue `req` (checked first); raises QueueFull or ShuttingDown."""
@@ -218,11 +216,9 @@ class Engine:
 
     def _prefill_chunk(self) -> None:
         req = self.prefilling
-        if req.history is None:
-            req.history = np.asarray(req.prompt, np.int64)
-            req.rng = np.random.default_rng(req.gen.seed)
-            req.stops = req.gen.stops(self.model.config.eos_token_ids)
-        chunk = req.history[req.filled:req.filled + self._prefill_size()]
+        if req.decoding is None:
+            req.decoding = Decoding(np.asarray(req.prompt, np.int64), req.gen, self.model.config.eos_token_ids)
+        chunk = req.decoding.history[req.filled:req.filled + self._prefill_size(req.gen.prefill_chunk)]
         t0 = time.perf_counter()
         try:
             logits = self.slots.prefill(self.prefill_slot, chunk, req.filled)
@@ -234,7 +230,7 @@ class Engine:
         self.totals.prefill_seconds += spent
         self.totals.prefill_tokens += len(chunk)
         req.filled += len(chunk)
-        if req.filled < len(req.history):
+        if req.filled < len(req.prompt):
             return
         self.prefilling = None
         row = len(self.running)
@@ -245,13 +241,13 @@ class Engine:
         if req.next_token is None:
             self._leave(req, None)
 
-    def _prefill_size(self) -> int:
-        """Prompt tokens for this step: the whole chunk when nothing decodes, else about SLICE_STEPS decode steps'
+    def _prefill_size(self, chunk: int) -> int:
+        """Prompt tokens for this step: the whole `chunk` when nothing decodes, else about SLICE_STEPS decode steps'
         worth (at least MIN_SLICE tokens, which keep the matrix products efficient)."""
         if not self.running or not self.decode_seconds or not self.prefill_token_seconds:
-            return self.prefill_chunk
+            return chunk
         fits = int(SLICE_STEPS * self.decode_seconds / self.prefill_token_seconds)
-        return max(min(MIN_SLICE, self.prefill_chunk), min(self.prefill_chunk, fits))
+        return max(min(MIN_SLICE, chunk), min(chunk, fits))
 
     def _end_prefill(self, event: Finished) -> None:
         req, self.prefilling = self.prefilling, None
@@ -291,21 +287,13 @@ class Engine:
 
     def _emit_token(self, req: Request, logits: np.ndarray) -> None:
         """Choose the request's next token from its logits [V] and emit it; `next_token` is None once finished."""
-        gen = req.gen
-        token = int(next_tokens(logits[None], [req.history], gen, req.rng)[0])
-        if gen.repetition_penalty != 1.0:  # the history is read only by the penalty
-            req.history = np.append(req.history, token)
-        req.generated += 1
+        token = req.decoding.choose(logits)
+        ended = req.decoding.accept(token)
         event = Token(token)
         if req.logprobs is not None:
             event.logprob, event.top = _logprobs(logits, token, req.logprobs)
         req.emit(event)
-        if token in req.stops:
-            req.next_token, req.finish = None, Finished("stop")
-        elif req.generated >= gen.max_new_tokens:
-            req.next_token, req.finish = None, Finished("length")
-        else:
-            req.next_token = token
+        req.next_token = None if ended else token
 
     def _leave(self, req: Request, event: Finished | None) -> None:
         """Free `req`'s row; the last running row moves into it, so rows 0..n-1 stay the running ones."""
@@ -317,14 +305,12 @@ class Engine:
             self.running[i] = moved
         self.running.pop()
         self.slots.release(last)
-        req.emit(event or req.finish)
+        req.emit(event or Finished(req.decoding.finish))
 
 
 def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """The chosen token's log-probability under the model's distribution, and the k most likely tokens."""
-    x = logits.astype(np.float64)
-    logp = x - x.max()
-    logp -= np.log(np.exp(logp).sum())
+    logp = log_softmax(logits)
     top = np.argsort(-logp, kind="stable")[:k] if k else []
     return float(logp[token]), [(int(i), float(logp[i])) for i in top]
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ernie_paddle.text.chat_output import ChatFormat
 from ernie_paddle.errors import ErnieError, InputError
-from ernie_paddle.generation import GenerationConfig
+from ernie_paddle.generation import GenerationConfig, generation_settings
 from ernie_paddle.token_ids import check_token_ids
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions (chat's is the rest of the context)
@@ -52,6 +52,7 @@ class ServedModel:
     max_len: int  # tokens a request may hold (prompt + generated)
     vocab_size: int  # rows of the model's embedding (config.json)
     chat: ChatFormat = field(default_factory=ChatFormat)  # how chat answers split (reasoning, tool calls)
+    prefill_chunk: int = GenerationConfig.prefill_chunk  # prompt tokens per prefill slice (`--prefill-chunk`)
 
 
 @dataclass
@@ -158,19 +159,11 @@ def _job(body: dict, model: ServedModel, prompt: list[int], prompt_param: str, m
         include_usage = _optional(options, "include_usage", lambda v, n: _boolean(v, "stream_options." + n), False)
     stops = _stops(body.get("stop"))
     stop_ids = _stop_token_ids(body.get("stop_token_ids"), model.vocab_size)
-    gen = generation_config(model, max_tokens or default_max_tokens, stop_ids, do_sample=temperature > 0,
-                            temperature=temperature if temperature > 0 else 1.0, top_p=top_p, top_k=top_k,
-                            repetition_penalty=repetition_penalty, seed=seed)
+    gen = generation_settings(model.vocab_size, model.tokenizer, stop_ids,
+                              max_new_tokens=max_tokens or default_max_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                              top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                              prefill_chunk=model.prefill_chunk)
     return Job(prompt, gen, prompt_param, max_tokens_param if max_tokens else None, stream, include_usage, stops)
-
-
-def generation_config(model: ServedModel, max_new_tokens: int, stop_token_ids: list[int], **sampling
-                      ) -> GenerationConfig:
-    """Settings as `ernie-paddle generate` makes them for a text prompt: the tokenizer's stop ids end generation,
-    and embedding rows past the tokenizer's vocabulary are never chosen."""
-    tok = model.tokenizer
-    return GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_token_ids) + tuple(tok.stop_ids()),
-                            vocab_limit=tok.vocab_limit(model.vocab_size), **sampling)
 
 
 def _prompt(value: Any, model: ServedModel) -> list[int]:

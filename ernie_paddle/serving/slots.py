@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ernie_paddle.causal_lm import Cache, CausalLM
 from ernie_paddle.generation import logits_numpy
 
 
@@ -39,29 +40,14 @@ class Slots(Protocol):
 
 
 class SharedSlots:
-    """Rows of one preallocated in-place cache (the ort flavour's GroupQueryAttention)."""
+    """Rows of one preallocated in-place cache (the ort flavour's GroupQueryAttention), which the model allocates."""
 
-    def __init__(self, model, capacity: int, max_len: int):
-        import onnxruntime as ort
+    def __init__(self, model: CausalLM, capacity: int, max_len: int):
+        self.model, self.capacity, self.max_len = model, capacity, max_len
+        self.rows = model.allocate_rows(capacity, max_len)
 
-        cfg = model.config
-        shape = (capacity, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.model, self.capacity, self.max_len, self._ort = model, capacity, max_len, ort
-        self.arrays = [(np.zeros(shape, model.kv_dtype), np.zeros(shape, model.kv_dtype))
-                       for _ in range(cfg.num_hidden_layers)]
-        self._views: dict[tuple[int, int], object] = {}
-
-    def _cache(self, start: int, n: int, length: int):
-        """The runtime's cache over rows start..start+n-1 (OrtValues over the same memory, made once per range)."""
-        from ernie_paddle.ort.runtime import OnnxCache
-
-        view = self._views.get((start, n))
-        if view is None:
-            layers = [tuple(self._ort.OrtValue.ortvalue_from_numpy(a[start:start + n]) for a in kv)
-                      for kv in self.arrays]
-            view = self._views[(start, n)] = OnnxCache(layers, self.max_len, shared=True)
-        view.length = length
-        return view
+    def _cache(self, start: int, n: int, length: int) -> Cache:
+        return self.rows.view(start, n, length)
 
     def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
         end = start + len(ids)
@@ -78,9 +64,7 @@ class SharedSlots:
         return out.logits[:, -1]
 
     def move(self, src: int, dst: int, length: int) -> None:
-        for kv in self.arrays:
-            for a in kv:
-                a[dst, :, :length] = a[src, :, :length]
+        self.rows.move(src, dst, length)
 
     def release(self, slot: int) -> None:
         pass  # the row is overwritten by its next prompt
@@ -89,7 +73,7 @@ class SharedSlots:
 class SeparateSlots:
     """A batch-1 cache per request for models without an in-place cache; rows decode one at a time."""
 
-    def __init__(self, model, capacity: int, max_len: int):
+    def __init__(self, model: CausalLM, capacity: int, max_len: int):
         self.model, self.capacity, self.max_len = model, capacity, max_len
         self.caches: list = [None] * capacity
 
@@ -116,7 +100,7 @@ class SeparateSlots:
         self.caches[slot] = None
 
 
-def slots_for(model, capacity: int, max_len: int) -> Slots:
+def slots_for(model: CausalLM, capacity: int, max_len: int) -> Slots:
     """Shared rows when the model updates its cache in place (the ort flavour), else a cache per request."""
-    kind = SharedSlots if getattr(model, "shares_kv_buffer", False) else SeparateSlots
+    kind = SharedSlots if model.shares_kv_buffer else SeparateSlots
     return kind(model, capacity, max_len)
