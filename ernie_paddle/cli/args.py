@@ -69,22 +69,22 @@ def non_negative_int(text: str) -> int:
 
 
 def _int_at_least(text: str, low: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-    return value
+    return _at_least(text, low, int, what, what)
 
 
 def non_negative_seconds(text: str) -> float:
+    """A number of seconds >= 0 (a grace period)."""
+    return _at_least(text, 0, float, "a number of seconds", ">= 0 seconds")
+
+
+def _at_least(text: str, low: float, convert: Callable[[str], float], expected: str, must: str):
+    """`convert(text)`, refused with argparse's one-line errors unless it is a number >= low."""
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not value >= low:
+        raise argparse.ArgumentTypeError(f"must be {must}, got {text.strip()}")
     return value
 
 
