@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ernie_paddle import graph_contract as contract
 from ernie_paddle.config import ErnieConfig
 
 
 def genai_config(cfg: ErnieConfig, model_file: str, has_position_ids: bool, provider: str = "cpu",
                  eos_token_ids: Sequence[int] = (), share_buffer: bool = False) -> dict:
-    """The decoder description in onnxruntime-genai's format (names as its own builder writes them).
+    """The decoder description in onnxruntime-genai's format (the graph's names are the contract's, which are
+    genai's own).
 
     `eos_token_ids`: every id that ends a generation (config.json's and the tokenizer's: a chat turn ends with
     <|end_of_sentence|>), default config.json's. `share_buffer`: the graph updates a preallocated cache in place
     (GroupQueryAttention), so genai binds one buffer as past and present."""
-    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
-              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    inputs = {"input_ids": contract.INPUT_IDS, "attention_mask": contract.ATTENTION_MASK,
+              "past_key_names": contract.PAST["key"], "past_value_names": contract.PAST["value"]}
     if has_position_ids:
-        inputs["position_ids"] = "position_ids"
+        inputs["position_ids"] = contract.POSITION_IDS
     session = {"log_id": "onnxruntime-genai", "provider_options": [] if provider == "cpu" else [{provider: {}}]}
     eos = sorted(set(cfg.eos_token_ids) | set(eos_token_ids))
     return {
@@ -30,8 +32,8 @@ def genai_config(cfg: ErnieConfig, model_file: str, has_position_ids: bool, prov
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
                 "inputs": inputs,
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "outputs": {"logits": contract.LOGITS, "present_key_names": contract.PRESENT["key"],
+                            "present_value_names": contract.PRESENT["value"]},
                 "num_attention_heads": cfg.num_attention_heads,
                 "num_hidden_layers": cfg.num_hidden_layers,
                 "num_key_value_heads": cfg.num_key_value_heads,

@@ -76,6 +76,16 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain or None, **attrs))
         return outs if n_out > 1 else outs[0]
 
+    def rename(self, value: str, name: str) -> str:
+        """Give the node output `value` the name `name`, in the nodes that read it too; returns `name`. For values
+        others look up by name (the contract's probe values)."""
+        for node in reversed(self.nodes):  # the readers come after the node that writes it
+            node.input[:] = [name if x == value else x for x in node.input]
+            if value in node.output:
+                node.output[list(node.output).index(value)] = name
+                return name
+        raise KeyError(f"no node writes {value!r}")
+
     def input(self, name: str, elem_type: int, shape: Sequence) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name

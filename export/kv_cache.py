@@ -18,9 +18,11 @@ from typing import Sequence
 
 import numpy as np
 
+from ernie_paddle import graph_contract as contract
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.ort.runtime import LOGITS_TO_KEEP, prompt_feeds
+from ernie_paddle.graph_contract import LOGITS_TO_KEEP
+from ernie_paddle.ort.runtime import prompt_feeds
 
 MARGIN = 1.25  # head-room over the calibration maxima
 CALIBRATION_TOKENS = 512  # per sequence
@@ -61,10 +63,10 @@ def calibrate(model_path: str, cfg: ErnieConfig, sequences: Sequence[np.ndarray]
         feeds = {**prompt_feeds(ids, cfg), LOGITS_TO_KEEP: np.array(1, np.int64)}  # only the cache is read
         out = dict(zip(names, session.run(None, feeds)))
         for i in range(n):
-            k = out[f"present.{i}.key"][0, :, :t].astype(np.float64)  # [nkv, t, d]
+            k = out[contract.present(i, "key")][0, :, :t].astype(np.float64)  # [nkv, t, d]
             pair_norm = np.sqrt(k[..., 0::2] ** 2 + k[..., 1::2] ** 2)  # interleaved rotary pairs
             k_max[i] = np.maximum(k_max[i], pair_norm.max(axis=1))
-            v_max[i] = np.maximum(v_max[i], np.abs(out[f"present.{i}.value"][0, :, :t]).max(axis=1))
+            v_max[i] = np.maximum(v_max[i], np.abs(out[contract.present(i, "value")][0, :, :t]).max(axis=1))
     scales = []
     for i in range(n):
         k = np.repeat(k_max[i], 2, axis=-1)  # both channels of a pair
@@ -93,7 +95,7 @@ def quantize_cache(model_path: str, scales: Sequence[tuple[np.ndarray, np.ndarra
                                onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL"),
                                onnx.helper.make_attribute("kv_cache_bit_width", 8)])
     for value in list(graph.input) + list(graph.output):
-        if value.name.startswith(("past_key_values.", "present.")):
+        if contract.is_cache(value.name):
             value.type.tensor_type.elem_type = TensorProto.INT8
     onnx.save(model, out_path)
 

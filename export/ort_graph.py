@@ -4,7 +4,8 @@ Per layer: (Skip)SimplifiedLayerNormalization, a packed-QKV MatMul, RotaryEmbedd
 (past/present KV), o_proj; then a SwiGLU MLP (layer 0 / dense layers) or the MoE block: an fp32 router
 (softmax, correction bias for selection only) feeding MoE (fp32/fp16) or QMoE (int8/int4/int2), plus the shared
 experts. Linear layers become MatMulNBits at int8/int4/int2. Tensors arrive one at a time in checkpoint order and
-their bytes go straight to external data.
+their bytes go straight to external data. The builder asks for them by role (`layout.maps_by_role`); the graph's
+inputs, outputs and the values the parity report reads are named by `graph_contract`.
 
 The routing is built from ONNX ops here (a different language from the Paddle side), but it mirrors
 `ernie_paddle.paddle.moe` (`router_probs`, `select`, `mix_weights`), which is its definition.
@@ -22,15 +23,27 @@ from typing import Callable, NamedTuple
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
+from ernie_paddle import graph_contract as contract
 from ernie_paddle.checkpoint.folder import TensorStream
+from ernie_paddle.checkpoint.layout import Role, maps_by_role
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
-from ernie_paddle.ort.runtime import LOGITS_TO_KEEP  # optional input: the last N positions' logits (0: all)
+from ernie_paddle.graph_contract import (ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, PAST_SEQUENCE,
+                                         SEQUENCE, TOTAL_SEQUENCE)
 from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, expert_block
 from ernie_paddle.rope import cos_sin_tables
 
 from ernie_paddle.export.graph import MS, GraphBuilder
 from ernie_paddle.export.quantize import matmul_nbits_weights, qmoe_weights, rtn
+
+
+Tensor = tuple[str, np.ndarray]  # a canonical tensor: (its canonical name, its array)
+
+
+def _node(canonical: str) -> str:
+    """The graph name of what a canonical tensor is the weight of: layers.0.self_attn.o_proj.weight ->
+    layers.0.self_attn.o_proj."""
+    return canonical.removesuffix(".weight")
 
 
 class SequenceInputs(NamedTuple):
@@ -59,6 +72,12 @@ class ErnieOrtBuilder:
         self.onnx_dtype = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
         self.bits = BITS.get(precision)
         self.quantizer = quantizer or rtn  # (canonical name, weight [N, K], bits, block) -> (codes, scales)
+        self.maps = maps_by_role(cfg)
+
+    def take(self, tensors: TensorStream, role: Role, layer: int | None = None, expert: int | None = None) -> Tensor:
+        """The canonical tensor of `role` (in `layer`, of routed `expert`) from the stream, by the layout table."""
+        name = self.maps[(role, layer, expert)].canonical
+        return name, tensors.take(name)
 
     # ---- small helpers ---------------------------------------------------------------------------------
     def w(self, name: str, a: np.ndarray) -> str:
@@ -80,12 +99,12 @@ class ErnieOrtBuilder:
         """x @ W for a Paddle-layout weight [K, N], applied at once."""
         return self.projection(name, w_in_out)(x)
 
-    def mlp(self, x: str, name: str, up_gate: np.ndarray, down: np.ndarray) -> str:
+    def mlp(self, x: str, up_gate: Tensor, down: Tensor) -> str:
         """SwiGLU: down(silu(gate) * up) with up_gate = [gate | up] on the output axis."""
-        h = self.linear(x, f"{name}.up_gate_proj", up_gate)
-        gate, up = self.g.op("Split", [h, self.g.const([up_gate.shape[1] // 2] * 2)], n_out=2, axis=-1)
+        h = self.linear(x, _node(up_gate[0]), up_gate[1])
+        gate, up = self.g.op("Split", [h, self.g.const([up_gate[1].shape[1] // 2] * 2)], n_out=2, axis=-1)
         act = self.g.op("Mul", [self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate])]), up])
-        return self.linear(act, f"{name}.down_proj", down)
+        return self.linear(act, _node(down[0]), down[1])
 
     # ---- the graph -------------------------------------------------------------------------------------
     def build(self, tensors: TensorStream, progress: Callable[[str], None] | None = None) -> None:
@@ -95,43 +114,43 @@ class ErnieOrtBuilder:
         seq = self.sequence(ids, mask)
         cos, sin = self.rope_caches()
 
-        embed = tensors.take("embed_tokens.weight")
-        x = g.op("Gather", [self.w("embed_tokens.weight", embed), ids], axis=0, name="embed_tokens")
+        embed_name, embed = self.take(tensors, Role.EMBEDDING)
+        x = g.op("Gather", [self.w(embed_name, embed), ids], axis=0, name=_node(embed_name))
+        residual, delta = g.rename(x, contract.hidden_state(0)), None
         if cfg.tie_word_embeddings:  # the head is needed only at the end, but the table is read only once
             head = self.lm_head(embed)
         del embed
-        residual, delta = x, None
         for i in range(cfg.num_hidden_layers):
             if progress:
                 progress(f"layer {i}")
-            L = f"layers.{i}"
-            normed, residual = self.norm(delta, residual, tensors.take(f"{L}.input_layernorm.weight"),
-                                         f"{L}.input_layernorm")
+            normed, residual = self.norm(delta, residual, self.take(tensors, Role.INPUT_NORM, i))
+            if i:  # the residual stream after i layers (layer 0's norm has no sum to name: the embeddings)
+                residual = g.rename(residual, contract.hidden_state(i))
             o = self.attention(i, normed, tensors, seq, cos, sin)
-            normed, residual = self.norm(o, residual, tensors.take(f"{L}.post_attention_layernorm.weight"),
-                                         f"{L}.post_attention_layernorm")
+            normed, residual = self.norm(o, residual, self.take(tensors, Role.POST_ATTN_NORM, i))
             if cfg.is_moe_layer(i):
-                delta = self.moe(normed, L, tensors)
+                delta = self.moe(normed, i, tensors)
             else:
-                delta = self.mlp(normed, f"{L}.mlp", tensors.take(f"{L}.mlp.up_gate_proj.weight"),
-                                 tensors.take(f"{L}.mlp.down_proj.weight"))
-        normed, _ = self.norm(delta, residual, tensors.take("norm.weight"), "norm")
+                delta = self.mlp(normed, self.take(tensors, Role.MLP_UP_GATE, i), self.take(tensors, Role.MLP_DOWN, i))
+        normed, _ = self.norm(delta, residual, self.take(tensors, Role.FINAL_NORM))
+        normed = g.rename(normed, contract.hidden_state(cfg.num_hidden_layers))
         if not cfg.tie_word_embeddings:
-            head = self.lm_head(tensors.take("lm_head.weight").T)
+            head = self.lm_head(self.take(tensors, Role.LM_HEAD)[1].T)
         logits = head(self.kept_positions(normed))
         if self.precision == "fp16":
             logits = g.op("Cast", [logits], to=TensorProto.FLOAT)
-        g.output(logits, "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size], first=True)
+        g.output(logits, LOGITS, TensorProto.FLOAT, [BATCH, SEQUENCE, cfg.vocab_size], first=True)
 
     def inputs(self) -> tuple[str, str]:
-        """Declare input_ids, attention_mask and every layer's past key/value (genai's names); returns the first two."""
+        """Declare input_ids, attention_mask and every layer's past key/value (the contract's names); returns the
+        first two."""
         cfg, g = self.cfg, self.g
-        ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
-        mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+        ids = g.input(INPUT_IDS, TensorProto.INT64, [BATCH, SEQUENCE])
+        mask = g.input(ATTENTION_MASK, TensorProto.INT64, [BATCH, TOTAL_SEQUENCE])
         for i in range(cfg.num_hidden_layers):
-            for kv in ("key", "value"):
-                g.input(f"past_key_values.{i}.{kv}", self.onnx_dtype,
-                        ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim])
+            for kv in contract.KV:
+                g.input(contract.past(i, kv), self.onnx_dtype,
+                        [BATCH, cfg.num_key_value_heads, PAST_SEQUENCE, cfg.head_dim])
         return ids, mask
 
     def sequence(self, ids: str, mask: str) -> SequenceInputs:
@@ -157,7 +176,8 @@ class ErnieOrtBuilder:
         cfg, g = self.cfg, self.g
         nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         L = f"layers.{i}"
-        qkv = self.linear(x, f"{L}.self_attn.qkv_proj", tensors.take(f"{L}.self_attn.qkv_proj.weight"))
+        qkv_name, qkv_weight = self.take(tensors, Role.QKV, i)
+        qkv = self.linear(x, _node(qkv_name), qkv_weight)
         q, k, v = g.op("Split", [qkv, g.const([nh * d, nkv * d, nkv * d])], n_out=3, axis=-1)
         # Rotary as its own op: GQA's fused rotary (do_rotary=1) rotates the cached keys by slot index rather
         # than by position_ids (ONNX Runtime 1.32, CPU), which breaks left padding.
@@ -166,13 +186,13 @@ class ErnieOrtBuilder:
         k = g.op("RotaryEmbedding", [k, s.positions, cos, sin], domain=MS, interleaved=1, num_heads=nkv,
                  name=f"{L}.self_attn.rotary_k")
         attn, pk, pv = g.op("GroupQueryAttention",
-                            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", s.seqlens,
-                             s.total32],
+                            [q, k, v, contract.past(i, "key"), contract.past(i, "value"), s.seqlens, s.total32],
                             n_out=3, domain=MS, name=f"{L}.self_attn", num_heads=nh, kv_num_heads=nkv,
                             scale=float(d ** -0.5))
-        g.output(pk, f"present.{i}.key", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
-        g.output(pv, f"present.{i}.value", self.onnx_dtype, ["batch_size", nkv, "total_sequence_length", d])
-        return self.linear(attn, f"{L}.self_attn.o_proj", tensors.take(f"{L}.self_attn.o_proj.weight"))
+        for kv, value in zip(contract.KV, (pk, pv)):
+            g.output(value, contract.present(i, kv), self.onnx_dtype, [BATCH, nkv, TOTAL_SEQUENCE, d])
+        o_name, o_weight = self.take(tensors, Role.ATTN_OUT, i)
+        return self.linear(attn, _node(o_name), o_weight)
 
     def kept_positions(self, hidden: str) -> str:
         """The last `logits_to_keep` positions of `hidden` [B, S, H] (0, the default: all of them), so a prefill
@@ -183,7 +203,7 @@ class ErnieOrtBuilder:
         g.weight(LOGITS_TO_KEEP, np.array(0, np.int64))
         start = g.op("Unsqueeze", [g.op("Neg", [LOGITS_TO_KEEP]), g.const([0])])
         return g.op("Slice", [hidden, start, g.const([np.iinfo(np.int64).max]), g.const([1])],
-                    name="logits_to_keep")
+                    name=LOGITS_TO_KEEP)
 
     def rope_caches(self) -> tuple[str, str]:
         """RotaryEmbedding's cos/sin caches [max_pos, d/2] of the angles pos_fp32 * inv_freq_fp32 (the Paddle model's
@@ -198,10 +218,11 @@ class ErnieOrtBuilder:
         returns the function that applies the head to the final hidden states."""
         return self.projection("lm_head", embed_v_h.T, fp_weight="lm_head.weight")
 
-    def norm(self, delta: str | None, residual: str, weight: np.ndarray, name: str) -> tuple[str, str]:
+    def norm(self, delta: str | None, residual: str, weight: Tensor) -> tuple[str, str]:
         """RMSNorm of residual + delta; returns (normed, new residual)."""
         eps = float(self.cfg.rms_norm_eps)
-        w = self.w(name + ".weight", weight)
+        w = self.w(*weight)
+        name = _node(weight[0])
         if delta is None:
             return self.g.op("SimplifiedLayerNormalization", [residual, w], name=name, axis=-1, epsilon=eps,
                              stash_type=1), residual
@@ -209,38 +230,41 @@ class ErnieOrtBuilder:
                                       name=name, epsilon=eps)
         return out, summed
 
-    def moe(self, x: str, L: str, tensors: TensorStream) -> str:
-        """ERNIE's sparse MoE block: fp32 router, selection-only bias, routed experts, shared experts added after."""
+    def moe(self, x: str, i: int, tensors: TensorStream) -> str:
+        """Layer i's sparse MoE block: fp32 router, selection-only bias, routed experts, shared experts added after.
+        The scores the experts op selects on are named `contract.router_scores(i)`."""
         cfg, g = self.cfg, self.g
+        L = f"layers.{i}"
         shape = g.op("Shape", [x])
         flat = g.op("Reshape", [x, g.const([-1, cfg.hidden_size])])  # [N, H]
-        probs, select = self.router(flat, L, tensors)
-        fc1, fc2 = self.expert_weights(L, tensors)
+        probs, select = self.router(flat, i, tensors)
+        fc1, fc2 = self.expert_weights(i, tensors)
         if self.bits is None:
             y = self.experts_float(flat, probs, select, fc1, fc2, L)
         else:
             y = self.experts_quantized(flat, probs, select, fc1, fc2, L)
+        g.rename(g.nodes[-1].input[1], contract.router_scores(i))  # the experts op's routing input
         if cfg.moe_num_shared_experts > 0:
-            shared = self.mlp(flat, f"{L}.mlp.shared_experts",
-                              tensors.take(f"{L}.mlp.shared_experts.up_gate_proj.weight"),
-                              tensors.take(f"{L}.mlp.shared_experts.down_proj.weight"))
+            shared = self.mlp(flat, self.take(tensors, Role.SHARED_UP_GATE, i),
+                              self.take(tensors, Role.SHARED_DOWN, i))
             y = g.op("Add", [y, shared])
         return g.op("Reshape", [y, shape])
 
-    def router(self, flat: str, L: str, tensors: TensorStream) -> tuple[str, str]:
+    def router(self, flat: str, i: int, tensors: TensorStream) -> tuple[str, str]:
         """(probs, selection scores) [N, E] fp32: the ONNX spelling of `ernie_paddle.paddle.moe.router_probs` and of the
         biased scores `moe.select` takes the top k of (the correction bias picks experts, never weights them)."""
         g = self.g
         x32 = g.op("Cast", [flat], to=TensorProto.FLOAT) if self.precision == "fp16" else flat
-        gate = g.weight(f"{L}.mlp.gate.weight", tensors.take(f"{L}.mlp.gate.weight").astype(np.float32))
-        probs = g.op("Softmax", [g.op("MatMul", [x32, gate], name=f"{L}.mlp.gate")], axis=-1)  # [N, E] fp32
+        gate_name, gate = self.take(tensors, Role.ROUTER, i)
+        gate = g.weight(gate_name, gate.astype(np.float32))
+        probs = g.op("Softmax", [g.op("MatMul", [x32, gate], name=_node(gate_name))], axis=-1)  # [N, E] fp32
         if not self.cfg.moe_use_aux_free:
             return probs, probs
-        corr = g.weight(f"{L}.mlp.e_score_correction_bias",
-                        tensors.take(f"{L}.mlp.e_score_correction_bias").astype(np.float32))
+        bias_name, bias = self.take(tensors, Role.ROUTER_BIAS, i)
+        corr = g.weight(bias_name, bias.astype(np.float32))
         return probs, g.op("Add", [probs, corr])
 
-    def expert_weights(self, L: str, tensors: TensorStream) -> tuple[list, list]:
+    def expert_weights(self, i: int, tensors: TensorStream) -> tuple[list, list]:
         """The routed experts' fc1 (rows interleaved g0,u0,g1,u1,...: swiglu_fusion=1) and fc2 [H, I] matrices, in
         the compute dtype or as (codes, scales) pairs when quantised."""
         cfg = self.cfg
@@ -249,18 +273,17 @@ class ErnieOrtBuilder:
         interleave = np.stack([np.arange(ie), ie + np.arange(ie)], axis=1).reshape(-1)  # [gate | up] -> g0,u0,...
         block = expert_block(self.bits, self.block_size) if self.bits else None
         for j in range(cfg.moe_num_experts):
-            ug = tensors.take(f"{L}.mlp.experts.{j}.up_gate_proj.weight")  # [H, 2I] = [gate | up]
-            down = tensors.take(f"{L}.mlp.experts.{j}.down_proj.weight")  # [I, H]
+            ug_name, ug = self.take(tensors, Role.EXPERT_UP_GATE, i, j)  # [H, 2I] = [gate | up]
+            down_name, down = self.take(tensors, Role.EXPERT_DOWN, i, j)  # [I, H]
             w2 = np.ascontiguousarray(down.T)
             if self.bits is None:
                 w1 = np.stack([ug[:, :ie].T, ug[:, ie:].T], axis=1).reshape(2 * ie, h)
                 fc1.append(w1.astype(self.np_dtype))
                 fc2.append(w2.astype(self.np_dtype))
             else:
-                name = f"{L}.mlp.experts.{j}"
-                fc1.append(qmoe_weights(np.ascontiguousarray(ug.T), self.bits, block, self.quantizer,
-                                        f"{name}.up_gate_proj.weight", rows=interleave))
-                fc2.append(qmoe_weights(w2, self.bits, block, self.quantizer, f"{name}.down_proj.weight"))
+                fc1.append(qmoe_weights(np.ascontiguousarray(ug.T), self.bits, block, self.quantizer, ug_name,
+                                        rows=interleave))
+                fc2.append(qmoe_weights(w2, self.bits, block, self.quantizer, down_name))
         return fc1, fc2
 
     def experts_float(self, flat: str, probs: str, select: str, fc1: list, fc2: list, L: str) -> str:

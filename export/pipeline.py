@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ernie_paddle import graph_contract as contract
 from ernie_paddle.atomic import atomic_dir, check_new_dir, write_json
 from ernie_paddle.checkpoint.folder import TensorStream, copy_side_files, read_canonical
 from ernie_paddle.config import ErnieConfig
@@ -30,7 +31,7 @@ from ernie_paddle.export.genai import genai_config
 from ernie_paddle.export.tokenizer_json import write_tokenizer_files
 from ernie_paddle.export.verify import FP32_LOGIT_TOL, compare, verification_prompts
 
-FLAVORS = ("ort", "portable")
+FLAVORS = tuple(contract.FLAVORS)  # --flavor's choices
 
 Log = Callable[[str], None]
 
@@ -69,13 +70,13 @@ def check_options(flavor: str, precision: str, block_size: int, kv_cache: str = 
     bad block size (InputError)."""
     if kv_cache not in KV_CACHES:
         raise ExportError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
-    if kv_cache == "int8" and flavor != "ort":
+    if kv_cache == "int8" and flavor != contract.ORT.name:
         raise ExportError("--kv-cache int8 is GroupQueryAttention's quantised cache: the ort flavour only")
     if flavor not in FLAVORS:
         raise ExportError(f"--flavor must be one of {', '.join(FLAVORS)}, got {flavor!r}")
     if precision not in EXPORT_PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(EXPORT_PRECISIONS)}, got {precision!r}")
-    if flavor == "portable" and precision != "fp32":
+    if flavor == contract.PORTABLE.name and precision != "fp32":
         raise ExportError(f"the portable flavour (standard ONNX operators) is exported in fp32 only; use "
                           f"--flavor ort for --precision {precision}")
     check_block_size(block_size, "--block-size")
@@ -98,6 +99,11 @@ class Options:
         return self.precision in BITS
 
     @property
+    def graph(self) -> contract.Flavor:
+        """What the flavour's graph promises its runner (cache sharing, positions)."""
+        return contract.FLAVORS[self.flavor]
+
+    @property
     def provider(self) -> str:
         """The execution provider the folder is meant for: fp16 is for CUDA, everything else for the CPU."""
         return "cuda" if self.precision == "fp16" else "cpu"
@@ -115,10 +121,10 @@ def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precisio
     """
     check_options(flavor, precision, block_size, kv_cache)
     check_new_dir(out_dir, ExportError)  # before any work starts
-    if tensors is not None and (config is None or flavor != "ort"):
+    if tensors is not None and (config is None or flavor != contract.ORT.name):
         raise ExportError("exporting in-memory tensors needs their config and the ort flavour")
     opts = Options(flavor, precision, block_size, accuracy_level, quantizer, quantizer_name,
-                   kv_cache_for(kv_cache, precision) if flavor == "ort" else "fp32")
+                   kv_cache_for(kv_cache, precision) if flavor == contract.ORT.name else "fp32")
     cfg = config or ErnieConfig.from_file(model_dir, strict=strict_config)
     t0 = time.time()
     with atomic_dir(out_dir, prefix=".tmp-export-", error=ExportError) as tmp:
@@ -127,12 +133,12 @@ def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precisio
             skipped = None if verify else "--no-verify"
         else:
             skipped = "in-memory tensors: there is no checkpoint to load the Paddle reference from"
-        has_position_ids = write_graph(tmp, model_dir, cfg, opts, tensors, log)
+        write_graph(tmp, model_dir, cfg, opts, tensors, log)
         copy_checkpoint_files(model_dir, cfg, tmp)
         write_json(os.path.join(tmp, GENAI_CONFIG),
-                   genai_config(cfg, ONNX_MODEL, has_position_ids, opts.provider, eos_token_ids=_stop_ids(tmp),
-                                share_buffer=opts.flavor == "ort"))
-        manifest = _manifest(tmp, model_dir, cfg, opts, has_position_ids)
+                   genai_config(cfg, ONNX_MODEL, opts.graph.has_position_ids, opts.provider,
+                                eos_token_ids=_stop_ids(tmp), share_buffer=opts.graph.shares_kv_buffer))
+        manifest = _manifest(tmp, model_dir, cfg, opts)
         write_json(os.path.join(tmp, MANIFEST), manifest)  # the runtime reads it during verification
         manifest["verification"] = {"skipped": skipped} if skipped else _verify(model_dir, tmp, cfg, opts, log)
         manifest["export_seconds"] = round(time.time() - t0, 2)
@@ -140,18 +146,18 @@ def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precisio
     return manifest
 
 
-def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Options, tensors, log: Log) -> bool:
-    """Write `model.onnx` + its external data into `folder`; returns whether the graph takes `position_ids`.
+def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Options, tensors, log: Log) -> None:
+    """Write `model.onnx` + its external data into `folder`, with the inputs and outputs `opts.graph` names.
 
     `tensors`: canonical (name, array) pairs in checkpoint order (the `ort` flavour streams them; the portable
     flavour loads the Paddle model from `model_dir` instead).
     """
     model_path = os.path.join(folder, ONNX_MODEL)
-    if opts.flavor == "portable":
+    if opts.flavor == contract.PORTABLE.name:
         from ernie_paddle.paddle.portable_export import export_portable
 
         export_portable(model_dir, cfg, model_path, log=log)
-        return True
+        return
     from ernie_paddle.export.graph import GraphBuilder, data_file_for
     from ernie_paddle.export.ort_graph import ErnieOrtBuilder
 
@@ -159,7 +165,7 @@ def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Opti
     try:
         ErnieOrtBuilder(cfg, g, opts.precision, opts.block_size, opts.accuracy_level, opts.quantizer).build(
             TensorStream(tensors), progress=lambda s: log(f"export: {s}"))
-        g.save(model_path, "ernie4_5", metadata={"flavor": opts.flavor, "precision": opts.precision})
+        g.save(model_path, "ernie4_5", metadata={contract.FLAVOR: opts.flavor, contract.PRECISION: opts.precision})
     finally:
         g.close()
     if opts.kv_cache == "int8":
@@ -168,7 +174,6 @@ def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Opti
         log("export: calibrating the int8 KV cache")
         scales = calibrate(model_path, cfg, calibration_ids(model_dir, cfg.vocab_size))
         quantize_cache(model_path, scales, model_path)
-    return False
 
 
 def copy_checkpoint_files(model_dir: str | None, cfg: ErnieConfig, folder: str) -> None:
@@ -191,18 +196,17 @@ def _stop_ids(folder: str) -> list[int]:
     return ErnieTokenizer(folder).stop_ids()
 
 
-def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Options, has_position_ids: bool) -> dict:
+def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Options) -> dict:
     """What the folder holds and where it came from; `verification` and `export_seconds` are filled in last."""
     quantized = opts.quantized
     return {
-        "format": "ernie-paddle-onnx/1", "flavor": opts.flavor, "precision": opts.precision, "model_file": ONNX_MODEL,
-        "external_data": sorted(f for f in os.listdir(folder) if f.endswith(".data")),
+        contract.FORMAT: contract.FORMAT_VERSION, contract.FLAVOR: opts.flavor, contract.PRECISION: opts.precision,
+        contract.MODEL_FILE: ONNX_MODEL,
+        contract.EXTERNAL_DATA: sorted(f for f in os.listdir(folder) if f.endswith(".data")),
         "block_size": opts.block_size if quantized else None,
         "accuracy_level": opts.accuracy_level if quantized else None,
-        "quantization": opts.quantizer_name if quantized else None, "kv_cache": opts.kv_cache,
-        "padding": "right", "inputs": ["input_ids", "attention_mask"] + (["position_ids"] if has_position_ids else [])
-        + ["past_key_values.N.key", "past_key_values.N.value"],
-        "outputs": ["logits", "present.N.key", "present.N.value"], "execution_provider": opts.provider,
+        "quantization": opts.quantizer_name if quantized else None, contract.KV_CACHE: opts.kv_cache,
+        "padding": "right", **contract.manifest_io(opts.graph), "execution_provider": opts.provider,
         "source": ({"path": os.path.abspath(model_dir), **source_hash(model_dir)} if model_dir
                    else {"path": None, "generated": "in-memory tensors (no checkpoint)"}),
         "config": {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,

@@ -103,6 +103,31 @@ def test_graph_contents_per_flavour(exported):
     assert genai["model"]["decoder"]["num_key_value_heads"] == cfg.num_key_value_heads
 
 
+def test_exported_graphs_have_the_contracts_names(exported):
+    """Each flavour's graph has exactly the contract's inputs and outputs, in its order, and its manifest says so;
+    the ort graph names the contract's probe values (the residual stream, every MoE layer's router scores)."""
+    from ernie_paddle import graph_contract as contract
+
+    _, cfg, ort_folder = exported("paddle-untied-gqa2", "ort")
+    _, _, portable_folder = exported("paddle-untied-gqa2", "portable")
+    n = cfg.num_hidden_layers
+    probes = [contract.hidden_state(i) for i in range(n + 1)]
+    probes += [contract.router_scores(i) for i in range(n) if cfg.is_moe_layer(i)]
+    for flavor, folder in ((contract.ORT, ort_folder), (contract.PORTABLE, portable_folder)):
+        model = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False)
+        assert [i.name for i in model.graph.input] == flavor.inputs(n)
+        assert [o.name for o in model.graph.output] == flavor.outputs(n)
+        manifest = json.load(open(os.path.join(folder, "manifest.json")))
+        assert contract.flavor_of(manifest, folder) is flavor
+        assert {k: manifest[k] for k in (contract.INPUTS, contract.OUTPUTS)} == contract.manifest_io(flavor)
+        values = {x for node in model.graph.node for x in node.output}
+        assert [p in values for p in probes] == [flavor.names_probes] * len(probes)
+    assert contract.past_slot("past_key_values.12.value") == (12, "value") == contract.present_slot("present.12.value")
+    assert contract.present_slot("past_key_values.0.key") is None and contract.past_slot("present.x.key") is None
+    with pytest.raises(OnnxFolderError, match="manifest.json names flavor 'fused'; expected one of ort, portable"):
+        contract.flavor_of({"flavor": "fused"}, ort_folder)
+
+
 @pytest.mark.parametrize("precision,bits", [("int8", 8), ("int4", 4), ("int2", 2)])
 def test_quantized_export_is_exact_against_dequantized_weights(exported, tmp_path, precision, bits):
     d, cfg, folder = exported("paddle-untied-gqa2", "ort", precision)

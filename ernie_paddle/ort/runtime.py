@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ernie_paddle import files
+from ernie_paddle import graph_contract as contract
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import InputError, OnnxFolderError
 from ernie_paddle.textfile import read_json_object
 from ernie_paddle.precisions import BITS
 from ernie_paddle.token_ids import check_token_ids
 from ernie_paddle.rope import check_position_ids
+from ernie_paddle.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS
 
 @dataclass
 class OnnxCache:
@@ -78,15 +80,14 @@ def check_external_data(model_path: str, data_dir: str | None = None) -> None:
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-LOGITS_TO_KEEP = "logits_to_keep"  # the ort graph's optional input (export.ort_graph): 1 = the last position's only
 
 
 def prompt_feeds(ids, cfg: ErnieConfig, kv_dtype=np.float32) -> dict:
     """`session.run` inputs for one prompt [T] with an empty cache: ids, an all-ones mask, zero-length pasts."""
-    feeds = {"input_ids": np.asarray(ids, np.int64)[None], "attention_mask": np.ones((1, len(ids)), np.int64)}
+    feeds = {INPUT_IDS: np.asarray(ids, np.int64)[None], ATTENTION_MASK: np.ones((1, len(ids)), np.int64)}
     for i in range(cfg.num_hidden_layers):
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), kv_dtype)
+        for kv in contract.KV:
+            feeds[contract.past(i, kv)] = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), kv_dtype)
     return feeds
 
 
@@ -131,17 +132,18 @@ class OnnxCausalLM:
         self._ort = ort
         self.folder = folder
         self.manifest = load_manifest(folder)
+        self.flavor = contract.flavor_of(self.manifest, folder)
         self.config = ErnieConfig.from_file(os.path.join(folder, files.CONFIG))
-        model_path = model_file or os.path.join(folder, self.manifest.get("model_file", files.ONNX_MODEL))
+        model_path = model_file or os.path.join(folder, self.manifest.get(contract.MODEL_FILE, files.ONNX_MODEL))
         if not os.path.isfile(model_path):
             raise OnnxFolderError(f"{model_path}: missing model file")
-        for name in self.manifest.get("external_data", []):
+        for name in self.manifest.get(contract.EXTERNAL_DATA, []):
             if not os.path.isfile(os.path.join(folder, name)):
                 raise OnnxFolderError(f"{os.path.join(folder, name)}: missing external data file listed in "
                                       f"{files.MANIFEST}")
         if provider not in PROVIDERS:
             raise InputError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
-        precision = self.manifest.get("precision")
+        precision = self.manifest.get(contract.PRECISION)
         if provider == "cuda" and precision in BITS:
             raise InputError(f"{folder}: a {precision} export holds QMoE/MatMulNBits weights in the CPU layout; "
                              f"CUDA needs its own prepacked layout, not produced yet: run it with --provider cpu, "
@@ -170,16 +172,16 @@ class OnnxCausalLM:
         self.device = "cuda" if provider == "cuda" else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        past0 = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
+        past0 = next(i for i in self.session.get_inputs() if i.name == contract.past(0, "key"))
         self.kv_dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(past0.type, np.float32)
-        self.has_position_ids = "position_ids" in self.input_names
+        self.has_position_ids = POSITION_IDS in self.input_names
         # the ort graph's optional input: LM head on the last N positions only (older folders compute them all)
         self.keeps_logits = LOGITS_TO_KEEP in self.input_names
         # outputs besides logits and the cache (the parity report's copy of the graph exposes hidden states)
-        self.extra_outputs = [n for n in self.output_names if n != "logits" and not n.startswith("present.")]
-        self.shares_kv_buffer = self.manifest.get("flavor") == "ort"  # GroupQueryAttention (see allocate_cache)
+        self.extra_outputs = [n for n in self.output_names if n != LOGITS and contract.present_slot(n) is None]
+        self.shares_kv_buffer = self.flavor.shares_kv_buffer  # GroupQueryAttention (see allocate_cache)
         n = self.config.num_hidden_layers
-        if sum(1 for x in self.input_names if x.startswith("past_key_values.")) != 2 * n:
+        if sum(1 for x in self.input_names if contract.past_slot(x) is not None) != 2 * n:
             raise OnnxFolderError(f"{model_path}: the graph's past_key_values inputs do not match "
                                   f"num_hidden_layers={n} in {files.CONFIG}")
 
@@ -241,19 +243,19 @@ class OnnxCausalLM:
         logits = np.empty((b, 1 if keep else t, self.config.vocab_size), np.float32)  # ONNX Runtime writes into it
         for name in self.extra_outputs:  # unallocated again: their shapes follow the step's
             binding.bind_output(name, self.device)
-        binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", self._step_mask(cache, mask) if t == 1 and not own_cache else mask)
+        binding.bind_ortvalue_output(LOGITS, self._ort.OrtValue.ortvalue_from_numpy(logits))
+        binding.bind_cpu_input(INPUT_IDS, ids)
+        binding.bind_cpu_input(ATTENTION_MASK, self._step_mask(cache, mask) if t == 1 and not own_cache else mask)
         if self.has_position_ids:
             if position_ids is None:
                 position_ids = _positions_from_mask(mask, t)
-            binding.bind_cpu_input("position_ids", position_ids)
+            binding.bind_cpu_input(POSITION_IDS, position_ids)
         self.session.run_with_iobinding(binding)
         if not own_cache:
             if not cache.shared:
-                bound = [n for n in self.output_names if n != "logits"] + ["logits"]  # the order _binding binds
+                bound = [n for n in self.output_names if n != LOGITS] + [LOGITS]  # the order _binding binds
                 named = dict(zip(bound, binding.get_outputs()))
-                cache.layers = [(named[f"present.{i}.key"], named[f"present.{i}.value"])
+                cache.layers = [tuple(named[contract.present(i, kv)] for kv in contract.KV)
                                 for i in range(self.config.num_hidden_layers)]
             cache.length = total
         return OnnxOutput(logits[:, -1:] if last_only else logits)  # (already one position when kept)
@@ -284,15 +286,15 @@ class OnnxCausalLM:
         if cache.binding is not None:
             return cache.binding
         binding = self.session.io_binding()
-        for i, (k, v) in enumerate(cache.layers):
-            binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
-            binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
+        for i, layer in enumerate(cache.layers):
+            for kv, buffer in zip(contract.KV, layer):
+                binding.bind_ortvalue_input(contract.past(i, kv), buffer)
         for name in self.output_names:
-            if name == "logits":
+            if name == LOGITS:
                 continue  # bound each step, to a buffer of the step's shape
-            if cache.shared and name.startswith("present."):
-                i, kv = name.split(".")[1:]
-                binding.bind_ortvalue_output(name, cache.layers[int(i)][kv == "value"])
+            slot = contract.present_slot(name)
+            if cache.shared and slot is not None:
+                binding.bind_ortvalue_output(name, cache.layers[slot[0]][contract.KV.index(slot[1])])
             else:
                 binding.bind_output(name, self.device)
         if cache.shared:
@@ -311,7 +313,7 @@ class OnnxCausalLM:
         bad = np.argwhere(given != from_mask)
         if len(bad):
             r, c = (int(i) for i in bad[0])
-            raise InputError(f"{self.folder}: this {self.manifest.get('flavor', 'ort')} export has no position_ids "
+            raise InputError(f"{self.folder}: this {self.flavor.name} export has no position_ids "
                              f"input: it derives positions from attention_mask (cumsum - 1), and the position_ids "
                              f"given differ (row {r}, token {c}: {int(given[r, c])}, from the mask "
                              f"{int(from_mask[r, c])}); export with --flavor portable to pass explicit positions")

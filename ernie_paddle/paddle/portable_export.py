@@ -5,8 +5,9 @@ what paddle2onnx cannot map or maps wrongly: no `swiglu`/fused norms (SiLU·up a
 model already does), GQA by broadcasting matmul instead of `repeat_interleave`, the KV cache as concat
 (past, new), a bottom-right causal mask built from positions, and the MoE as a dense masked combine (every
 expert on every token: exact, slow, any runtime). `paddle.jit.save` writes the program; paddle2onnx runs in
-a subprocess (it aborts the process on unsupported ops); the result gets the genai input/output names, its
-weights lifted from Constant nodes into external-data initializers, and shared dynamic dimension names.
+a subprocess (it aborts the process on unsupported ops); the result gets the input/output names of
+`graph_contract.PORTABLE` (genai's), its weights lifted from Constant nodes into external-data initializers, and
+shared dynamic dimension names.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ernie_paddle import graph_contract as contract
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
+from ernie_paddle.graph_contract import (ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, PAST_SEQUENCE, POSITION_IDS,
+                                         PORTABLE, SEQUENCE, TOTAL_SEQUENCE)
 from ernie_paddle.memory import fp32_bytes
 from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM, SparseMoeBlock
 from ernie_paddle.paddle.moe import mix_weights, router_probs, select
@@ -141,8 +145,8 @@ def _finish(onnx_path: str, out_path: str, cfg: ErnieConfig) -> None:
 
 
 def _rename_outputs(g, num_layers: int) -> None:
-    """paddle2onnx's output names -> genai's: logits, present.{i}.key, present.{i}.value."""
-    names = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    """paddle2onnx's output names -> the contract's: logits, then each layer's present key and value."""
+    names = PORTABLE.outputs(num_layers)
     if len(g.output) != len(names):
         raise ExportError(f"paddle2onnx produced {len(g.output)} outputs, expected {len(names)}")
     renames = {o.name: new for o, new in zip(g.output, names)}
@@ -177,11 +181,10 @@ def _lift_constants(g, inline_limit: int) -> None:
 
 def _name_dynamic_dims(g) -> None:
     """The dynamic dimensions get the names the ort flavour and genai use (batch_size, sequence_length, ...)."""
-    dims = {"input_ids": ["batch_size", "sequence_length"], "attention_mask": ["batch_size", "total_sequence_length"],
-            "position_ids": ["batch_size", "sequence_length"]}
-    wanted = [(v, dims.get(v.name, ["batch_size", None, "past_sequence_length", None])) for v in g.input]
-    wanted += [(v, ["batch_size", "sequence_length", None] if v.name == "logits"
-                else ["batch_size", None, "total_sequence_length", None]) for v in g.output]
+    dims = {INPUT_IDS: [BATCH, SEQUENCE], ATTENTION_MASK: [BATCH, TOTAL_SEQUENCE], POSITION_IDS: [BATCH, SEQUENCE]}
+    wanted = [(v, dims.get(v.name, [BATCH, None, PAST_SEQUENCE, None])) for v in g.input]
+    wanted += [(v, [BATCH, SEQUENCE, None] if v.name == LOGITS else [BATCH, None, TOTAL_SEQUENCE, None])
+               for v in g.output]
     for v, want in wanted:
         for dim, name in zip(v.type.tensor_type.shape.dim, want):
             if name:
@@ -201,11 +204,11 @@ def export_portable(model_dir: str, cfg: ErnieConfig, out_path: str, log: Callab
     module = PortableErnie(model)
     module.eval()
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
-    spec = [paddle.static.InputSpec([None, None], "int64", "input_ids"),
-            paddle.static.InputSpec([None, None], "int64", "attention_mask"),
-            paddle.static.InputSpec([None, None], "int64", "position_ids"),
-            [paddle.static.InputSpec([None, nkv, None, d], "float32", f"past_key_values.{i}.{kv}")
-             for i in range(cfg.num_hidden_layers) for kv in ("key", "value")]]
+    spec = [paddle.static.InputSpec([None, None], "int64", INPUT_IDS),
+            paddle.static.InputSpec([None, None], "int64", ATTENTION_MASK),
+            paddle.static.InputSpec([None, None], "int64", POSITION_IDS),
+            [paddle.static.InputSpec([None, nkv, None, d], "float32", name)
+             for name in contract.per_layer(contract.PAST, cfg.num_hidden_layers)]]
     with tempfile.TemporaryDirectory() as work:
         log("export: tracing with paddle.jit.save")
         prefix = os.path.join(work, "model")

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ernie_paddle import graph_contract as contract
 from ernie_paddle.errors import InputError
 from ernie_paddle.generation import GenerationConfig, generate
 from ernie_paddle.parity.report import Trace
@@ -27,28 +28,20 @@ def _greedy_config(n: int) -> GenerationConfig:
 
 # ---- ONNX Runtime --------------------------------------------------------------------------------------------------
 def _probe_graph(folder: str, manifest: dict, cfg, work: str) -> tuple[str, list[str | None], list[str]]:
-    """Write into `work` a copy of the folder's graph with the residual stream and router scores as extra outputs
-    (without its weights: OnnxCausalLM reads them from the folder). Returns (graph path, hidden-state names,
-    router-score names)."""
+    """Write into `work` a copy of the folder's graph with the residual stream and router scores (the contract's
+    probe values, where the graph names them) as extra outputs (without its weights: OnnxCausalLM reads them from
+    the folder). Returns (graph path, hidden-state names, router-score names)."""
     import onnx
 
     from ernie_paddle.files import ONNX_MODEL
 
-    model_file = manifest.get("model_file", ONNX_MODEL)
+    model_file = manifest.get(contract.MODEL_FILE, ONNX_MODEL)
     model = onnx.load(os.path.join(folder, model_file), load_external_data=False)
-    nodes = {n.name: n for n in model.graph.node}
-    hidden: list[str | None] = [None] * (cfg.num_hidden_layers + 1)
-    router: list[str] = []
-    if manifest["flavor"] == "ort":  # the portable flavour's node names are paddle2onnx's: nothing to expose
-        emb = nodes.get("embed_tokens")
-        hidden[0] = emb.output[0] if emb is not None else None
-        for i in range(cfg.num_hidden_layers):
-            nxt = nodes.get(f"layers.{i + 1}.input_layernorm") or nodes.get("norm")
-            hidden[i + 1] = nxt.output[3] if nxt is not None and len(nxt.output) > 3 else None
-            moe = nodes.get(f"layers.{i}.mlp.experts")
-            if moe is not None:
-                router.append(moe.input[1])
-        hidden[-1] = nodes["norm"].output[0] if "norm" in nodes else None
+    named: set[str] = set()
+    if contract.flavor_of(manifest, folder).names_probes:  # the portable graph's values are paddle2onnx's
+        named = {x for node in model.graph.node for x in node.output}
+    hidden = [name if name in named else None for name in map(contract.hidden_state, range(cfg.num_hidden_layers + 1))]
+    router = [name for name in map(contract.router_scores, range(cfg.num_hidden_layers)) if name in named]
     for name in [x for x in hidden if x] + router:
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     path = os.path.join(work, model_file)
@@ -64,7 +57,8 @@ class OnnxProbe:
 
         self.cfg = cfg
         manifest = load_manifest(folder)
-        self.name = f"onnx:{os.path.basename(os.path.normpath(folder))} ({manifest['flavor']} {manifest['precision']})"
+        kind = f"{manifest[contract.FLAVOR]} {manifest[contract.PRECISION]}"
+        self.name = f"onnx:{os.path.basename(os.path.normpath(folder))} ({kind})"
         work = tempfile.mkdtemp(prefix="ernie-parity-onnx-")
         try:
             path, self.hidden_names, self.router_names = _probe_graph(folder, manifest, cfg, work)
@@ -80,14 +74,14 @@ class OnnxProbe:
         cfg = self.cfg
         feeds = prompt_feeds(ids, cfg, self.runtime.kv_dtype)
         if self.runtime.has_position_ids:
-            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+            feeds[contract.POSITION_IDS] = np.arange(len(ids), dtype=np.int64)[None]
         names = [o.name for o in self.session.get_outputs()]
         outs = dict(zip(names, self.runtime.run(None, feeds)))
         hidden = [outs[n].reshape(len(ids), -1).astype(np.float32) if n else None for n in self.hidden_names]
         # MoE: log-probs of the chosen, -inf elsewhere; QMoE: probs + bias. Either way the top k are the choice.
         experts = [np.argsort(-outs[n].astype(np.float32), axis=-1, kind="stable")[:, :cfg.moe_k]
                    for n in self.router_names]
-        return Trace(outs["logits"][0].astype(np.float32), hidden, experts)
+        return Trace(outs[contract.LOGITS][0].astype(np.float32), hidden, experts)
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         return generate(self.runtime, ids, _greedy_config(n))
