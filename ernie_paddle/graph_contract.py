@@ -128,8 +128,8 @@ INPUTS, OUTPUTS = "inputs", "outputs"  # the graph's names, a layer's cache as N
 
 def manifest_io(flavor: Flavor) -> dict[str, list[str]]:
     """The manifest's description of the graph's inputs and outputs (the cache once, its layer as N)."""
-    cache = lambda patterns: [patterns[kv].replace("%d", "N") for kv in KV]  # noqa: E731
-    return {INPUTS: flavor.sequence_inputs() + cache(PAST), OUTPUTS: [LOGITS] + cache(PRESENT)}
+    past_n, present_n = ([patterns[kv].replace("%d", "N") for kv in KV] for patterns in (PAST, PRESENT))
+    return {INPUTS: flavor.sequence_inputs() + past_n, OUTPUTS: [LOGITS] + present_n}
 
 
 def flavor_of(manifest: dict, folder: str) -> Flavor:
