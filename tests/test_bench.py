@@ -63,8 +63,8 @@ def test_context_bench_estimates_and_measures(ckpt_factory, tmp_path):
             assert row["ttft_estimate_s"] == pytest.approx(  # up to the rounding of the printed chunk times
                 ttft_estimate(row["context"], 512, row["first_chunk_s"], row["last_chunk_s"]), abs=5e-3)
         ratios.append([row["ttft_estimate_s"] / row["ttft_measured_s"] for row in rows])
-        # within 1.5x of the real chunked prefill (measured 0.97-1.05 here; the README's 0.3-9% come from long
-        # runs on an otherwise idle machine); a wrong chunk count or a missing halving is off by 2x or more
+        # within 1.5x of the real chunked prefill (measured 0.97-1.05 here; long runs on an otherwise idle machine come
+        # closer); a wrong chunk count or a missing halving is off by 2x or more
         if all(1 / 1.5 < x < 1.5 for x in ratios[-1]):
             break
     else:

@@ -139,7 +139,7 @@ def test_an_error_while_writing_leaves_no_temporary_file(tiny_ckpt, tmp_path, mo
 # ---- llama.cpp itself (when llama-cpp-python is installed) --------------------------------------------------------
 def _need_llama_cpp() -> None:
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python not installed (the README's Performance section builds it); the file itself "
+        pytest.skip("llama-cpp-python not installed (docs/performance.md builds it); the file itself "
                     "is checked by gguf's reader in the tests above")
 
 

@@ -83,7 +83,7 @@ def test_planner_predicts_held_out_measurements():
     assert p.total / GIB == pytest.approx(gib, rel=bound)
     # At 32K the KV cache and attention working memory (arithmetic, no fitted constant) are a fifth of the peak, and
     # the planner underestimates their growth (80 -> 32K tokens: planned 4.1 GiB, measured 5.1 GiB). The fit cannot
-    # justify a bound here: 4% is the bound the README states ("planner within 4%"); measured -3.4%.
+    # justify a bound here: 4% is the bound docs/long-context.md states ("planner within 4%"); measured -3.4%.
     p32k = plan_memory(preset("21b-a3b"), "int4", context=context32k, block=block32k, threads=2,
                        kv_cache="fp32")
     assert p32k.total / GIB == pytest.approx(gib32k, rel=0.04)
@@ -92,7 +92,7 @@ def test_planner_predicts_held_out_measurements():
 def test_planner_predicts_the_long_context_benchmark_for_both_caches():
     """Held out too: `tools/context_compare` at the full shape (block 64, 2 threads; docs/context-21b-a3b.json),
     fp32 and int8 KV caches, 512 to 32K tokens, each the peak RSS of its own process. Measured after every constant
-    was set; the plan sits 2.6-3.9% above them. The 4% bound is the README's, as for the 32K run above."""
+    was set; the plan sits 2.6-3.9% above them. The 4% bound is the docs', as for the 32K run above."""
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "context-21b-a3b.json")
     with open(path, encoding="utf-8") as f:
         data = json.load(f)

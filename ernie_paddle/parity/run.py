@@ -53,8 +53,8 @@ def _check_inputs(onnx_dirs: list[str], use_hf: bool, gguf_files: list[str], str
         if not os.path.isfile(path):
             raise InputError(f"--gguf {path}: no such file")
     if gguf_files and importlib.util.find_spec("llama_cpp") is None:
-        raise InputError("--gguf needs llama-cpp-python (pip install llama-cpp-python; see the README's "
-                         "Performance section for the build)")
+        raise InputError("--gguf needs llama-cpp-python (pip install llama-cpp-python; docs/performance.md "
+                         "has the build)")
 
 
 def _openers(cfg, model_dir: str, onnx_dirs: list[str], use_hf: bool, gguf_files: list[str], n_ctx: int
