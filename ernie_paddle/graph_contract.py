@@ -123,6 +123,7 @@ PRECISION = "precision"
 MODEL_FILE = "model_file"  # the graph's file name in the folder
 EXTERNAL_DATA = "external_data"  # the graph's weight files, which must all be present
 KV_CACHE = "kv_cache"  # "fp32" or "int8"
+BLOCK_SIZE = "block_size"  # weights per quantisation block (None: not quantised)
 INPUTS, OUTPUTS = "inputs", "outputs"  # the graph's names, a layer's cache as N
 
 

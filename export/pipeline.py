@@ -203,7 +203,7 @@ def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Option
         contract.FORMAT: contract.FORMAT_VERSION, contract.FLAVOR: opts.flavor, contract.PRECISION: opts.precision,
         contract.MODEL_FILE: ONNX_MODEL,
         contract.EXTERNAL_DATA: sorted(f for f in os.listdir(folder) if f.endswith(".data")),
-        "block_size": opts.block_size if quantized else None,
+        contract.BLOCK_SIZE: opts.block_size if quantized else None,
         "accuracy_level": opts.accuracy_level if quantized else None,
         "quantization": opts.quantizer_name if quantized else None, contract.KV_CACHE: opts.kv_cache,
         "padding": "right", **contract.manifest_io(opts.graph), "execution_provider": opts.provider,

@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from onnx import TensorProto
 
+from ernie_paddle import graph_contract as contract
 from ernie_paddle.cli.args import positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.benchmarking.child import ChildFailed, json_from_child
@@ -88,14 +89,14 @@ def gqa_graph(shape: Shape, path: str, int8: bool = False) -> str:
         k = g.input("key", TensorProto.FLOAT, [1, "S", nkv * d])
         v = g.input("value", TensorProto.FLOAT, [1, "S", nkv * d])
         cache = [1, nkv, "max_len", d]
-        past = [g.input(f"past_key_values.0.{n}", TensorProto.FLOAT, cache) for n in ("key", "value")]
+        past = [g.input(contract.past(0, kv), TensorProto.FLOAT, cache) for kv in contract.KV]
         seqlens = g.input("seqlens_k", TensorProto.INT32, [1])
         total = g.input("total_sequence_length", TensorProto.INT32, [])
         out, pk, pv = g.op("GroupQueryAttention", [q, k, v, *past, seqlens, total], n_out=3, domain=MS,
                            name="layers.0.self_attn", num_heads=nh, kv_num_heads=nkv, scale=float(d ** -0.5))
         g.output(out, "attn", TensorProto.FLOAT, [1, "S", nh * d])
-        g.output(pk, "present.0.key", TensorProto.FLOAT, cache)
-        g.output(pv, "present.0.value", TensorProto.FLOAT, cache)
+        for value, kv in zip((pk, pv), contract.KV):
+            g.output(value, contract.present(0, kv), TensorProto.FLOAT, cache)
 
     _save(build, path)
     if int8:
@@ -169,9 +170,9 @@ class FusedStep:
         b.bind_cpu_input("seqlens_k", np.array([past + q.shape[1] - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(past + q.shape[1], np.int32))
         b.bind_output("attn", "cpu")  # first: get_outputs() follows the binding order
-        for name, buf in zip(("key", "value"), self.cache):
-            b.bind_ortvalue_input(f"past_key_values.0.{name}", buf)
-            b.bind_ortvalue_output(f"present.0.{name}", buf)
+        for kv, buf in zip(contract.KV, self.cache):
+            b.bind_ortvalue_input(contract.past(0, kv), buf)
+            b.bind_ortvalue_output(contract.present(0, kv), buf)
         self.sess.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()
 

@@ -40,11 +40,12 @@ class Run(NamedTuple):
 
 def ort_run(folder: str) -> Run:
     """An exported folder, labelled by its manifest (precision, block, KV cache)."""
+    from ernie_paddle import graph_contract as contract
     from ernie_paddle.ort.runtime import load_manifest
 
     m = load_manifest(folder)
-    block = f" b{m['block_size']}" if m.get("block_size") else ""
-    return Run(f"ort {m['precision']}{block}, {m.get('kv_cache') or 'fp32'} cache", "ort", folder)
+    block = f" b{m[contract.BLOCK_SIZE]}" if m.get(contract.BLOCK_SIZE) else ""
+    return Run(f"ort {m[contract.PRECISION]}{block}, {m.get(contract.KV_CACHE) or 'fp32'} cache", "ort", folder)
 
 
 def llama_run(gguf: str, kv_cache: str) -> Run:
