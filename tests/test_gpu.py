@@ -65,6 +65,21 @@ def test_fused_moe_data_flow_on_cpu_with_the_ops_contracts(tiny_ckpt):
     assert [set(r) for r in got_experts.numpy()] == [set(r) for r in experts.numpy()]
 
 
+def test_expert_pass_is_one_of_the_named_passes_that_the_weights_allow(tiny_ckpt):
+    model = Ernie4_5_MoeForCausalLM.from_pretrained(tiny_ckpt[0])
+    with pytest.raises(InputError, match="set_expert_pass: name must be one of sorted, mask-loop, fused, got 'loop'"):
+        model.set_expert_pass("loop")
+    with pytest.raises(InputError, match=r"the 'fused' pass needs the stacked expert weights \(use_fused_kernels\)"):
+        model.set_expert_pass("fused")
+    block = model.layers[1].mlp
+    assert block.expert_pass == "sorted"
+    block.stack_experts()  # as use_fused_kernels does on a GPU
+    with pytest.raises(InputError, match=r"the 'mask-loop' pass needs the per-expert weights"):
+        block.set_expert_pass("mask-loop")
+    block.set_expert_pass("fused")
+    assert block.expert_pass == "fused"
+
+
 @needs_gpu
 def test_fused_kernels_match_the_reference_path_on_gpu(tiny_ckpt):
     d, cfg = tiny_ckpt

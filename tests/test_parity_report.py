@@ -64,6 +64,23 @@ def test_layer_by_layer_reference_gives_the_same_report(tiny_ckpt, tmp_path):
     assert np.allclose(whole["bias_changed_choice"], streamed["bias_changed_choice"])
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_layer_by_layer_reference_runs_the_whole_models_forward(ckpt_factory, tied):
+    """Both references run the model's own forward pieces, so their traces are the same numbers, not merely close."""
+    from ernie_paddle.paddle.reference import reference_traces
+
+    d, cfg = ckpt_factory(f"tiny-tied-{tied}", tie_word_embeddings=tied, seed=11)
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300, 400]]
+    (whole, whole_changed), (streamed, streamed_changed) = (reference_traces(d, cfg, seqs, streaming)
+                                                            for streaming in (False, True))
+    assert whole_changed == streamed_changed
+    for a, b in zip(whole, streamed):
+        assert np.array_equal(a.logits, b.logits)
+        assert len(a.hidden) == len(b.hidden) == cfg.num_hidden_layers + 1
+        assert all(np.array_equal(x, y) for x, y in zip(a.hidden, b.hidden))
+        assert all(np.array_equal(x, y) for x, y in zip(a.experts, b.experts))
+
+
 def test_parity_refuses_a_missing_gguf_before_loading_anything(tiny_ckpt, tmp_path):
     d, _ = tiny_ckpt
     r = run_cli("parity", "--model", d, "--gguf", str(tmp_path / "missing.gguf"))

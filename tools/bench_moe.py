@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = preset(args.preset)
     paddle.seed(args.seed)
     t0 = time.time()
-    block = SparseMoeBlock(cfg, "float32")
+    block = SparseMoeBlock(cfg)
     block.e_score_correction_bias.set_value(paddle.uniform([cfg.moe_num_experts], min=-0.05, max=0.05))
     print(f"# {args.preset} MoE layer: hidden {cfg.hidden_size}, {cfg.moe_num_experts} experts x "
           f"{cfg.moe_intermediate_size}, top-{cfg.moe_k}, {cfg.moe_num_shared_experts} shared; "
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"tokens": n}
         outs = {}
         for name in ("sorted", "mask-loop"):
-            block.expert_pass = name
+            block.set_expert_pass(name)
             outs[name] = block(x).numpy()  # warm-up
             wall, cpu = [], []
             for _ in range(args.repeats):

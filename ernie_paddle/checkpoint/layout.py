@@ -23,6 +23,8 @@ from ernie_paddle.errors import CheckpointError
 PADDLE, PT, PT_FUSED = "paddle", "pt", "pt-fused"
 LAYOUTS = (PADDLE, PT, PT_FUSED)
 PREFIX = {PADDLE: "ernie.", PT: "model.", PT_FUSED: "model."}
+# The LM head's canonical name; a tied head (the embedding) goes by it too where it is quantised (GPTQ's Hessian).
+LM_HEAD_WEIGHT = "lm_head.weight"
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64", "FLOAT16", "FLOAT32", "FLOAT64", "BFLOAT16"}  # safetensors / numpy names
 
@@ -207,7 +209,7 @@ def tensor_maps(cfg: ErnieConfig, layout: str) -> list[TensorMap]:
         maps += _layer(cfg, layout, i)
     maps.append(_same(Role.FINAL_NORM, "norm.weight", (h,), f"{p}norm.weight"))
     if not cfg.tie_word_embeddings:  # Paddle's untied head is [H, vocab]
-        maps.append(_linear(Role.LM_HEAD, "lm_head.weight", (h, v), "lm_head.weight", layout != PADDLE))
+        maps.append(_linear(Role.LM_HEAD, LM_HEAD_WEIGHT, (h, v), "lm_head.weight", layout != PADDLE))
     return maps
 
 

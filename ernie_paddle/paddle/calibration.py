@@ -6,19 +6,23 @@ from __future__ import annotations
 import numpy as np
 import paddle.nn as nn
 
+from ernie_paddle.checkpoint.layout import LM_HEAD_WEIGHT
+
 
 class HessianCollector:
-    """Accumulates 2 X^T X / n for the input of every Linear of a Paddle model (and of the LM head)."""
+    """Accumulates 2 X^T X / n for the input of every Linear of a Paddle model (and of the LM head), by the name of
+    its weight (the canonical names of `checkpoint.layout`)."""
 
     def __init__(self, model):
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
         self._hooks = []
-        for name, layer in model.named_sublayers():
+        names = {id(p): name for name, p in model.named_parameters()}
+        for layer in model.sublayers():
             if isinstance(layer, nn.Linear):
-                self._hooks.append(layer.register_forward_pre_hook(self._hook(name + ".weight")))
+                self._hooks.append(layer.register_forward_pre_hook(self._hook(names[id(layer.weight)])))
         self._hooks.append(model.norm.register_forward_post_hook(
-            lambda layer, inputs, output: self._add("lm_head.weight", output)))
+            lambda layer, inputs, output: self._add(LM_HEAD_WEIGHT, output)))
 
     def _hook(self, name: str):
         def hook(layer, inputs):

@@ -26,7 +26,7 @@ from ernie_paddle import files
 from ernie_paddle.paddle import kernels_gpu
 from ernie_paddle import rope
 from ernie_paddle.token_ids import check_token_ids
-from ernie_paddle.paddle.moe import EXPERT_PASSES, route
+from ernie_paddle.paddle.moe import CPU_PASSES, EXPERT_PASSES, FUSED, route
 
 _NEG = float(np.finfo(np.float32).min)
 
@@ -133,7 +133,7 @@ def attention_bias(b: int, t: int, start: int, attention_mask: np.ndarray | None
 class Attention(nn.Layer):
     """GQA: query head j reads kv head j // (nh / nkv); q, k, v from one fused [Q | K | V] projection."""
 
-    def __init__(self, cfg: ErnieConfig, dtype: str):
+    def __init__(self, cfg: ErnieConfig):
         super().__init__()
         self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.d ** -0.5
@@ -195,7 +195,7 @@ class MLP(nn.Layer):
 class SparseMoeBlock(nn.Layer):
     """Routed experts (top-k of E) plus the shared experts, which are one MLP added unweighted afterwards."""
 
-    def __init__(self, cfg: ErnieConfig, dtype: str):
+    def __init__(self, cfg: ErnieConfig):
         super().__init__()
         self.k, self.num_experts, self.norm_min = cfg.moe_k, cfg.moe_num_experts, cfg.moe_norm_min
         self.gate = _linear(cfg.hidden_size, cfg.moe_num_experts)  # [H, E], kept fp32
@@ -205,7 +205,7 @@ class SparseMoeBlock(nn.Layer):
                                      for _ in range(cfg.moe_num_experts)])
         self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_intermediate_size)
                                if cfg.moe_num_shared_experts > 0 else None)
-        self.expert_pass = "sorted"  # a name in moe.EXPERT_PASSES, or "fused" (GPU, after `stack_experts`)
+        self.expert_pass = EXPERT_PASSES[0]  # see `set_expert_pass`
         self.w_up_gate: paddle.Tensor | None = None  # stacked expert weights [E, H, 2I] / [E, I, H] (fused pass)
         self.w_down: paddle.Tensor | None = None
         self.last_experts: paddle.Tensor | None = None  # [N, k] choices of the last call (for parity checks)
@@ -218,15 +218,25 @@ class SparseMoeBlock(nn.Layer):
         self.w_down = paddle.stack([e.down_proj.weight for e in self.experts])
         self.experts = None  # free the per-expert copies
 
+    def set_expert_pass(self, name: str) -> None:
+        """Run the routed experts with `name` of `moe.EXPERT_PASSES`: the fused pass needs the stacked weights
+        (`stack_experts`), the others the per-expert MLPs."""
+        if name not in EXPERT_PASSES:
+            raise InputError(f"set_expert_pass: name must be one of {', '.join(EXPERT_PASSES)}, got {name!r}")
+        if (self.w_up_gate if name == FUSED else self.experts) is None:
+            needs = "stacked expert weights (use_fused_kernels)" if name == FUSED else "per-expert weights (stacked)"
+            raise InputError(f"set_expert_pass: the {name!r} pass needs the {needs}")
+        self.expert_pass = name
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         shape = x.shape
         h = x.reshape([-1, shape[-1]])  # [N, H]
-        if self.expert_pass == "fused":  # GPU: dispatch + grouped GEMM + combine on stacked weights
+        if self.expert_pass == FUSED:  # GPU: dispatch + grouped GEMM + combine on stacked weights
             y, experts = kernels_gpu.fused_moe(h, self.gate.weight, self.e_score_correction_bias, self.k,
                                                self.norm_min, self.w_up_gate, self.w_down)
         else:
             weights, experts = route(h, self.gate.weight, self.e_score_correction_bias, self.k, self.norm_min)
-            y = EXPERT_PASSES[self.expert_pass](h, weights, experts, self.num_experts,
+            y = CPU_PASSES[self.expert_pass](h, weights, experts, self.num_experts,
                                                 lambda e, xe: self.experts[e](xe))
         self.last_experts = experts
         if self.shared_experts is not None:
@@ -238,10 +248,9 @@ class DecoderLayer(nn.Layer):
     def __init__(self, cfg: ErnieConfig, index: int, dtype: str):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = SparseMoeBlock(cfg, dtype) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size,
-                                                                                   cfg.intermediate_size)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: paddle.Tensor, rotary: Rotary, mask: paddle.Tensor,
                 cache: tuple[paddle.Tensor, paddle.Tensor] | None, start: int, padded: bool) -> paddle.Tensor:
@@ -254,7 +263,23 @@ class DecoderLayer(nn.Layer):
 class ForwardOutput:
     logits: paddle.Tensor  # [B, T, V] float32
     router_experts: list[paddle.Tensor] = field(default_factory=list)  # per MoE layer [B*T, k]
-    hidden_states: list[paddle.Tensor] = field(default_factory=list)  # embeddings, then after each layer
+
+
+@dataclass
+class Pass:
+    """One forward pass between decoder layers: the residual stream `x` [B, T, H] and what every layer reads with
+    it. `Ernie4_5_MoeForCausalLM.begin` starts it, `through` runs one layer, the model's `head` ends it."""
+
+    x: paddle.Tensor
+    rotary: Rotary
+    mask: paddle.Tensor  # additive [B, 1, T, S]
+    start: int  # cache slot of the first new token
+    padded: bool  # some row of the batch has padding
+
+    def through(self, layer: DecoderLayer, kv: tuple[paddle.Tensor, paddle.Tensor] | None = None) -> paddle.Tensor:
+        """Run `layer` on the stream (its K/V written into the cache buffers `kv`, if given); the new stream."""
+        self.x = layer(self.x, self.rotary, self.mask, kv, self.start, self.padded)
+        return self.x
 
 
 class Ernie4_5_MoeForCausalLM(nn.Layer):
@@ -269,7 +294,9 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
     has_position_ids = True
     shares_kv_buffer = False
 
-    def __init__(self, cfg: ErnieConfig, dtype: str = "float32"):
+    def __init__(self, cfg: ErnieConfig, dtype: str = "float32", with_layers: bool = True):
+        """`with_layers=False`: the embedding, final norm and head only, each decoder layer an empty placeholder
+        for a caller that builds and fills one at a time (`decoder_layer`; the parity report's streamed reference)."""
         super().__init__()
         if dtype not in ("float32", "bfloat16", "float16"):
             raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -280,14 +307,20 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
         with default_dtype(dtype):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, weight_attr=paddle.ParamAttr(
                 initializer=nn.initializer.Constant(0.0)))
-            self.layers = nn.LayerList([DecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers)])
+            self.layers = nn.LayerList([self.decoder_layer(i) if with_layers else nn.Layer()
+                                        for i in range(cfg.num_hidden_layers)])
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
             self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size)
-            for layer in self.layers:  # the router island stays fp32 in every compute dtype
-                if isinstance(layer.mlp, SparseMoeBlock):
-                    layer.mlp.gate.weight = _param(layer.mlp.gate, [cfg.hidden_size, cfg.moe_num_experts],
-                                                   "float32")
         self.eval()
+
+    def decoder_layer(self, i: int) -> DecoderLayer:
+        """Decoder layer `i` as this model builds it (compute dtype, fp32 router), zero-filled."""
+        cfg = self.config
+        with default_dtype(self.compute_dtype):
+            layer = DecoderLayer(cfg, i, self.compute_dtype)
+            if isinstance(layer.mlp, SparseMoeBlock):  # the router island stays fp32 in every compute dtype
+                layer.mlp.gate.weight = _param(layer.mlp.gate, [cfg.hidden_size, cfg.moe_num_experts], "float32")
+        return layer
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -322,13 +355,14 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
                 m.fused_rope_tables = tables
             elif isinstance(m, SparseMoeBlock) and (m.experts is None or len(m.experts) == m.num_experts):
                 m.stack_experts()  # (a rank holding some experts, expert-parallel: sorted pass)
-                m.expert_pass = "fused"
+                m.set_expert_pass(FUSED)
 
     def set_expert_pass(self, name: str) -> None:
-        """'sorted' (default) or 'mask-loop' (reference / benchmark baseline)."""
+        """Every MoE block's expert pass (see `SparseMoeBlock.set_expert_pass`): 'sorted' (default) or 'mask-loop'
+        (reference / benchmark baseline); 'fused' is set by `use_fused_kernels`."""
         for layer in self.layers:
             if isinstance(layer.mlp, SparseMoeBlock):
-                layer.mlp.expert_pass = name
+                layer.mlp.set_expert_pass(name)
 
     def allocate_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.config, batch, max_len, self.compute_dtype)
@@ -338,8 +372,7 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
         check_token_ids(input_ids, self.config.vocab_size)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                output_router: bool = False, output_hidden_states: bool = False,
-                last_only: bool = False) -> ForwardOutput:
+                output_router: bool = False, last_only: bool = False) -> ForwardOutput:
         """input_ids [B, T]; attention_mask [B, S] over cache + new tokens (1 = real); positions [B, T].
 
         With a cache, tokens are written at slots `cache.length ...` and `cache.length` advances.
@@ -347,14 +380,13 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
         Gradients are recorded only in training mode (`model.train()`).
         """
         if self.training:
-            return self._forward(input_ids, attention_mask, position_ids, cache, output_router,
-                                 output_hidden_states, last_only)
+            return self._forward(input_ids, attention_mask, position_ids, cache, output_router, last_only)
         with paddle.no_grad():
-            return self._forward(input_ids, attention_mask, position_ids, cache, output_router,
-                                 output_hidden_states, last_only)
+            return self._forward(input_ids, attention_mask, position_ids, cache, output_router, last_only)
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, output_router, output_hidden_states,
-                 last_only) -> ForwardOutput:
+    def begin(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None) -> Pass:
+        """`forward`'s inputs checked, their mask and rotary angles made, the ids embedded: the pass before layer 0
+        (see `forward`; a caller holding one decoder layer at a time runs the layers itself)."""
         ids = np.asarray(input_ids.numpy() if isinstance(input_ids, paddle.Tensor) else input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
@@ -374,27 +406,27 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
         mask = attention_bias(b, t, start, attention_mask)
         rotary = Rotary.at(paddle.to_tensor(position_ids), self.config.head_dim, self.config.rope_theta)
         padded = attention_mask is not None and not bool(np.asarray(attention_mask).all())
-        x = self.embed_tokens(paddle.to_tensor(ids))
-        out = ForwardOutput(logits=None)
-        if output_hidden_states:
-            out.hidden_states.append(x)
-        for i, layer in enumerate(self.layers):
-            kv = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x = layer(x, rotary, mask, kv, start, padded)
-            if output_router and isinstance(layer.mlp, SparseMoeBlock):
-                out.router_experts.append(layer.mlp.last_experts)
-            if output_hidden_states:
-                out.hidden_states.append(x)
-        if cache is not None:
-            cache.length = s
-        if last_only:
-            x = x[:, -1:]
+        return Pass(self.embed_tokens(paddle.to_tensor(ids)), rotary, mask, start, padded)
+
+    def head(self, x: paddle.Tensor) -> paddle.Tensor:
+        """The final norm and the LM head (the tied embedding or `lm_head`) on x [B, T, H]: logits [B, T, V] fp32."""
         x = self.norm(x)
         if self.lm_head is None:
             logits = paddle.matmul(x, self.embed_tokens.weight, transpose_y=True)
         else:
             logits = self.lm_head(x)
-        out.logits = logits.astype("float32")
+        return logits.astype("float32")
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, output_router, last_only) -> ForwardOutput:
+        p = self.begin(input_ids, attention_mask, position_ids, cache)
+        out = ForwardOutput(logits=None)
+        for i, layer in enumerate(self.layers):
+            p.through(layer, (cache.keys[i], cache.values[i]) if cache is not None else None)
+            if output_router and isinstance(layer.mlp, SparseMoeBlock):
+                out.router_experts.append(layer.mlp.last_experts)
+        if cache is not None:
+            cache.length = p.start + p.x.shape[1]
+        out.logits = self.head(p.x[:, -1:] if last_only else p.x)
         return out
 
     def logits(self, input_ids) -> np.ndarray:

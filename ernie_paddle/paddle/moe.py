@@ -89,4 +89,8 @@ def mask_loop(x: paddle.Tensor, weights: paddle.Tensor, experts: paddle.Tensor, 
     return out
 
 
-EXPERT_PASSES: dict[str, Callable] = {"sorted": sorted_grouped, "mask-loop": mask_loop}
+CPU_PASSES: dict[str, Callable] = {"sorted": sorted_grouped, "mask-loop": mask_loop}
+FUSED = "fused"  # the GPU's dispatch + grouped GEMM + combine on stacked weights (`kernels_gpu.fused_moe`)
+EXPERT_PASSES = (*CPU_PASSES, FUSED)
+"""Every expert pass a `SparseMoeBlock` can run, the default first: sorted-grouped, the mask loop (a reference and
+the benchmark baseline), the fused GPU pass."""

@@ -1,14 +1,16 @@
 """The parity report's reference: the Paddle model in fp32, traced on each sequence (logits, the residual stream
 after every layer, the experts each MoE layer chose, and how often the correction bias changed that choice).
 
-The whole model when it fits in memory; otherwise one decoder layer at a time, reading each layer's weights when it
-is needed (same math and modules), so the report runs on the full 21B-A3B model on a 24 GB machine.
+Both ways run the model's own forward pieces (`begin`, `Pass.through`, `head`): on the whole model when it fits in
+memory, otherwise one decoder layer at a time, each read and checked when it is needed, so that the report runs on
+the full 21B-A3B model where its fp32 weights do not fit.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import itertools
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -36,84 +38,63 @@ def router_inputs(blocks) -> Iterator[list]:
             h.remove()
 
 
-def paddle_trace(model, ids: list[int]) -> tuple[Trace, list[float]]:
-    """Paddle trace, and per MoE layer the share of tokens whose expert set the correction bias changed."""
+def _traces(model, layers: Iterable, seqs: list[list[int]]) -> tuple[list[Trace], list[list[float]]]:
+    """Every sequence through `model`'s own forward pieces (`begin`, `Pass.through`, `head`), one decoder layer at a
+    time for all of them; `layers` gives each layer of `model` in turn (its own, or each one streamed in)."""
+    import paddle
+
     from ernie_paddle.paddle.modeling import SparseMoeBlock
 
-    blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoeBlock)]
-    with router_inputs(blocks) as captured:
-        out = model(np.array([ids]), output_router=True, output_hidden_states=True)
-    hidden = [h.numpy()[0] for h in out.hidden_states]
-    hidden[-1] = model.norm(out.hidden_states[-1]).numpy()[0]  # compare the final normed state, as HF exposes it
-    experts = [e.numpy() for e in out.router_experts]
-    changed = [bias_changed(b, x, e) for b, x, e in zip(blocks, captured, experts)]
-    return Trace(out.logits.numpy()[0], hidden, experts), changed
+    with paddle.no_grad():
+        passes = [model.begin(np.array([s])) for s in seqs]
+        traces = [Trace(None, [p.x.numpy()[0]], []) for p in passes]
+        changed: list[list[float]] = [[] for _ in seqs]
+        for layer in layers:
+            moe = isinstance(layer.mlp, SparseMoeBlock)
+            with router_inputs([layer.mlp] if moe else []) as captured:
+                for p, trace, ch in zip(passes, traces, changed):
+                    trace.hidden.append(p.through(layer).numpy()[0])
+                    if moe:
+                        chosen = layer.mlp.last_experts.numpy()
+                        trace.experts.append(chosen)
+                        ch.append(bias_changed(layer.mlp, captured[-1], chosen))
+        for p, trace in zip(passes, traces):
+            trace.hidden[-1] = model.norm(p.x).numpy()[0]  # compare the final normed state, as HF exposes it
+            trace.logits = model.head(p.x).numpy()[0]
+    return traces, changed
 
 
-def _causal_inputs(cfg, seqs: list[list[int]]) -> list[tuple]:
-    """Per sequence: the rotary angles of positions 0..T-1 and the additive causal mask [1, 1, T, T]."""
-    import paddle
+def _streamed_layers(model, model_dir: str, reader) -> Iterator:
+    """Each decoder layer of `model` (built without them) in turn: built in its place, filled from the checkpoint
+    (checked as `load_weights` checks), and dropped once the next one is needed."""
+    import paddle.nn as nn
 
-    from ernie_paddle.paddle.modeling import Rotary, attention_bias
+    from ernie_paddle.checkpoint.layout import iter_canonical
+    from ernie_paddle.paddle.weights import fill_parameters
 
-    out = []
-    for p in seqs:
-        t = len(p)
-        rotary = Rotary.at(paddle.to_tensor(np.arange(t, dtype=np.int64)[None]), cfg.head_dim, cfg.rope_theta)
-        out.append((rotary, attention_bias(1, t, 0, None)))
-    return out
-
-
-def _load_layer(cfg, i: int, take):
-    """Decoder layer `i` in fp32 with its weights taken by name from the checkpoint stream."""
-    import paddle
-
-    from ernie_paddle.paddle.modeling import DecoderLayer
-
-    layer = DecoderLayer(cfg, i, "float32")
-    for name, param in layer.named_parameters():
-        param.set_value(paddle.to_tensor(take(f"layers.{i}.{name}")))
-    return layer
+    tensors = iter_canonical(model.config, reader, skip=lambda m: m.layer is None)
+    for i, pairs in itertools.groupby(tensors, key=lambda pair: pair[0].layer):  # the layout keeps a layer together
+        model.layers[i] = model.decoder_layer(i)
+        fill_parameters(model, pairs, model_dir, f"decoder layer {i}", part=model.layers[i])
+        yield model.layers[i]
+        model.layers[i] = nn.Layer()
 
 
 def paddle_trace_streaming(model_dir: str, cfg, seqs: list[list[int]]) -> tuple[list[Trace], list[list[float]]]:
-    """`paddle_trace` for every sequence, computed one decoder layer at a time.
+    """The reference's traces computed one decoder layer at a time: memory holds the embedding, final norm, head
+    and one decoder layer (a small share of the whole fp32 model at the 21B-A3B shape)."""
+    from ernie_paddle.checkpoint.folder import open_checkpoint
+    from ernie_paddle.checkpoint.layout import iter_canonical
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+    from ernie_paddle.paddle.weights import fill_parameters
 
-    Holds the embedding and one layer in memory (about 4 GB in fp32 at the 21B-A3B shape instead of 87 GB).
-    Tensors are taken from the checkpoint by canonical name, not by position in the stream.
-    """
-    import paddle
-
-    from ernie_paddle.checkpoint.folder import TensorStream, read_canonical
-    from ernie_paddle.paddle.modeling import RMSNorm, SparseMoeBlock
-
-    take = TensorStream((m.canonical, a) for m, a in read_canonical(model_dir, cfg)).take
-    embed = take("embed_tokens.weight")
-    xs = [paddle.to_tensor(embed[np.asarray(p)])[None] for p in seqs]  # [1, T, H] each
-    traces = [Trace(None, [x.numpy()[0]], []) for x in xs]
-    changed: list[list[float]] = [[] for _ in seqs]
-    inputs = _causal_inputs(cfg, seqs)
-    with paddle.no_grad():
-        for i in range(cfg.num_hidden_layers):
-            layer = _load_layer(cfg, i, take)
-            moe = isinstance(layer.mlp, SparseMoeBlock)
-            with router_inputs([layer.mlp] if moe else []) as captured:
-                for j, (rotary, mask) in enumerate(inputs):
-                    xs[j] = layer(xs[j], rotary, mask, None, 0, padded=False)
-                    traces[j].hidden.append(xs[j].numpy()[0])
-                    if moe:
-                        chosen = layer.mlp.last_experts.numpy()
-                        traces[j].experts.append(chosen)
-                        changed[j].append(bias_changed(layer.mlp, captured[-1], chosen))
-            del layer
-        norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "float32")
-        norm.weight.set_value(paddle.to_tensor(take("norm.weight")))
-        head = embed.T if cfg.tie_word_embeddings else take("lm_head.weight")
-        for j, x in enumerate(xs):
-            normed = norm(x).numpy()[0]
-            traces[j].hidden[-1] = normed
-            traces[j].logits = (normed @ head).astype(np.float32)
-    return traces, changed
+    model = Ernie4_5_MoeForCausalLM(cfg, with_layers=False)
+    reader = open_checkpoint(model_dir)
+    try:
+        fill_parameters(model, iter_canonical(cfg, reader, skip=lambda m: m.layer is not None), model_dir)
+        return _traces(model, _streamed_layers(model, model_dir, reader), seqs)
+    finally:
+        reader.close()
 
 
 def reference_traces(model_dir: str, cfg, seqs: list[list[int]], streaming: bool
@@ -124,9 +105,4 @@ def reference_traces(model_dir: str, cfg, seqs: list[list[int]], streaming: bool
     from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 
     model = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir, config=cfg)
-    traces, changed = [], []
-    for s in seqs:
-        t, ch = paddle_trace(model, s)
-        traces.append(t)
-        changed.append(ch)
-    return traces, changed
+    return _traces(model, model.layers, seqs)

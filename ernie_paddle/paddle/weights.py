@@ -1,6 +1,6 @@
 """Weights in and out of a Paddle model: fill its parameters from canonical tensors, save it as a checkpoint.
 
-The Paddle-needing half of checkpoint I/O (`checkpoint.py` is numpy only).
+The Paddle-needing half of checkpoint I/O (`checkpoint.folder` is numpy only).
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from ernie_paddle.checkpoint.safetensors_io import MAX_SHARD_BYTES
 
 
 def fill_parameters(model: paddle.nn.Layer, pairs: Iterable[tuple[TensorMap, np.ndarray]], directory: str,
-                    what: str = "the model") -> None:
+                    what: str = "the model", part: paddle.nn.Layer | None = None) -> None:
     """Copy canonical (map, array) pairs into `model`'s parameters (cast to their dtype); every parameter must get
-    exactly its shape, and none may be left without a tensor. `what` names the receiver in errors."""
+    exactly its shape, and none may be left without a tensor. `what` names the receiver in errors; `part`: fill
+    only that sublayer's parameters (one decoder layer, streamed in), still under their names in `model`."""
     params = dict(model.named_parameters())
+    if part is not None:
+        own = {id(p) for p in part.parameters()}
+        params = {name: p for name, p in params.items() if id(p) in own}
     loaded = set()
     for m, array in pairs:
         p = params.get(m.canonical)
