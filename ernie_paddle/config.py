@@ -97,11 +97,6 @@ class ErnieConfig:
         return self.model_type == MOE_TYPE
 
     @property
-    def num_groups(self) -> int:
-        """Query heads per KV head (GQA group size)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def shared_intermediate_size(self) -> int:
         """Width of the one MLP that holds all shared experts."""
         return self.moe_intermediate_size * self.moe_num_shared_experts

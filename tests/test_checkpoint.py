@@ -14,7 +14,8 @@ from ernie_paddle.errors import CheckpointError
 from ernie_paddle.checkpoint.layout import PT_FUSED
 from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
 from ernie_paddle.paddle.weights import save_pretrained
-from ernie_paddle.checkpoint.safetensors_io import CheckpointReader, SafetensorsFile, bf16_to_f32, f32_to_bf16, write_file
+from ernie_paddle.checkpoint.safetensors_io import (CheckpointReader, SafetensorsFile, ShardedWriter, bf16_to_f32,
+                                                   f32_to_bf16)
 
 from conftest import prompt, run_cli
 
@@ -22,6 +23,18 @@ from conftest import prompt, run_cli
 def disk_tensors(d: str) -> dict[str, np.ndarray]:
     r = CheckpointReader(d)
     return {n: r.get(n) for n in r.names()}
+
+
+def write_safetensors(path: str, items) -> None:
+    """(name, array) pairs as one F32 safetensors file at `path`, written by the checkpoint writer."""
+    staging = path + ".staging"
+    os.mkdir(staging)
+    writer = ShardedWriter(staging, max_shard_bytes=1 << 62)
+    for name, a in items:
+        writer.add(name, a, "F32")
+    (single,) = writer.finish()
+    os.replace(os.path.join(staging, single), path)
+    os.rmdir(staging)
 
 
 def copy_ckpt(src: str, dst) -> str:
@@ -68,10 +81,10 @@ def test_fused_name_pt_variant_and_mtp_tensors_load(tiny_ckpt, tmp_path):
     names = CheckpointReader(fused).names()
     assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.up_gate_proj.weight" in names
     # add multi-token-prediction tensors, which inference ignores
-    write_file(os.path.join(fused, "model.safetensors"),
-               [(n, t, "F32") for n, t in disk_tensors(fused).items()]
-               + [("model.mtp_block.0.self_attn.q_proj.weight", np.ones((4, 4), np.float32), "F32"),
-                  ("model.mtp_linear_proj.0.weight", np.ones((4, 8), np.float32), "F32")])
+    write_safetensors(os.path.join(fused, "model.safetensors"),
+                      list(disk_tensors(fused).items())
+                      + [("model.mtp_block.0.self_attn.q_proj.weight", np.ones((4, 4), np.float32)),
+                         ("model.mtp_linear_proj.0.weight", np.ones((4, 8), np.float32))])
     ids = prompt(10, cfg.vocab_size)
     ref = Ernie4_5_MoeForCausalLM.from_pretrained(src).logits(ids)
     assert np.array_equal(Ernie4_5_MoeForCausalLM.from_pretrained(fused).logits(ids), ref)
@@ -130,8 +143,7 @@ def test_truncated_file_is_named(sharded):
 def rewrite(d: str, fn) -> None:
     """Rewrite the single-file checkpoint in d with fn(list of (name, array)) -> list."""
     p = os.path.join(d, "model.safetensors")
-    items = fn(list(disk_tensors(d).items()))
-    write_file(p, [(n, a, "F32") for n, a in items])
+    write_safetensors(p, fn(list(disk_tensors(d).items())))
 
 
 @pytest.fixture()
@@ -153,6 +165,27 @@ def test_missing_and_unexpected_tensors_are_named(single):
     with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): ernie.norm.weight; unexpected 1 "
                                               r"tensor\(s\): ernie.final_norm.weight"):
         Ernie4_5_MoeForCausalLM.from_pretrained(single)
+
+
+def test_a_layer_filled_on_its_own_gets_every_parameter_and_only_its_own(tiny_ckpt):
+    """The parity report's streamed reference fills one decoder layer at a time (`fill_parameters(part=...)`)."""
+    from ernie_paddle.checkpoint.folder import read_canonical
+    from ernie_paddle.paddle.weights import fill_parameters
+
+    d, cfg = tiny_ckpt
+    model = Ernie4_5_MoeForCausalLM(cfg, with_layers=False)
+    model.layers[1] = model.decoder_layer(1)
+    layer_1 = [(m, a) for m, a in read_canonical(d, cfg) if m.layer == 1]
+    with pytest.raises(CheckpointError, match=r"no checkpoint tensor for model parameter\(s\) "
+                                              r"layers\.1\.input_layernorm\.weight$"):
+        fill_parameters(model, layer_1[1:], d, "layer 1", part=model.layers[1])
+    layer_2 = [(m, a) for m, a in read_canonical(d, cfg) if m.layer == 2]
+    with pytest.raises(CheckpointError, match=r"the model has no parameter for 'layers\.2\.input_layernorm"):
+        fill_parameters(model, layer_2, d, "layer 1", part=model.layers[1])
+    fill_parameters(model, layer_1, d, "layer 1", part=model.layers[1])
+    whole = Ernie4_5_MoeForCausalLM.from_pretrained(d)
+    assert all(np.array_equal(p.numpy(), whole.layers[1].state_dict()[n].numpy())
+               for n, p in model.layers[1].state_dict().items())
 
 
 def test_nan_weights_are_reported(single):
@@ -273,7 +306,6 @@ def test_wrong_dtype_is_named(single):
     name = "ernie.layers.0.input_layernorm.weight"
     p = os.path.join(single, "model.safetensors")
     items = list(disk_tensors(single).items())
-    write_file(p, [(n, a, "F32") for n, a in items if n != name])
     from ernie_paddle.checkpoint.safetensors_io import _encode, _write_encoded
 
     enc = [(n, list(a.shape), *_encode(a, "F32")) for n, a in items if n != name]
@@ -289,9 +321,8 @@ def test_duplicate_tensor_is_named(sharded):
     first = sorted(set(idx["weight_map"].values()))[0]
     dup = next(n for n, f in idx["weight_map"].items() if f != first)
     shard = os.path.join(d, first)
-    write_file(shard, [(n, a, "F32") for n, a in
-                       [(k, CheckpointReader(d).get(k)) for k, f in idx["weight_map"].items() if f == first]]
-               + [(dup, CheckpointReader(d).get(dup), "F32")])
+    write_safetensors(shard, [(k, CheckpointReader(d).get(k)) for k, f in idx["weight_map"].items() if f == first]
+                      + [(dup, CheckpointReader(d).get(dup))])
     with pytest.raises(CheckpointError, match=rf"{first}: tensor '{dup}' is not listed in|duplicate tensor '{dup}'"):
         CheckpointReader(d)
 

@@ -31,7 +31,8 @@ def parse(d: dict, strict: bool = False) -> ErnieConfig:
 
 def test_released_21b_config_reads_without_warnings():
     cfg = parse(PT_21B, strict=True)
-    assert (cfg.head_dim, cfg.num_groups, cfg.shared_intermediate_size) == (128, 5, 3072)
+    assert (cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.shared_intermediate_size) == (
+        128, 5, 3072)
     assert [cfg.is_moe_layer(i) for i in range(28)] == [False] + [True] * 27
     assert cfg.rope_theta == 500000.0 and cfg.moe_norm_min == 1e-12
     assert cfg.extra["moe_capacity"] == [64, 64, 64]

@@ -12,7 +12,6 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -195,11 +194,6 @@ def _encode(a: np.ndarray, dtype: str) -> tuple[str, bytes]:
     if dtype == "F32":
         return "F32", np.ascontiguousarray(a, dtype=np.float32).tobytes()
     raise ValueError(f"unsupported output dtype {dtype}")
-
-
-def write_file(path: str, tensors: Iterable[tuple[str, np.ndarray, str]], metadata: dict | None = None) -> None:
-    """Write (name, array, dtype) triples to one safetensors file."""
-    _write_encoded(path, [(name, list(a.shape), *_encode(a, dt)) for name, a, dt in tensors], metadata)
 
 
 def _write_encoded(path: str, encoded: list[tuple[str, list[int], str, bytes]], metadata: dict | None) -> None:

@@ -1,11 +1,11 @@
 """Process settings that must be in place before `import paddle` (imported first by every Paddle module).
 
-* Threads: Paddle forces `OMP_NUM_THREADS=1` at import when it is unset, and MKL then runs one thread. Measured on
-  this project's 2-core Intel machine, one 21B-A3B MoE layer takes 27.6 ms at 1 token and 252 ms at 128 tokens
-  with 1 thread, 16.2 ms and 123 ms with 2. So all cores are used by default; `ERNIE_PADDLE_THREADS=N` (or an
-  exported `OMP_NUM_THREADS`) chooses. Paddle's import-time warning about it is silenced.
-* `MKL_DEBUG_CPU_TYPE=5` on AMD CPUs only: Paddle's bundled MKL otherwise takes a slow generic path there (sgemm
-  about 40 vs 100 GFLOP/s per core on an AMD EPYC). On Intel it makes the same MoE layer slower (311 vs 252 ms).
+* Threads: Paddle forces `OMP_NUM_THREADS=1` at import when it is unset, and MKL then runs one thread, which
+  leaves the other cores idle in every matmul (docs/performance.md, "CPU settings"). So all cores are used by
+  default; `ERNIE_PADDLE_THREADS=N` (or an exported `OMP_NUM_THREADS`) chooses. Paddle's import-time warning
+  about it is silenced.
+* `MKL_DEBUG_CPU_TYPE=5` on AMD CPUs only: Paddle's bundled MKL otherwise takes a slow generic path there; on Intel
+  the setting makes the MoE layer slower, so it is not set.
 A value the user already exported always wins.
 * SIGTERM: Paddle installs a C++ handler at import that prints a "Termination signal" stack dump; the handler in
   place before the import (the CLI's, which turns SIGTERM into an exception so cleanup runs) is put back.
