@@ -25,7 +25,7 @@ from onnx import TensorProto, numpy_helper
 
 from ernie_paddle import graph_contract as contract
 from ernie_paddle.checkpoint.folder import TensorStream
-from ernie_paddle.checkpoint.layout import Role, maps_by_role
+from ernie_paddle.checkpoint.layout import LM_HEAD_WEIGHT, Role, maps_by_role
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 from ernie_paddle.graph_contract import (ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, PAST_SEQUENCE,
@@ -216,7 +216,7 @@ class ErnieOrtBuilder:
     def lm_head(self, embed_v_h: np.ndarray) -> Callable[[str], str]:
         """Add the LM head's weights from a [vocab, H] matrix (the tied embedding, or the untied head transposed);
         returns the function that applies the head to the final hidden states."""
-        return self.projection("lm_head", embed_v_h.T, fp_weight="lm_head.weight")
+        return self.projection("lm_head", embed_v_h.T, fp_weight=LM_HEAD_WEIGHT)
 
     def norm(self, delta: str | None, residual: str, weight: Tensor) -> tuple[str, str]:
         """RMSNorm of residual + delta; returns (normed, new residual)."""

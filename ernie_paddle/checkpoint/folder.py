@@ -2,7 +2,7 @@
 
 All of it streams canonical tensors (see `layout.py`) one at a time, so memory stays bounded by one tensor when
 reading and by one shard when writing. Numpy only, so the exporter and the ONNX side never import Paddle through
-it: moving weights in and out of a Paddle model is `paddle_weights.py`, unpickling `.pdparams` is `pdparams.py`
+it: moving weights in and out of a Paddle model is `paddle.weights`, unpickling `.pdparams` is `paddle.pdparams`
 (imported only when the user allows pickles).
 """
 

@@ -1,7 +1,7 @@
 """The parity report's figures and how they are shown: what each implementation computed (`Trace`), the comparison
 of a candidate's traces with the reference's, the table printed by `ernie-paddle parity`, and its drift plot.
 
-Numpy only (the plot needs matplotlib); the traces come from `parity_reference` and `parity_probes`.
+Numpy only (the plot needs matplotlib); the traces come from `paddle.reference` and `parity.probes`.
 """
 
 from __future__ import annotations

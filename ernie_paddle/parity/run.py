@@ -8,8 +8,8 @@ length of the identical greedy continuation. `ernie-paddle parity` prints it, wr
 The steps: each candidate in turn (one in memory at a time) traces the prompts and continues each greedily; then
 the Paddle reference traces the prompts and, teacher-forced, each candidate's continuations, which tells how many
 of the candidate's tokens Paddle would have chosen itself. The reference is the whole fp32 model when it fits in
-memory, otherwise computed layer by layer. Probes are in `parity_probes`, the reference in `parity_reference`,
-the figures, table and plot in `parity_report`.
+memory, otherwise computed layer by layer. Probes are in `parity.probes`, the reference in `paddle.reference`,
+the figures, table and plot in `parity.report`.
 """
 
 from __future__ import annotations
