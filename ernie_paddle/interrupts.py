@@ -83,7 +83,11 @@ def run_command(command: Callable[[], int], prog: str) -> int:
     _received = None
     try:
         with signals_as_exceptions():
-            status = command()
+            try:
+                status = command()
+            except Exception:  # an interrupt can surface as another error: an import it cut short (a C
+                raise_if_interrupted()  # extension's module init) fails with ImportError; it is the interrupt
+                raise
             sys.stdout.flush()  # a closed pipe is reported here, not at interpreter exit
             raise_if_interrupted()  # one that was swallowed and found no later step still sets the status
             return status

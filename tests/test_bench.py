@@ -49,10 +49,12 @@ def test_context_bench_estimates_and_measures(ckpt_factory, tmp_path):
     export(d, folder, precision="fp32", verify=False)
     out = tmp_path / "ctx.json"
     ratios = []
-    for _ in range(3):  # timings on a shared machine: the estimate must hold in one of three runs
+    # timings on a shared machine: the estimate must hold in one of three runs. One thread (a pool of two waits for
+    # whichever is descheduled, so one busy core skews single chunks), and the fastest of three of each timing
+    for _ in range(3):
         r = subprocess.run([sys.executable, "-m", "ernie_paddle.tools.context_bench", "--model", folder, "--context",
-                            "2048,4096", "--chunk", "512", "--decode", "4", "--full", "--repeats", "2", "--json",
-                            str(out)], capture_output=True, text=True, timeout=600)
+                            "2048,4096", "--chunk", "512", "--decode", "4", "--full", "--repeats", "3", "--threads",
+                            "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("\n") == 4 and "TTFT estimate s" in r.stdout
         rows = json.load(open(out))["results"]

@@ -38,11 +38,13 @@ class Recorder:
     def __init__(self):
         self.tokens: list[int] = []
         self.finished: Finished | None = None
+        self.started = threading.Event()  # its first token is out: it is running
         self.done = threading.Event()
 
     def __call__(self, event):
         if isinstance(event, Token):
             self.tokens.append(event.id)
+            self.started.set()
         else:
             self.finished = event
             self.done.set()
@@ -168,6 +170,7 @@ def test_threaded_engine_serves_and_shuts_down(models):
         assert rec.tokens == generate(model, r.prompt, r.gen)
     long_req, long_rec = request(vocab, 8, prompt_seed=5, new=1500, prefill_chunk=16)
     engine.submit(long_req)
+    assert long_rec.started.wait(60)  # running (however long a loaded machine took to start it), then shut down
     engine.shutdown(grace=0.2)  # too short for 1500 tokens: aborted, and nothing new is accepted
     assert long_rec.finished.reason == "aborted" and 0 < len(long_rec.tokens) < 1500
     with pytest.raises(ShuttingDown):

@@ -29,11 +29,12 @@ def start(module: str, *args: str) -> subprocess.Popen:
 
 
 def wait_for(condition, p: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    t0 = time.time()
+    """Poll `condition` while the command runs; `timeout` only bounds a hang (the monotonic clock: no clock step)."""
+    t0 = time.monotonic()
     while not condition():
         if p.poll() is not None:
             pytest.fail(f"the command ended (status {p.returncode}) before {what}: {p.stderr.read()}")
-        if time.time() - t0 > timeout:
+        if time.monotonic() - t0 > timeout:
             p.kill()
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.01)
@@ -134,6 +135,22 @@ def test_a_swallowed_interrupt_still_ends_the_command(capsys, next_step):
     assert steps == ([] if next_step else ["went on"])
     assert capsys.readouterr().err.splitlines()[-1] == "prog: terminated (SIGTERM)"
     assert signal.getsignal(signal.SIGTERM) == before  # the handler in place before is back
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupt_turned_into_another_error_is_the_interrupt(capsys, sig):
+    """A signal landing in a C extension's module init (`import onnx` under parity, on a loaded machine) makes the
+    import fail with ImportError, its cause the handler's exception: the command still ends as interrupted."""
+    def command() -> int:
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(1)  # the handler raises in here...
+        except BaseException as e:
+            raise ImportError("initialization failed") from e  # ...and the import reports its own error
+        return 0
+
+    assert run_command(command, "prog") == STATUS[sig]
+    assert capsys.readouterr().err == f"prog: {MESSAGE[sig]}\n"
 
 
 @pytest.mark.parametrize("error,status", [(InputError("--x 3: too big"), 2), (CheckpointError("a.bin: truncated"), 2),
