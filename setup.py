@@ -6,8 +6,12 @@ generic top-level name lands in site-packages. Works for `pip install .` and `pi
 """
 
 import os
+import re
 
 from setuptools import setup
+
+# the version is written once, in ernie_paddle/__init__.py (read as text: importing it needs the dependencies)
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("ernie_paddle/__init__.py", encoding="utf-8").read(), re.M)[1]
 
 # `ERNIE_PADDLE_GPU=1 pip install -e .` is for GPU machines: it leaves out the CPU Paddle wheel (install Paddle's
 # GPU build from Paddle's own index first; both provide `paddle`) and takes onnxruntime-gpu instead of
@@ -18,7 +22,7 @@ ORT = ["onnxruntime-gpu>=1.22"] if GPU else ["onnxruntime>=1.22"]
 
 setup(
     name="ernie-paddle",
-    version="0.2.0",
+    version=VERSION,
     description="ERNIE-4.5 MoE (21B-A3B) in PaddlePaddle, with ONNX export and an ONNX Runtime runtime",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -19,6 +19,11 @@ def test_bench_tiny_writes_table_json_and_ratios(tmp_path):
                 "4", "--json", str(out))
     assert r.returncode == 0, r.stderr
     data = json.load(open(out))
+    from ernie_paddle import __version__
+    from ernie_paddle.sysinfo import cpu_isa, cpu_model
+
+    assert (data["meta"]["cpu"], data["meta"]["cpu_isa"], data["meta"]["ernie_paddle"]) == (cpu_model(), cpu_isa(),
+                                                                                           __version__)
     rows = {row["engine"]: row for row in data["results"]}
     assert set(rows) == {"paddle", "ort-fp32", "ort-int4", "genai-int4", "hf"}  # genai on the ort-int4 folder
     for row in rows.values():

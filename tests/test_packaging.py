@@ -22,6 +22,9 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
                         str(tmp_path), root], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("ernie_paddle-*.whl")
+    import ernie_paddle
+
+    assert wheel.name.startswith(f"ernie_paddle-{ernie_paddle.__version__}-")  # setup.py reads the one version
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"ernie_paddle", next(t for t in tops if t.endswith(".dist-info"))}

@@ -21,13 +21,14 @@ import sys
 import time
 from typing import NamedTuple
 
+from ernie_paddle import __version__
 from ernie_paddle.atomic import write_json, write_png
 from ernie_paddle.benchmarking.charts import subplots
 from ernie_paddle.cli.args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.generation import logits_numpy
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.benchmarking.child import ChildFailed, json_from_child
-from ernie_paddle.sysinfo import peak_rss
+from ernie_paddle.sysinfo import cpu_isa, cpu_model, peak_rss
 from ernie_paddle.precisions import BITS
 
 ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "genai-int4", "hf", "llama-f16",
@@ -465,8 +466,8 @@ def _meta(args: argparse.Namespace, cfg) -> dict:
     shape = ("hidden_size", "num_hidden_layers", "moe_num_experts", "moe_k", "num_attention_heads",
              "num_key_value_heads", "vocab_size")
     return {"preset": args.preset, "config": {k: getattr(cfg, k) for k in shape}, "threads": args.threads,
-            "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "decode_tokens": args.decode_tokens,
+            "machine": platform.machine(), "cpu": cpu_model(), "cpu_isa": cpu_isa(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "ernie_paddle": __version__, "decode_tokens": args.decode_tokens,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
