@@ -30,6 +30,7 @@ class Terminated(BaseException):
 
 
 _received: int | None = None  # the signal being acted on, until run_command has reported it
+_deferring = False  # inside `deferred()`: a signal is recorded, and raised when the block ends
 
 
 def _exception(signum: int) -> BaseException:
@@ -42,7 +43,21 @@ def _first_signal(signum: int, frame) -> None:
     # Later signals are ignored so the cleanup this one starts is not cut short (SIGKILL still ends it).
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
-    raise _exception(signum)
+    if not _deferring:
+        raise _exception(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold an interrupt back until the block ends: an import of a C extension that it cuts short can leave the
+    process to crash, or to end by the signal after the interrupt was reported (Paddle's import does both)."""
+    global _deferring
+    before, _deferring = _deferring, True
+    try:
+        yield
+    finally:
+        _deferring = before
+    raise_if_interrupted()
 
 
 def raise_if_interrupted() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from ernie_paddle.cli.args import progress_printer
 from ernie_paddle.errors import CheckpointError, InputError
-from ernie_paddle.interrupts import run_command
+from ernie_paddle.interrupts import deferred, run_command
 
 STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 MESSAGE = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "terminated (SIGTERM)"}
@@ -151,6 +151,23 @@ def test_an_interrupt_turned_into_another_error_is_the_interrupt(capsys, sig):
 
     assert run_command(command, "prog") == STATUS[sig]
     assert capsys.readouterr().err == f"prog: {MESSAGE[sig]}\n"
+
+
+def test_an_interrupt_in_a_deferred_block_is_raised_when_it_ends(capsys):
+    """`deferred()` (around Paddle's import, which a Ctrl-C cut short crashed or ended by the signal): the block
+    runs to its end, then the interrupt ends the command."""
+    steps = []
+
+    def command() -> int:
+        with deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("the block went on")
+        steps.append("after the block")
+        return 0
+
+    assert run_command(command, "prog") == 130
+    assert steps == ["the block went on"]
+    assert capsys.readouterr().err == "prog: interrupted (SIGINT)\n"
 
 
 @pytest.mark.parametrize("error,status", [(InputError("--x 3: too big"), 2), (CheckpointError("a.bin: truncated"), 2),

@@ -21,6 +21,8 @@ import sys
 import threading
 import warnings
 
+from ernie_paddle import interrupts
+
 
 def _is_amd() -> bool:
     try:
@@ -40,10 +42,11 @@ if "paddle" not in sys.modules:
     warnings.filterwarnings("ignore", message="No ccache found")
     captured = io.StringIO()
     sigterm = signal.getsignal(signal.SIGTERM)
-    with contextlib.redirect_stderr(captured):
-        import paddle  # noqa: F401
-    if sigterm is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, sigterm)
+    with interrupts.deferred():  # Ctrl-C or SIGTERM in Paddle's import: raised once it is done
+        with contextlib.redirect_stderr(captured):
+            import paddle  # noqa: F401
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     for line in captured.getvalue().splitlines():  # pass on anything but the OMP_NUM_THREADS advice
         if "OMP_NUM_THREADS" not in line:
             print(line, file=sys.stderr)
