@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 
 from ernie_paddle.cli.args import non_negative_int, positive_int
 from ernie_paddle.interrupts import run_command
+from ernie_paddle.sysinfo import cpu_isa, cpu_model
 
 RUNTIMES = ("paddle", "ort", "ort-kv8", "hf")  # ort-kv8: the ort export with the int8 KV cache
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         meta = {"tokens": args.tokens, "chunk": args.chunk, "decode": args.decode, "model": args.model or args.preset,
                 "seed": args.seed, "paddle_greedy": ref["greedy"], "peak_rss_gib": peak_gib,
-                "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count()}
+                "cpu": cpu_model(), "cpu_isa": cpu_isa(), "nproc": os.cpu_count()}
         from ernie_paddle.atomic import write_json
 
         write_json(args.json, {"meta": meta, "results": rows})
