@@ -18,6 +18,11 @@ class Cache(Protocol):
     max_len: int
 
 
+KV = list[tuple[np.ndarray, np.ndarray]]
+"""Keys and values of some cached tokens, per layer: two [kv_heads, tokens, head_dim] arrays in the cache's dtype
+(what the prefix cache keeps and a prompt-cache file holds)."""
+
+
 class Output(Protocol):
     """A model call's result: float32 logits [B, T, V] (a Paddle Tensor or a numpy array)."""
 
@@ -33,12 +38,15 @@ class CausalLM(Protocol):
     - `has_position_ids`: the model takes explicit positions; otherwise it derives them from the attention mask.
     - `shares_kv_buffer`: the model updates one cache buffer in place, so requests can share a buffer's rows
       (`allocate_rows`); otherwise each sequence has a cache of its own.
+    - `identity`: what a saved KV state must match to be reused: "model" (the weights), "export" (the graph or the
+      Paddle compute path) and "kv_dtype".
     """
 
     config: ErnieConfig
     chunked_prefill_max_batch: int | None
     has_position_ids: bool
     shares_kv_buffer: bool
+    identity: dict[str, str]
 
     def check_ids(self, ids: np.ndarray) -> None:
         """Raise InputError unless every id indexes the embedding."""
@@ -50,6 +58,13 @@ class CausalLM(Protocol):
                  position_ids: np.ndarray | None = None, cache: Cache | None = None,
                  last_only: bool = False) -> Output:
         """Run input_ids [B, T] after the cache's tokens; `last_only`: logits of the last position only."""
+
+    def read_kv(self, cache: Cache, row: int, start: int, end: int) -> KV:
+        """A copy of sequence `row`'s cached keys and values at slots start..end-1."""
+
+    def write_kv(self, cache: Cache, row: int, start: int, kv: KV) -> None:
+        """Put `kv` at slots start.. of sequence `row` (what `read_kv` gave); a batch-1 cache then holds start + n
+        tokens."""
 
 
 class RowCache(Protocol):

@@ -33,3 +33,7 @@ class TokenizerError(ErnieError):
 
 class OnnxFolderError(ErnieError):
     """An exported folder is incomplete, corrupt, or does not match its manifest."""
+
+
+class KVFileError(ErnieError):
+    """A saved KV state (a prompt cache, a server's prefix cache) is unreadable or belongs to another model."""

@@ -44,6 +44,18 @@ def tiny_ckpt(ckpt_factory):
     return ckpt_factory("tiny-default", tie_word_embeddings=False, seed=11)
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint as the two models the engine drives: {"onnx": its ort fp32 export, "paddle": itself}."""
+    from ernie_paddle.export import pipeline
+    from ernie_paddle.ort.runtime import OnnxCausalLM
+    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
+
+    out = str(tmp_path_factory.mktemp("tiny-ort") / "ort")
+    pipeline.export(tiny_ckpt[0], out, flavor="ort", precision="fp32", verify=False)
+    return {"onnx": OnnxCausalLM(out), "paddle": Ernie4_5_MoeForCausalLM.from_pretrained(tiny_ckpt[0])}
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `ernie-paddle` as users do (through the installed module), capturing output."""
     e = dict(os.environ)

@@ -7,15 +7,11 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from ernie_paddle.causal_lm import CausalLM
 from ernie_paddle.errors import InputError
-from ernie_paddle.export import pipeline
 from ernie_paddle.generation import GenerationConfig, generate
-from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
-from ernie_paddle.ort.runtime import OnnxCausalLM
 from ernie_paddle.serving.engine import Engine, Finished, QueueFull, Request, ShuttingDown, Token
 from ernie_paddle.serving.slots import SeparateSlots, SharedSlots
 
@@ -25,11 +21,8 @@ LENGTHS = (3, 40, 7, 25, 12, 60, 5, 18)
 
 
 @pytest.fixture(scope="module")
-def models(tiny_ckpt, tmp_path_factory):
-    d, cfg = tiny_ckpt
-    out = str(tmp_path_factory.mktemp("engine") / "ort")
-    pipeline.export(d, out, flavor="ort", precision="fp32", verify=False)
-    return {"onnx": OnnxCausalLM(out), "paddle": Ernie4_5_MoeForCausalLM.from_pretrained(d)}
+def models(tiny_models):
+    return tiny_models
 
 
 class Recorder:

@@ -196,6 +196,19 @@ def _encode(a: np.ndarray, dtype: str) -> tuple[str, bytes]:
     raise ValueError(f"unsupported output dtype {dtype}")
 
 
+def write_arrays(path: str, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write numpy arrays as they are (their own dtype) into one safetensors file at `path` (not atomic: callers
+    write into `atomic.atomic_path`)."""
+    by_dtype = {np.dtype(v): k for k, v in _NP_DTYPES.items() if k != "BF16"}
+    encoded = []
+    for name, a in arrays.items():
+        dt = by_dtype.get(a.dtype)
+        if dt is None:
+            raise ValueError(f"tensor '{name}': no safetensors dtype for numpy {a.dtype}")
+        encoded.append((name, list(a.shape), dt, np.ascontiguousarray(a).tobytes()))
+    _write_encoded(path, encoded, metadata)
+
+
 def _write_encoded(path: str, encoded: list[tuple[str, list[int], str, bytes]], metadata: dict | None) -> None:
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     off = 0

@@ -11,6 +11,7 @@ updates in place (bound as both `past_key_values.N.*` and `present.N.*`); for th
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from ernie_paddle import files
 from ernie_paddle import graph_contract as contract
+from ernie_paddle.causal_lm import KV
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import InputError, OnnxFolderError
 from ernie_paddle.textfile import read_json_object
@@ -36,11 +38,23 @@ class OnnxCache:
     shared: bool = False  # layers are [B, nkv, max_len, d] buffers that GQA updates in place (past = present)
     binding: object = None  # the shared cache's IOBinding, its past/present bound once for every step
     mask: np.ndarray | None = None  # [B, max_len]: decode steps' attention_mask at one shape (see __call__)
+    arrays: list | None = None  # a shared cache in host memory: the numpy arrays its OrtValues view, per layer
 
 
 @dataclass
 class OnnxOutput:
     logits: np.ndarray  # [B, T, V] float32
+
+
+def folder_identity(folder: str, manifest: dict, kv_dtype) -> dict[str, str]:
+    """`CausalLM.identity` of an exported folder: the checkpoint it came from (the manifest's digest of its files),
+    this export (a digest of its manifest, which differs between any two exports) and the cache dtype."""
+    with open(os.path.join(folder, files.MANIFEST), "rb") as f:
+        export = hashlib.sha256(f.read()).hexdigest()[:16]
+    source = manifest.get("source") or {}
+    model = source.get("sha256", "")[:16] or f"generated tensors (export {export})"
+    return {"model": model, "export": f"onnx {manifest.get(contract.FLAVOR)} {export}",
+            "kv_dtype": np.dtype(kv_dtype).name}
 
 
 def load_manifest(folder: str) -> dict:
@@ -175,6 +189,7 @@ class OnnxCausalLM:
         past0 = next(i for i in self.session.get_inputs() if i.name == contract.past(0, "key"))
         self.kv_dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(past0.type, np.float32)
         self.has_position_ids = POSITION_IDS in self.input_names
+        self.identity = folder_identity(folder, self.manifest, self.kv_dtype)
         # the ort graph's optional input: LM head on the last N positions only (older folders compute them all)
         self.keeps_logits = LOGITS_TO_KEEP in self.input_names
         # outputs besides logits and the cache (the parity report's copy of the graph exposes hidden states)
@@ -197,10 +212,46 @@ class OnnxCausalLM:
         cfg = self.config
         shared = self.shares_kv_buffer
         shape = (batch, cfg.num_key_value_heads, max_len if shared else 0, cfg.head_dim)
+        if shared and self.device == "cpu":  # numpy arrays the OrtValues view: read and written without copies
+            arrays = [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype))
+                      for _ in range(cfg.num_hidden_layers)]
+            layers = [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in kv) for kv in arrays]
+            return OnnxCache(layers, max_len, shared=True, arrays=arrays)
         layers = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device) if shared else
                         ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device) for _ in "kv")
                   for _ in range(cfg.num_hidden_layers)]
         return OnnxCache(layers, max_len, shared=shared)
+
+    def read_kv(self, cache: OnnxCache, row: int, start: int, end: int) -> KV:
+        if cache.arrays is not None:
+            return [tuple(a[row, :, start:end].copy() for a in kv) for kv in cache.arrays]
+        # a device buffer or a grown cache: the whole OrtValue comes to the host
+        return [tuple(v.numpy()[row, :, start:end].copy() for v in layer) for layer in cache.layers]
+
+    def write_kv(self, cache: OnnxCache, row: int, start: int, kv: KV) -> None:
+        if len(kv) != len(cache.layers):
+            raise InputError(f"a KV state of {len(kv)} layers for a model of {len(cache.layers)}")
+        n = kv[0][0].shape[1]
+        if start + n > (cache.max_len if cache.shared else self.config.max_position_embeddings):
+            raise InputError(f"KV cache holds {cache.max_len} tokens; {start + n} requested")
+        batch = cache.layers[0][0].shape()[0]
+        if cache.arrays is not None:
+            for arrays, pair in zip(cache.arrays, kv):
+                for a, x in zip(arrays, pair):
+                    a[row, :, start:start + n] = x
+        elif cache.shared:  # on the device: the buffer is updated whole
+            for layer, pair in zip(cache.layers, kv):
+                for v, x in zip(layer, pair):
+                    full = v.numpy()
+                    full[row, :, start:start + n] = x
+                    v.update_inplace(full)
+        else:  # a grown cache (batch 1) holds exactly its tokens: it becomes its first `start` ones and `kv`
+            cache.layers = [tuple(self._ort.OrtValue.ortvalue_from_numpy(
+                np.concatenate([v.numpy()[:, :, :start], x[None]], axis=2), self.device) for v, x in zip(layer, pair))
+                for layer, pair in zip(cache.layers, kv)]
+            cache.binding = None
+        if batch == 1:
+            cache.length = start + n
 
     def allocate_rows(self, capacity: int, max_len: int) -> "OnnxRows":
         """`capacity` rows of one in-place cache in host memory, one sequence a row, for continuous batching: a
@@ -343,9 +394,9 @@ class OnnxRows:
         """The cache of rows start..start+n-1 holding `length` tokens (OrtValues made once per range)."""
         view = self._views.get((start, n))
         if view is None:
-            layers = [tuple(self._ort.OrtValue.ortvalue_from_numpy(a[start:start + n]) for a in kv)
-                      for kv in self.arrays]
-            view = self._views[(start, n)] = OnnxCache(layers, self.max_len, shared=True)
+            arrays = [tuple(a[start:start + n] for a in kv) for kv in self.arrays]
+            layers = [tuple(self._ort.OrtValue.ortvalue_from_numpy(a) for a in kv) for kv in arrays]
+            view = self._views[(start, n)] = OnnxCache(layers, self.max_len, shared=True, arrays=arrays)
         view.length = length
         return view
 

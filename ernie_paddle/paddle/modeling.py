@@ -20,6 +20,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ernie_paddle.causal_lm import KV
 from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import InputError
 from ernie_paddle import files
@@ -293,6 +294,7 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
     chunked_prefill_max_batch = None
     has_position_ids = True
     shares_kv_buffer = False
+    source: str | None = None  # the checkpoint folder it was loaded from
 
     def __init__(self, cfg: ErnieConfig, dtype: str = "float32", with_layers: bool = True):
         """`with_layers=False`: the embedding, final norm and head only, each decoder layer an empty placeholder
@@ -337,6 +339,7 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
         cfg = config or ErnieConfig.from_file(os.path.join(directory, files.CONFIG), strict=strict_config)
         model = cls(cfg, dtype)
         load_weights(model, directory, allow_pickle)
+        model.source = directory
         if fused or (fused is None and kernels_gpu.gpu_active()):
             model.use_fused_kernels()
         return model
@@ -366,6 +369,42 @@ class Ernie4_5_MoeForCausalLM(nn.Layer):
 
     def allocate_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.config, batch, max_len, self.compute_dtype)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """The checkpoint's fingerprint (`checkpoint.fingerprint`), the compute path and the cache dtype: a saved KV
+        state is reused only by the model that made it. A model not loaded from a folder has no identity to match."""
+        if getattr(self, "_identity", None) is None:
+            from ernie_paddle.checkpoint.fingerprint import fingerprint
+
+            model = fingerprint(self.source) if self.source else f"in-memory model {id(self):x}"
+            self._identity = {"model": model, "export": f"paddle {'fused' if self._fused() else 'eager'}",
+                              "kv_dtype": self.compute_dtype}
+        return self._identity
+
+    def _fused(self) -> bool:
+        return any(getattr(m, "fused", False) for m in self.sublayers() if isinstance(m, RMSNorm))
+
+    def read_kv(self, cache: KVCache, row: int, start: int, end: int) -> KV:
+        """[kv_heads, n, head_dim] numpy arrays (float32 for a bfloat16 cache, which numpy lacks: widened exactly)."""
+        def host(t: paddle.Tensor) -> np.ndarray:
+            t = t[row, start:end]
+            return (t.astype("float32") if t.dtype == paddle.bfloat16 else t).numpy().transpose(1, 0, 2).copy()
+
+        return [(host(k), host(v)) for k, v in zip(cache.keys, cache.values)]
+
+    def write_kv(self, cache: KVCache, row: int, start: int, kv: KV) -> None:
+        if len(kv) != len(cache.keys):
+            raise InputError(f"a KV state of {len(kv)} layers for a model of {len(cache.keys)}")
+        n = kv[0][0].shape[1]
+        if start + n > cache.max_len:
+            raise InputError(f"KV cache holds {cache.max_len} tokens; {start + n} requested")
+        for bufs, pair in zip((cache.keys, cache.values), zip(*kv)):
+            for buf, x in zip(bufs, pair):
+                buf[row, start:start + n] = paddle.to_tensor(np.ascontiguousarray(x.transpose(1, 0, 2))).astype(
+                    buf.dtype)
+        if cache.keys[0].shape[0] == 1:
+            cache.length = start + n
 
     # ---- forward --------------------------------------------------------------------------------------
     def check_ids(self, input_ids: np.ndarray) -> None:

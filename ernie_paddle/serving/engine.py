@@ -11,6 +11,10 @@ A request's tokens are chosen by the same `generation.Decoding` as `generation.s
 settings, seeded generator, stop and length rule), and each row's numbers do not depend on the others, so its
 output is that of running it alone.
 Events reach the request's `emit` callback from the engine thread.
+
+A new request first takes the longest prefix of its prompt that the prefix cache holds (`prefix_cache`: the keys and
+values of earlier requests' prompts and answers, copied into its row) and prefills only the rest; the last prompt
+token is always run, for its logits. What each prefill slice and each finished request computed is offered back.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ernie_paddle.causal_lm import CausalLM
 from ernie_paddle.errors import ErnieError
 from ernie_paddle.generation import Decoding, GenerationConfig, check_prompt
 from ernie_paddle.scoring import log_softmax
+from ernie_paddle.serving.prefix_cache import DEFAULT_PREFIX_CACHE_MEMORY, PrefixCache
 from ernie_paddle.serving.slots import Slots, slots_for
 
 
@@ -81,6 +86,8 @@ class Request:
     # engine state
     decoding: Decoding | None = None  # from the first prefill slice on
     filled: int = 0  # tokens in the cache
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
+    output: list[int] = field(default_factory=list)  # the tokens generated so far
     next_token: int | None = None  # None once finished
 
     @property
@@ -93,10 +100,11 @@ _ids = itertools.count(1)
 
 class Engine:
     """Schedules requests on a model with `max_batch` rows; a request's prompt is prefilled in slices of at most its
-    own `gen.prefill_chunk` tokens."""
+    own `gen.prefill_chunk` tokens. `prefix_cache_memory`: bytes of computed prefixes kept for later requests (0:
+    none)."""
 
     def __init__(self, model: CausalLM, max_batch: int = 4, max_queue: int = 64, max_len: int | None = None,
-                 slots: Slots | None = None):
+                 slots: Slots | None = None, prefix_cache_memory: int = DEFAULT_PREFIX_CACHE_MEMORY):
         limit = model.config.max_position_embeddings
         self.model = model
         self.max_len = min(max_len or limit, limit)
@@ -118,6 +126,7 @@ class Engine:
         self.decode_seconds: float | None = None
         self.prefill_token_seconds: float | None = None
         self.totals = EngineTotals()
+        self.prefix = PrefixCache(prefix_cache_memory)
 
     # ---- the caller's side ----------------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -215,13 +224,14 @@ class Engine:
             self._leave(r, Finished("cancelled"))
 
     def _prefill_chunk(self) -> None:
-        req = self.prefilling
-        if req.decoding is None:
-            req.decoding = Decoding(np.asarray(req.prompt, np.int64), req.gen, self.model.config.eos_token_ids)
-        chunk = req.decoding.history[req.filled:req.filled + self._prefill_size(req.gen.prefill_chunk)]
-        t0 = time.perf_counter()
+        req, slot = self.prefilling, self.prefill_slot
         try:
-            logits = self.slots.prefill(self.prefill_slot, chunk, req.filled)
+            if req.decoding is None:
+                req.decoding = Decoding(np.asarray(req.prompt, np.int64), req.gen, self.model.config.eos_token_ids)
+                self._reuse_prefix(req)
+            chunk = req.decoding.history[req.filled:req.filled + self._prefill_size(req.gen.prefill_chunk)]
+            t0 = time.perf_counter()
+            logits = self.slots.prefill(slot, chunk, req.filled)
         except Exception as e:  # noqa: BLE001 - a failure inside the model fails this request alone
             self._end_prefill(Finished("error", _describe(e)))
             return
@@ -230,6 +240,7 @@ class Engine:
         self.totals.prefill_seconds += spent
         self.totals.prefill_tokens += len(chunk)
         req.filled += len(chunk)
+        self._offer(req, slot, req.prompt)
         if req.filled < len(req.prompt):
             return
         self.prefilling = None
@@ -240,6 +251,17 @@ class Engine:
         self._emit_token(req, logits)
         if req.next_token is None:
             self._leave(req, None)
+
+    def _reuse_prefix(self, req: Request) -> None:
+        """Copy the longest cached prefix of the prompt (all but its last token at most) into the request's row."""
+        n, kv = self.prefix.lookup(req.prompt, len(req.prompt) - 1)
+        if n:
+            self.slots.write(self.prefill_slot, 0, kv)
+            req.filled = req.cached_tokens = n
+
+    def _offer(self, req: Request, slot: int, tokens: list[int]) -> None:
+        """Give the prefix cache the computed part of `tokens` (the request's first `filled`) from row `slot`."""
+        self.prefix.store(tokens, min(req.filled, len(tokens)), lambda s, e: self.slots.read(slot, s, e))
 
     def _prefill_size(self, chunk: int) -> int:
         """Prompt tokens for this step: the whole `chunk` when nothing decodes, else about SLICE_STEPS decode steps'
@@ -293,12 +315,15 @@ class Engine:
         if req.logprobs is not None:
             event.logprob, event.top = _logprobs(logits, token, req.logprobs)
         req.emit(event)
+        req.output.append(token)
         req.next_token = None if ended else token
 
     def _leave(self, req: Request, event: Finished | None) -> None:
         """Free `req`'s row; the last running row moves into it, so rows 0..n-1 stay the running ones."""
         i = self.running.index(req)
         last = len(self.running) - 1
+        if event is None or event.reason == "cancelled":  # (after a failure its row is not trusted)
+            self._offer(req, i, req.prompt + req.output)
         if i != last:
             moved = self.running[last]
             self.slots.move(last, i, moved.filled)

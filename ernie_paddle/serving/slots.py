@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ernie_paddle.causal_lm import Cache, CausalLM
+from ernie_paddle.causal_lm import KV, Cache, CausalLM
 from ernie_paddle.generation import logits_numpy
 
 
@@ -37,6 +37,12 @@ class Slots(Protocol):
 
     def release(self, slot: int) -> None:
         """Row `slot` is free."""
+
+    def read(self, slot: int, start: int, end: int) -> KV:
+        """A copy of row `slot`'s keys and values at slots start..end-1 (the prefix cache keeps it)."""
+
+    def write(self, slot: int, start: int, kv: KV) -> None:
+        """Row `slot` gets `kv` at slots start.. (a prefix found in the prefix cache); its prefill goes on after it."""
 
 
 class SharedSlots:
@@ -69,6 +75,12 @@ class SharedSlots:
     def release(self, slot: int) -> None:
         pass  # the row is overwritten by its next prompt
 
+    def read(self, slot: int, start: int, end: int) -> KV:
+        return self.model.read_kv(self._cache(slot, 1, start), 0, start, end)
+
+    def write(self, slot: int, start: int, kv: KV) -> None:
+        self.model.write_kv(self._cache(slot, 1, start), 0, start, kv)
+
 
 class SeparateSlots:
     """A batch-1 cache per request for models without an in-place cache; rows decode one at a time."""
@@ -98,6 +110,14 @@ class SeparateSlots:
 
     def release(self, slot: int) -> None:
         self.caches[slot] = None
+
+    def read(self, slot: int, start: int, end: int) -> KV:
+        return self.model.read_kv(self.caches[slot], 0, start, end)
+
+    def write(self, slot: int, start: int, kv: KV) -> None:
+        if start == 0:
+            self.caches[slot] = self.model.allocate_cache(1, self.max_len)
+        self.model.write_kv(self.caches[slot], 0, start, kv)
 
 
 def slots_for(model: CausalLM, capacity: int, max_len: int) -> Slots:
