@@ -83,6 +83,15 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
+def _forget_unhandled_interrupt() -> None:
+    """Clear CPython's record of an interrupt that escaped code run by `PyRun_String` (which C extensions call):
+    after `python -m`, that record makes the interpreter end itself by SIGINT instead of with our status. Running an
+    empty string through the same function resets it."""
+    import ctypes
+
+    ctypes.pythonapi.PyRun_SimpleString(b"")
+
+
 def _stdout_to_devnull() -> None:
     """The reader of stdout has gone (`| head`): send what is still buffered nowhere, so exit prints no error."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -108,6 +117,7 @@ def run_command(command: Callable[[], int], prog: str) -> int:
             return status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        _forget_unhandled_interrupt()
         return SIGINT_STATUS
     except Terminated:
         print(f"{prog}: terminated (SIGTERM)", file=sys.stderr, flush=True)

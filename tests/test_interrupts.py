@@ -137,6 +137,23 @@ def test_a_swallowed_interrupt_still_ends_the_command(capsys, next_step):
     assert signal.getsignal(signal.SIGTERM) == before  # the handler in place before is back
 
 
+def test_an_interrupt_inside_pyrun_string_still_ends_with_130(tmp_path):
+    """C extensions run Python through PyRun_String; an interrupt escaping it is recorded by CPython, which then ends
+    a `python -m` program by SIGINT after our status (the race seen in test_export_interrupted_leaves_nothing)."""
+    (tmp_path / "interrupted_inside.py").write_text(
+        "import ctypes, sys\n"
+        "from ernie_paddle.interrupts import run_command\n"
+        "def command():\n"
+        "    ctypes.pythonapi.PyRun_SimpleString(b'import os, signal, time; os.kill(os.getpid(), signal.SIGINT); "
+        "time.sleep(5)')\n"  # the handler's KeyboardInterrupt escapes the string, which prints and clears it
+        "    return 0\n"
+        "sys.exit(run_command(command, 'prog'))\n")
+    r = subprocess.run([sys.executable, "-m", "interrupted_inside"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "prog: interrupted (SIGINT)"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_an_interrupt_turned_into_another_error_is_the_interrupt(capsys, sig):
     """A signal landing in a C extension's module init (`import onnx` under parity, on a loaded machine) makes the
