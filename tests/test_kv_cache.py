@@ -88,6 +88,28 @@ def test_continuous_batching_over_int8_rows_equals_each_alone(shipped):
         assert got == generate(model, r.prompt, r.gen)
 
 
+def test_prefix_reuse_over_int8_rows_equals_each_alone(shipped):
+    """The prefix cache keeps int8 codes: a second speech sharing the first's opening reuses its blocks and gives
+    the tokens it gives alone."""
+    model = OnnxCausalLM(shipped["kv8"])
+    tok = ErnieTokenizer(shipped["kv8"])
+    opening = tok.encode(held_out_text()[:2000])[:70]
+    prompts = [opening + tok.encode(" Speak."), opening + tok.encode(" Hear me, my lord.")]
+    engine = Engine(model, max_batch=2)
+    got: list[list[int]] = [[], []]
+    reqs = [Request(p, GenerationConfig(max_new_tokens=12, eos_token_ids=[], prefill_chunk=24),
+                    lambda e, out=out: out.append(e.id) if isinstance(e, Token) else None)
+            for p, out in zip(prompts, got)]
+    for r in reqs:
+        engine.submit(r)
+        while not engine.idle():
+            engine.step()
+    assert engine.prefix.blocks and all(b.kv[0][0].dtype == np.int8 for b in engine.prefix.blocks.values())
+    assert [r.cached_tokens for r in reqs] == [0, 64]
+    for r, out in zip(reqs, got):
+        assert out == generate(model, r.prompt, r.gen)
+
+
 def test_int8_cache_needs_the_ort_flavour(tmp_path):
     with pytest.raises(ExportError, match=r"^--kv-cache int8 is GroupQueryAttention's quantised cache: the ort "
                                           r"flavour only$"):
