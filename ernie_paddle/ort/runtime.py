@@ -211,16 +211,25 @@ class OnnxCausalLM:
 
         cfg = self.config
         shared = self.shares_kv_buffer
-        shape = (batch, cfg.num_key_value_heads, max_len if shared else 0, cfg.head_dim)
+        shape = self.cache_shape(batch, max_len if shared else 0)
         if shared and self.device == "cpu":  # numpy arrays the OrtValues view: read and written without copies
-            arrays = [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype))
-                      for _ in range(cfg.num_hidden_layers)]
+            arrays = self.host_cache(batch, max_len)
             layers = [tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in kv) for kv in arrays]
             return OnnxCache(layers, max_len, shared=True, arrays=arrays)
         layers = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device) if shared else
                         ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device) for _ in "kv")
                   for _ in range(cfg.num_hidden_layers)]
         return OnnxCache(layers, max_len, shared=shared)
+
+    def cache_shape(self, batch: int, max_len: int) -> tuple[int, int, int, int]:
+        """A layer's key (or value) buffer: [batch, kv_heads, max_len, head_dim], the graph's past_key_values."""
+        return batch, self.config.num_key_value_heads, max_len, self.config.head_dim
+
+    def host_cache(self, batch: int, max_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Zeroed (key, value) buffers per layer in host memory (pages are touched only when written)."""
+        shape = self.cache_shape(batch, max_len)
+        return [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype))
+                for _ in range(self.config.num_hidden_layers)]
 
     def read_kv(self, cache: OnnxCache, row: int, start: int, end: int) -> KV:
         if cache.arrays is not None:
@@ -383,11 +392,8 @@ class OnnxRows:
     def __init__(self, model: OnnxCausalLM, capacity: int, max_len: int):
         import onnxruntime as ort
 
-        cfg = model.config
-        shape = (capacity, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.max_len, self._ort = max_len, ort
-        self.arrays = [(np.zeros(shape, model.kv_dtype), np.zeros(shape, model.kv_dtype))
-                       for _ in range(cfg.num_hidden_layers)]
+        self.arrays = model.host_cache(capacity, max_len)
         self._views: dict[tuple[int, int], OnnxCache] = {}
 
     def view(self, start: int, n: int, length: int) -> OnnxCache:
