@@ -8,7 +8,7 @@ host in numpy on float32 logits, so it is the same code whatever device computed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -164,9 +164,10 @@ class Decoding:
 
 
 def prefill(model: CausalLM, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: Cache, chunk: int,
-            lengths: np.ndarray | None = None) -> np.ndarray:
-    """Run right-padded prompts into the cache `chunk` tokens at a time; returns float32 logits [B, V] at each
-    row's last real token (`lengths`, default: every row full).
+            lengths: np.ndarray | None = None, start: int = 0) -> np.ndarray:
+    """Run right-padded prompts into the cache `chunk` tokens at a time, from token `start` on (the cache already
+    holds every row's first `start`); returns float32 logits [B, V] at each row's last real token (`lengths`,
+    default: every row full), which must come after `start`.
 
     Attention scores of one pass are [heads x chunk x cached tokens]: at a 32K-token context a single pass would
     need tens of GB, chunks of 512 a few hundred MB, for the same result. A model whose `chunked_prefill_max_batch`
@@ -179,7 +180,7 @@ def prefill(model: CausalLM, ids: np.ndarray, mask: np.ndarray, positions: np.nd
     if model.chunked_prefill_max_batch is not None and b > model.chunked_prefill_max_batch:
         chunk = t
     logits: list[np.ndarray | None] = [None] * b
-    for s in range(0, t, chunk):
+    for s in range(start, t, chunk):
         e = min(s + chunk, t)
         ends = np.flatnonzero((last >= s) & (last < e))
         last_only = bool(np.all(last[ends] == e - 1))
@@ -205,16 +206,32 @@ def right_padded(rows: Sequence[np.ndarray], pad: int, total: int) -> tuple[np.n
     return ids, mask, positions
 
 
-def stream_batch(model: CausalLM, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None
-                 ) -> Iterator[list[int | None]]:
-    """Yield, each step, the new token of every prompt (None once that prompt has finished)."""
+class PrefillHook(Protocol):
+    """Work `stream_batch` hands out around its prefill (`prompt_cache.PromptCache` is one): a prefix of the prompts
+    whose keys and values are known already goes into the fresh cache instead of being run again, and the cache is
+    handed back once it holds every prompt token, for the hook to keep what the prefill computed."""
+
+    def reuse(self, model: CausalLM, cache: Cache, prompts: list[np.ndarray]) -> int:
+        """Write the KV of every prompt's first n tokens into the empty `cache` and return n (0: nothing known); n
+        must be below every prompt's length, since the last prompt token runs for its logits."""
+
+    def prefilled(self, model: CausalLM, cache: Cache, prompts: list[np.ndarray]) -> None:
+        """`cache` holds every prompt's tokens at its first slots. Called once the sequences have ended (decoding
+        writes only later slots), so the hook's work delays no token; not called if the caller stops early."""
+
+
+def stream_batch(model: CausalLM, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None,
+                 hook: PrefillHook | None = None) -> Iterator[list[int | None]]:
+    """Yield, each step, the new token of every prompt (None once that prompt has finished). `hook`: a prefix to
+    start the prefill from and a taker of the prefilled cache; with one, the prompts are prefilled even for 0 new
+    tokens (keeping their KV is then the point)."""
     gen = gen or GenerationConfig()
     gen.validate()
     if len(prompts) == 0:
         raise InputError("no prompts given")
     limit = model.config.max_position_embeddings
     rows = [check_prompt(model, p, gen.max_new_tokens, limit, f"prompt {i}") for i, p in enumerate(prompts)]
-    if gen.max_new_tokens == 0:
+    if gen.max_new_tokens == 0 and hook is None:
         return
     b, longest = len(rows), max(len(r) for r in rows)
     lengths = np.array([len(r) for r in rows])
@@ -224,7 +241,13 @@ def stream_batch(model: CausalLM, prompts: Sequence[Sequence[int]], gen: Generat
     seqs = [Decoding(r, gen, model.config.eos_token_ids, rng) for r in rows]
     cache = model.allocate_cache(b, mask.shape[1])
 
-    logits = prefill(model, ids, mask[:, :longest], positions, cache, gen.prefill_chunk, lengths)
+    start = hook.reuse(model, cache, rows) if hook is not None else 0
+    if not 0 <= start < lengths.min():
+        raise ValueError(f"a prefill hook reused {start} tokens of a {lengths.min()}-token prompt")
+    logits = prefill(model, ids, mask[:, :longest], positions, cache, gen.prefill_chunk, lengths, start)
+    if gen.max_new_tokens == 0:
+        hook.prefilled(model, cache, rows)
+        return
     next_pos = lengths[:, None].astype(np.int64)  # each row's next position: its own length
     for step in range(gen.max_new_tokens):
         chosen = [s.choose(row) for s, row in zip(seqs, logits)]  # finished rows draw too: seeded as before
@@ -233,6 +256,8 @@ def stream_batch(model: CausalLM, prompts: Sequence[Sequence[int]], gen: Generat
             if not s.finish:
                 s.accept(t)
         if all(s.finish for s in seqs):  # (every row has finished by max_new_tokens)
+            if hook is not None:
+                hook.prefilled(model, cache, rows)
             return
         tokens = np.array([pad if s.finish else t for s, t in zip(seqs, chosen)], np.int64)
         mask[:, longest + step] = 1
@@ -243,19 +268,20 @@ def stream_batch(model: CausalLM, prompts: Sequence[Sequence[int]], gen: Generat
         next_pos = next_pos + 1
 
 
-def stream(model: CausalLM, prompt: Sequence[int], gen: GenerationConfig | None = None) -> Iterator[int]:
+def stream(model: CausalLM, prompt: Sequence[int], gen: GenerationConfig | None = None,
+           hook: PrefillHook | None = None) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced (the eos token, if produced, is the last)."""
-    for step in stream_batch(model, [prompt], gen):
+    for step in stream_batch(model, [prompt], gen, hook):
         yield step[0]
 
 
-def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | Sequence[int], gen: GenerationConfig | None = None
-             ) -> list[list[int]] | list[int]:
+def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | Sequence[int], gen: GenerationConfig | None = None,
+             hook: PrefillHook | None = None) -> list[list[int]] | list[int]:
     """New tokens for one prompt (a list of ids) or for a batch of prompts (a list of lists)."""
     single = len(prompts) > 0 and np.ndim(prompts[0]) == 0
     batch = [prompts] if single else prompts
     out: list[list[int]] = [[] for _ in batch]
-    for step in stream_batch(model, batch, gen):
+    for step in stream_batch(model, batch, gen, hook):
         for i, t in enumerate(step):
             if t is not None:
                 out[i].append(t)

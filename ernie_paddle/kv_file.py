@@ -48,7 +48,7 @@ def read(path: str, kind: str, identity: dict[str, str]) -> tuple[np.ndarray, KV
     if meta.get("format") != FORMAT or meta.get("kind") != kind:
         raise KVFileError(f"{path}: not a {kind} KV file of ernie-paddle (format {meta.get('format')!r}, kind "
                           f"{meta.get('kind')!r}; expected {FORMAT!r}, {kind!r})")
-    for field in IDENTITY:
+    for field in IDENTITY[::-1]:  # the most telling first: a cache dtype, an engine, then the model's digest
         if meta.get(field) != identity[field]:
             raise KVFileError(f"{path}: saved by another {field.replace('_', ' ')}: {meta.get(field)!r}, this one "
                               f"is {identity[field]!r}")

@@ -239,6 +239,13 @@ def generate_args(g: argparse.ArgumentParser) -> None:
                    '(with --chat also "reasoning", "content" and "tool_calls")')
 
 
+def prompt_cache_arg(g: argparse.ArgumentParser) -> None:
+    """--prompt-cache FILE (generate on one model: ernie-paddle and ernie-onnx, not dist_generate)."""
+    g.add_argument("--prompt-cache", metavar="FILE", type=output_file, default=None,
+                   help="reuse the KV of the longest prefix this prompt shares with FILE's, then save this prompt's "
+                        "KV in FILE (safetensors; created by the first run)")
+
+
 def sampling_given(args: argparse.Namespace) -> list[str]:
     """The sampling flags the user gave (they do nothing without --do-sample)."""
     return [f"--{k.replace('_', '-')}" for k in SAMPLING if getattr(args, k) is not None]

@@ -141,23 +141,39 @@ def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
 def generate(load: Load, args: argparse.Namespace) -> int:
     """Generate from --input-ids (prints the new ids) or text (streams text; with --chat the answer); --json: one
     object at the end, whose "token_ids" holds the new tokens only (and "text" the decoded continuation of a text
-    prompt; with --chat "reasoning", "content" and "tool_calls" too)."""
+    prompt; with --chat "reasoning", "content" and "tool_calls" too); "cached_tokens" counts the prompt tokens
+    --prompt-cache supplied."""
     cfg = folder_config(args)
     prompt = read_prompt(args, cfg.vocab_size)
     gen = generation_config(args, prompt, cfg)
+    cache = _prompt_cache(args)
     model = load(args)
-    new, first, seconds = _stream(model, prompt, gen, args.json)
+    new, first, seconds = _stream(model, prompt, gen, args.json, cache)
+    cached = cache.cached_tokens if cache else 0
     if args.json:
-        print(json.dumps(_summary(prompt, new, first, seconds)))
+        print(json.dumps({**_summary(prompt, new, first, seconds), "cached_tokens": cached}))
     else:
         print(flush=True)
-        print(f"[prompt {len(prompt.ids)} tokens, generated {len(new)} tokens, "
+        print(f"[prompt {len(prompt.ids)} tokens{f' ({cached} from the prompt cache)' if cached else ''}, "
+              f"generated {len(new)} tokens, "
               f"{len(new) / max(seconds, 1e-9):.2f} tokens/s, first token after {first:.2f}s, "
               f"peak RSS {peak_rss() / 2**30:.2f} GiB]", file=sys.stderr)
     return 0
 
 
-def _stream(model, prompt: Prompt, gen, quiet: bool) -> tuple[list[int], float, float]:
+def _prompt_cache(args: argparse.Namespace):
+    """The PromptCache of --prompt-cache (None without it; dist_generate has no such flag), its file checked."""
+    path = getattr(args, "prompt_cache", None)
+    if path is None:
+        return None
+    from ernie_paddle.prompt_cache import PromptCache
+
+    cache = PromptCache(path)
+    cache.check()
+    return cache
+
+
+def _stream(model, prompt: Prompt, gen, quiet: bool, hook=None) -> tuple[list[int], float, float]:
     """Run generation, printing tokens (or text; a chat's answer) as they come unless `quiet`; returns (new ids,
     TTFT, seconds).
 
@@ -171,7 +187,7 @@ def _stream(model, prompt: Prompt, gen, quiet: bool) -> tuple[list[int], float, 
         decoder = IncrementalDecoder(prompt.tokenizer, prompt.ids, keep=prompt.chat.tags if prompt.chat else ())
         show = _ChatPrinter(prompt) if prompt.chat else lambda text: print(text, end="", flush=True)
     t0, new, first = time.time(), [], None
-    for t in stream(model, prompt.ids, gen):
+    for t in stream(model, prompt.ids, gen, hook):
         raise_if_interrupted()  # a step boundary: where a lost Ctrl-C / SIGTERM takes effect
         if first is None:
             first = time.time() - t0

@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from ernie_paddle.cli import commands as cli_commands
-from ernie_paddle.cli.args import folder, generate_args, logits_args, positive_int
+from ernie_paddle.cli.args import folder, generate_args, logits_args, positive_int, prompt_cache_arg
 from ernie_paddle.ort.runtime import PROVIDERS
 from ernie_paddle.cli import serve as serve_cli
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate tokens from a prompt (text or token ids)")
     _common(g)
     generate_args(g)
+    prompt_cache_arg(g)
     g.set_defaults(func=lambda a: cli_commands.generate(_load, a))
     lg = sub.add_parser("logits", help="write float32 [T, vocab] logits of one forward pass (no cache)")
     _common(lg)

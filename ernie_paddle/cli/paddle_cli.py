@@ -17,8 +17,8 @@ from typing import Sequence
 from ernie_paddle.cli import commands as cli_commands
 from ernie_paddle.cli.args import (allow_pickle_arg, block_size, dtype_arg, folder, generate_args, input_file,
                                    log_line, logits_args, model_arg, non_negative_int, output_file,
-                                   paddle_model_args, positive_int, progress_printer, size, strict_config_arg,
-                                   token_ids)
+                                   paddle_model_args, positive_int, progress_printer, prompt_cache_arg, size,
+                                   strict_config_arg, token_ids)
 from ernie_paddle.errors import CheckpointError, ErnieError, InputError
 from ernie_paddle.export.pipeline import FLAVORS
 from ernie_paddle.textfile import read_text
@@ -254,6 +254,7 @@ def _make_checkpoint_args(m: argparse.ArgumentParser) -> None:
 def _generate_args(g: argparse.ArgumentParser) -> None:
     paddle_model_args(g)
     generate_args(g)
+    prompt_cache_arg(g)
 
 
 def _logits_args(lg: argparse.ArgumentParser) -> None:
