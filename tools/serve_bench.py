@@ -20,62 +20,15 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 
 from ernie_paddle.atomic import write_json, write_png
 from ernie_paddle.benchmarking.charts import subplots
+from ernie_paddle.benchmarking.servers import free_port, llama_cmd, ours_cmd, rss_kib, start, stop
+from ernie_paddle.benchmarking.setups import SETUPS, log, measure_in_child, prepare
 from ernie_paddle.cli.args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
-
-from ernie_paddle.tools.bench import SETUPS, log, measure_in_child, prepare
-
-
-# ---- servers ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], port: int, timeout: float = 600.0) -> subprocess.Popen:
-    """Start a server process and wait until /v1/models answers."""
-    import httpx
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(cmd[:4])} exited: {proc.stderr.read()[-500:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{cmd[0]} did not start within {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def ours_cmd(folder: str, port: int, threads: int, max_batch: int, max_len: int) -> list[str]:
-    return [sys.executable, "-m", "ernie_paddle.cli.onnx_cli", "serve", "--model", folder, "--port", str(port),
-            "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "1024",
-            "--max-model-len", str(max_len)]
-
-
-def llama_cmd(gguf: str, port: int, threads: int, max_len: int) -> list[str]:
-    return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(max_len),
-            "--n_batch", "512", "--interrupt_requests", "False"]  # queue concurrent requests (its default cuts one off)
 
 
 # ---- the load ---------------------------------------------------------------------------------------------
@@ -184,11 +137,6 @@ def _pct(values: list[float], q: float, scale: float = 1.0) -> float | None:
 
 
 # ---- the soak ----------------------------------------------------------------------------------------------
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-
 async def soak(url: str, model: str, pid: int, texts: list[str], n: int, concurrency: int, max_tokens: int,
                seed: int) -> dict:
     """`n` requests from `concurrency` clients: about 10% disconnect mid-stream, 10% are bad requests; RSS is
@@ -199,7 +147,7 @@ async def soak(url: str, model: str, pid: int, texts: list[str], n: int, concurr
     kinds = [rng.choices(["good", "disconnect", "bad"], [0.8, 0.1, 0.1])[0] for _ in range(n)]
     counts = {"good_ok": 0, "good_failed": 0, "disconnects": 0, "bad_4xx": 0, "bad_other": 0}
     failures: list[str] = []
-    rss = [_rss_kib(pid)]
+    rss = [rss_kib(pid)]
     bad_bodies = [{"model": model, "prompt": "x", "max_tokens": -1}, {"model": "nope", "prompt": "x"},
                   {"model": model, "prompt": "x", "temperature": 9}, {"model": model}]
     next_i = 0
@@ -230,11 +178,11 @@ async def soak(url: str, model: str, pid: int, texts: list[str], n: int, concurr
                     else:
                         counts["good_ok"] += 1
                 if i % max(1, n // 10) == 0:
-                    rss.append(_rss_kib(pid))
+                    rss.append(rss_kib(pid))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         await asyncio.sleep(0.5)
-        rss.append(_rss_kib(pid))
+        rss.append(rss_kib(pid))
         metrics = (await client.get(f"{url}/metrics")).text
     gauges = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
               if line and not line.startswith("#") and ("waiting" in line or "running" in line)}
@@ -315,14 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     texts = prompts(max(args.soak, max(args.concurrency) * args.requests_per_stream), tuple(args.prompt_words),
                     args.seed)
     if args.soak:
-        port = _free_port()
-        proc = _start(ours_cmd(paths["ort-int4"], port, args.threads, 8, max_len), port)
+        port = free_port()
+        proc = start(ours_cmd(paths["ort-int4"], port, args.threads, 8, max_len), port)
         try:
             url = f"http://127.0.0.1:{port}"
             report = asyncio.run(soak(url, _served_name(url), proc.pid, texts, args.soak, 8, args.max_tokens,
                                       args.seed))
         finally:
-            _stop(proc)
+            stop(proc)
         print(json.dumps(report, indent=1))
         if args.json:
             write_json(args.json, {"soak": report})
@@ -331,11 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"serve_bench: static decode tok/s {static}")
     rows = []
     for server in servers:
-        port = _free_port()
+        port = free_port()
         cmd = ours_cmd(paths["ort-int4"], port, args.threads, max(args.concurrency), max_len) if server == "ours" \
             else llama_cmd(paths["llama-q4_0"], port, args.threads, max_len)
         log(f"serve_bench: starting {server}")
-        proc = _start(cmd, port)
+        proc = start(cmd, port)
         try:
             url = f"http://127.0.0.1:{port}"
             model = _served_name(url)
@@ -351,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"server": server, **row})
                 log(f"serve_bench: {server} x{c}: {row['tok_s']} tok/s, ITL p95 {row['itl_p95_ms']} ms")
         finally:
-            _stop(proc)
+            stop(proc)
     print(_table(rows, static))
     if args.json:
         write_json(args.json, {"preset": args.preset, "threads": args.threads, "max_tokens": args.max_tokens,
