@@ -152,16 +152,21 @@ class PrefixCache:
                 parents.shape != (len(tokens),):
             raise KVFileError(f"{path}: blocks of {list(tokens.shape)} tokens; this server keeps blocks of "
                               f"{self.block}")
-        names: list[bytes | None] = []
-        for i, toks in enumerate(tokens):
-            p = int(parents[i])
-            parent = names[p] if 0 <= p < i else None
-            if p >= 0 and parent is None:
-                names.append(None)
-                continue
-            name = hashlib.blake2b((parent or b"") + toks.tobytes(), digest_size=16).digest()
+        # the file is in LRU order, where a chain's first block comes last: names are found from the first blocks
+        # down (a block whose parent is missing, out of range or in a cycle is never reached)
+        children: dict[int, list[int]] = {}
+        for i, p in enumerate(parents.tolist()):
+            children.setdefault(int(p), []).append(i)
+        names: dict[int, tuple[bytes | None, bytes]] = {}  # block -> (its parent's name, its name)
+        todo: list[tuple[int, bytes | None]] = [(i, None) for i in children.get(-1, [])]
+        while todo:
+            i, parent = todo.pop()
+            name = hashlib.blake2b((parent or b"") + tokens[i].tobytes(), digest_size=16).digest()
+            names[i] = (parent, name)
+            todo += [(c, name) for c in children.get(i, [])]
+        for i in sorted(names):  # in the file's order: the least recently used first
+            parent, name = names[i]
             part = [tuple(a[i] for a in pair) for pair in layers]
-            self._put(name, Block(parent, toks.copy(), part, sum(a.nbytes for pair in part for a in pair)))
-            names.append(name)
+            self._put(name, Block(parent, tokens[i].copy(), part, sum(a.nbytes for pair in part for a in pair)))
         self._evict()
-        return sum(n is not None for n in names)
+        return len(names)
