@@ -24,6 +24,7 @@ from ernie_paddle.generation import GenerationConfig
 from ernie_paddle.checkpoint.layout import PT, Role, TensorMap, tensor_maps
 from ernie_paddle.precisions import (BITS, DEFAULT_BLOCK_SIZE, PLAN_PRECISIONS, check_block_size, expert_block, float_bytes,
                          kv_cache_bytes, kv_cache_for)
+from ernie_paddle.serving.prefix_cache import BLOCK_TOKENS, bytes_per_token
 from ernie_paddle.sizes import parse_size as _parse_size
 
 # MLAS prepacked MatMulNBits / QMoE, accuracy_level 4: bytes per block beyond the codes. Least squares over the four
@@ -47,10 +48,23 @@ class MemoryPlan:
     kv_cache: int
     working: int
     runtime: int
+    prefix_cache: int = 0  # the server's pool of computed prefixes (`serve --prefix-cache-memory`)
+    prefix_tokens: int = 0  # the tokens of prefix it holds
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.working + self.runtime
+        return self.weights + self.kv_cache + self.working + self.runtime + self.prefix_cache
+
+
+def prefix_cache_tokens(max_bytes: int, token_bytes: int) -> int:
+    """Tokens of prefix a pool of `max_bytes` holds at `token_bytes` a token: whole blocks only, as it evicts."""
+    return max_bytes // (token_bytes * BLOCK_TOKENS) * BLOCK_TOKENS
+
+
+def prefix_itemsize(kv_dtype: str) -> int:
+    """Bytes an element of the prefix pool takes for a cache of `kv_dtype` (a numpy name, or Paddle's bfloat16,
+    which the pool keeps widened to float32: numpy has no bfloat16)."""
+    return np.dtype("float32" if kv_dtype in ("bfloat16", "bf16") else kv_dtype).itemsize
 
 
 def fp32_bytes(cfg: ErnieConfig) -> int:
@@ -82,14 +96,16 @@ def check_plan_args(precision: str, context: int, batch: int, block: int) -> Non
 
 
 def plan_memory(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, block: int = DEFAULT_BLOCK_SIZE,
-                threads: int | None = None, kv_cache: str = "auto") -> MemoryPlan:
+                threads: int | None = None, kv_cache: str = "auto", prefix_cache_memory: int = 0) -> MemoryPlan:
     """Bytes needed to run `cfg` at `precision` with `batch` sequences of `context` tokens (`block`: the int
     exports' quantisation block size; `threads`: ONNX Runtime's, default this machine's cores; `kv_cache`: the
-    export's cache, as `export --kv-cache` chooses it)."""
+    export's cache, as `export --kv-cache` chooses it; `prefix_cache_memory`: a server's prefix pool, 0 for none)."""
     check_plan_args(precision, context, batch, block)
+    if not isinstance(prefix_cache_memory, int) or prefix_cache_memory < 0:
+        raise InputError(f"--prefix-cache-memory must be a size >= 0, got {prefix_cache_memory!r}")
     weights = sum(_weight_bytes(cfg, m, precision, batch * context, block) for m in tensor_maps(cfg, PT))
     kv_bytes = kv_cache_bytes(kv_cache, precision)
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * batch * kv_bytes
+    kv = bytes_per_token(cfg, kv_bytes) * context * batch
     # prefill activations of one chunk (--prefill-chunk): logits and attention scores. Paddle holds every head's
     # scores at once. ONNX Runtime's CPU GroupQueryAttention takes its flash path and holds no score matrix
     # (tools/attention_bench: +14 MB at 512 x 8K), but the process still grows with context beyond the cache; a head
@@ -100,7 +116,10 @@ def plan_memory(cfg: ErnieConfig, precision: str, context: int, batch: int = 1, 
     heads = cfg.num_attention_heads if precision not in BITS else min(cfg.num_attention_heads, threads)
     working = 4 * batch * chunk * (cfg.vocab_size + heads * context + 8 * cfg.hidden_size)
     runtime = ORT_RUNTIME if precision in BITS else 0
-    return MemoryPlan(weights, kv, working, runtime)
+    # the pool holds host copies: the export's cache elements (int8 codes, fp16, fp32), Paddle's bf16 widened
+    itemsize = prefix_itemsize("bf16") if precision == "bf16" else kv_bytes
+    prefix_tokens = prefix_cache_tokens(prefix_cache_memory, bytes_per_token(cfg, itemsize))
+    return MemoryPlan(weights, kv, working, runtime, prefix_cache_memory, prefix_tokens)
 
 
 def _weight_bytes(cfg: ErnieConfig, m: TensorMap, precision: str, tokens: int, block: int) -> int:
@@ -125,9 +144,9 @@ def packed_bytes(n: int, bits: int, block: int) -> int:
 
 
 def report(cfg: ErnieConfig, precision: str, context: int, batch: int, device_memory: int | None,
-           block: int = DEFAULT_BLOCK_SIZE, kv_cache: str = "auto") -> str:
+           block: int = DEFAULT_BLOCK_SIZE, kv_cache: str = "auto", prefix_cache_memory: int = 0) -> str:
     """The plan as the `memory` command prints it, and whether it fits `device_memory` bytes (else which GPUs)."""
-    p = plan_memory(cfg, precision, context, batch, block, kv_cache=kv_cache)
+    p = plan_memory(cfg, precision, context, batch, block, kv_cache=kv_cache, prefix_cache_memory=prefix_cache_memory)
     gb = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     head = f"{precision}" + (f" (block {block}, accuracy_level 4)" if precision in BITS else "")
     lines = [f"{head}, context {context}, batch {batch}:",
@@ -135,6 +154,8 @@ def report(cfg: ErnieConfig, precision: str, context: int, batch: int, device_me
              f"  KV cache       {gb(p.kv_cache)}  ({kv_cache_for(kv_cache, precision)})",
              f"  working        {gb(p.working)}",
              f"  runtime        {gb(p.runtime)}" + ("  (ONNX Runtime process)" if p.runtime else ""),
+             f"  prefix cache   {gb(p.prefix_cache)}  "
+             + (f"({p.prefix_tokens} tokens of prefix, serve --prefix-cache-memory)" if p.prefix_cache else "(off)"),
              f"  total          {gb(p.total)}"]
     if device_memory:
         lines.append(f"  fits {device_memory / 1e9:.4g} GB ({device_memory / GIB:.4g} GiB): "

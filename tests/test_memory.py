@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -151,3 +152,31 @@ def test_memory_cli():
     assert "fits: A100-80GB, H100, H200" in r.stdout
     r = run_cli("memory", "--precision", "int4", "--context", "16")
     assert r.returncode == 2 and "give exactly one of --model DIR or --preset NAME" in r.stderr
+
+
+def test_the_prefix_cache_is_counted_in_the_plan():
+    cfg = preset("21b-a3b")
+    none, pool = plan_memory(cfg, "int4", 8192), plan_memory(cfg, "int4", 8192, prefix_cache_memory=GIB)
+    assert pool.total - none.total == pool.prefix_cache == GIB and none.prefix_cache == none.prefix_tokens == 0
+    # the int8 cache's codes: 28 layers x 2 x 4 kv heads x 128 x 1 byte = 28672 bytes a token; 1 GiB holds 37449
+    # tokens, 37440 in whole blocks of 32 (the pool evicts blocks)
+    assert pool.prefix_tokens == 37440
+    assert plan_memory(cfg, "int4", 8192, kv_cache="fp32", prefix_cache_memory=GIB).prefix_tokens == 9344  # 9362
+    assert plan_memory(cfg, "bf16", 8192, prefix_cache_memory=GIB).prefix_tokens == 9344  # kept widened to fp32
+    with pytest.raises(InputError, match=r"^--prefix-cache-memory must be a size >= 0, got -1$"):
+        plan_memory(cfg, "int4", 16, prefix_cache_memory=-1)
+
+
+def test_memory_cli_counts_the_servers_prefix_cache():
+    args = ("memory", "--preset", "21b-a3b", "--precision", "int4", "--context", "8192")
+    default, off = run_cli(*args), run_cli(*args, "--prefix-cache-memory", "0")
+    assert default.returncode == off.returncode == 0
+    # the server's default (1 GiB) is in the total; every other line is the same
+    assert "  prefix cache       1.00 GiB  (37440 tokens of prefix, serve --prefix-cache-memory)\n" in default.stdout
+    assert "  prefix cache       0.00 GiB  (off)\n" in off.stdout
+    total = lambda r: float(re.search(r"^  total +([0-9.]+) GiB$", r.stdout, re.M).group(1))  # noqa: E731
+    assert total(default) - total(off) == pytest.approx(1.0, abs=0.011)
+    same = lambda r: [x for x in r.stdout.splitlines() if "prefix cache" not in x and "total" not in x]  # noqa: E731
+    assert same(default) == same(off)
+    r = run_cli(*args, "--prefix-cache-memory", "512MiB")
+    assert "  prefix cache       0.50 GiB  (18720 tokens of prefix, serve --prefix-cache-memory)\n" in r.stdout

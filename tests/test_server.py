@@ -159,6 +159,7 @@ def test_completion_equals_generate_alone(client, tok, alone, url):
     assert r.choices[0].text == alone(tok.encode("ROMEO:"), 24)
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (2, 24, 26)
+    assert r.usage.prompt_tokens_details.cached_tokens == 0  # a prompt shorter than a block of the prefix cache
     ids = tok.encode("To be, or not to be:")  # a prompt given as token ids
     r = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)
     assert r.choices[0].text == alone(ids, 8)
@@ -246,7 +247,8 @@ def test_chat_reasoning_and_tool_calls(onnx_dir, tok):
     answer = ('<think>\nThe weather in Verona, then.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
               '{"city": "Verona"}}\n</tool_call>')
     slots = ScriptedSlots(tok.encode(answer) + [tok.eos_token_id], tok.vocab_size)
-    service = start_service(OnnxCausalLM(onnx_dir, threads=1), onnx_dir, slots=slots)
+    # scripted rows hold no keys and values: no prefix cache to fill
+    service = start_service(OnnxCausalLM(onnx_dir, threads=1), onnx_dir, slots=slots, prefix_cache_memory=0)
     service.model.chat = ChatFormat(reasoning=True, tool_calls=True)  # as a -Thinking checkpoint's template has
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "Weather in Verona?"}]

@@ -175,7 +175,8 @@ def cmd_memory(args) -> int:
     if (args.model is None) == (args.preset is None):
         raise ErnieError("give exactly one of --model DIR or --preset NAME")
     cfg = ErnieConfig.from_file(args.model) if args.model else preset(args.preset)
-    print(report(cfg, args.precision, args.context, args.batch, args.device_memory, args.block_size, args.kv_cache))
+    print(report(cfg, args.precision, args.context, args.batch, args.device_memory, args.block_size, args.kv_cache,
+                 args.prefix_cache_memory))
     return 0
 
 
@@ -226,6 +227,8 @@ def _memory_args(mem: argparse.ArgumentParser) -> None:
                      help="the export's KV cache (auto: int8 for int8/int4/int2, as export chooses)")
     mem.add_argument("--device-memory", type=size, default=None,
                      help="e.g. 24GB (24e9 bytes, as GPUs are sold) or 24GiB (default: list the GPUs it fits)")
+    serve_cli.prefix_cache_memory_arg(mem, "the server's prefix cache (serve --prefix-cache-memory), counted in the "
+                                           "total")
 
 
 def _checkpoint_out_args(c: argparse.ArgumentParser, dtype_default: str) -> None:

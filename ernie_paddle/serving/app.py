@@ -3,7 +3,8 @@
 `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (each whole or streamed as server-sent
 events), `GET /health` and `GET /metrics`. With an API key every route but /health needs `Authorization: Bearer
 KEY`. Every error is OpenAI's error object. A client that goes away, streaming or not, has its request cancelled in
-the engine at once.
+the engine at once. With a prefix cache folder the engine's pool of computed prefixes is read from it before the
+engine starts and written back (`Service.save_prefix_cache`) once it has stopped.
 """
 
 from __future__ import annotations
@@ -24,34 +25,60 @@ from ernie_paddle.text.tokenizer import ErnieTokenizer
 from ernie_paddle.serving.bridge import Generation
 from ernie_paddle.generation import GenerationConfig
 from ernie_paddle.serving.engine import Engine
+from ernie_paddle.errors import ErnieError
 from ernie_paddle.serving.metrics import CountRequests, ServerMetrics
+from ernie_paddle.serving.prefix_cache import FILE as PREFIX_CACHE_FILE
 from ernie_paddle.serving.protocol import ApiError, ServedModel, parse_chat, parse_completion, read_body
 from ernie_paddle.serving.responses import (DONE, Head, chat_choice, chat_message, completion_choice, completion_logprobs, sse,
-                        tool_calls, usage)
+                        tool_calls)
 
 CLIENT_CLOSED = 499  # the status logged for a request whose client left before the answer (nginx's)
 
 
 @dataclass
 class Service:
-    """What the routes serve: the model as clients see it, its running engine, the metrics and the API key."""
+    """What the routes serve: the model as clients see it, its running engine, the metrics and the API key;
+    `prefix_cache_file`: where the prefix cache is kept across restarts (None: not kept)."""
 
     engine: Engine
     model: ServedModel
     metrics: ServerMetrics
     api_key: str | None = None
+    prefix_cache_file: str | None = None
+
+    def save_prefix_cache(self) -> None:
+        """Write the prefix cache to its file, atomically (call once the engine has stopped: it owns the pool)."""
+        if self.prefix_cache_file is not None:
+            self.engine.prefix.save(self.prefix_cache_file, self.engine.model.identity)
+
+
+def prefix_cache_file(folder: str) -> str:
+    """The prefix cache's file in `folder` (`serve --prefix-cache-dir`), the folder made if missing; an ErnieError
+    naming it when it cannot be made or written (found at start, not when the pool is saved at shutdown)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ErnieError(f"{folder}: cannot make the prefix cache folder: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ErnieError(f"{folder}: the prefix cache folder is not writable")
+    return os.path.join(folder, PREFIX_CACHE_FILE)
 
 
 def start_service(model, folder: str, name: str | None = None, api_key: str | None = None,
-                  prefill_chunk: int = GenerationConfig.prefill_chunk, **engine_options) -> Service:
+                  prefill_chunk: int = GenerationConfig.prefill_chunk, prefix_cache_dir: str | None = None,
+                  **engine_options) -> Service:
     """Start an engine on `model` (its tokenizer read from `folder`); `name` defaults to the folder's name;
-    requests prefill `prefill_chunk` tokens at a time."""
+    requests prefill `prefill_chunk` tokens at a time. With `prefix_cache_dir` (and a prefix cache: its memory is
+    not 0) the pool saved there is loaded first; a file of another model, or corrupt, is a KVFileError naming it."""
     tok = ErnieTokenizer(folder)
     engine = Engine(model, **engine_options)
+    path = prefix_cache_file(prefix_cache_dir) if prefix_cache_dir is not None and engine.prefix.enabled else None
+    if path is not None and os.path.exists(path):
+        engine.prefix.load(path, model.identity)
     served = ServedModel(name or os.path.basename(os.path.normpath(folder)), tok, engine.max_len,
                          model.config.vocab_size, ChatFormat.of(tok), prefill_chunk)
     engine.start()
-    return Service(engine, served, ServerMetrics(engine), api_key)
+    return Service(engine, served, ServerMetrics(engine), api_key, path)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -131,7 +158,7 @@ async def _completion(gen: Generation, head: Head) -> dict:
         tokens += piece.tokens
     logprobs = completion_logprobs(tokens) if gen.job.logprobs is not None else None
     return head.wrap([completion_choice("".join(texts), gen.finish_reason, logprobs)],
-                     usage(gen.prompt_tokens, gen.completion_tokens))
+                     gen.usage)
 
 
 async def _chat(gen: Generation, head: Head) -> dict:
@@ -142,7 +169,7 @@ async def _chat(gen: Generation, head: Head) -> dict:
     out = parser.result
     return head.wrap([chat_choice(chat_message(out.content, out.reasoning, out.tool_calls),
                                   _chat_finish_reason(gen, bool(out.tool_calls)))],
-                     usage(gen.prompt_tokens, gen.completion_tokens))
+                     gen.usage)
 
 
 def _chat_finish_reason(gen: Generation, called: bool) -> str | None:
@@ -187,7 +214,7 @@ async def _completion_events(gen: Generation, head: Head) -> AsyncIterator[bytes
                 yield sse(head.wrap([completion_choice(piece.text, None, logprobs)]))
         yield sse(head.wrap([completion_choice("", gen.finish_reason)]))
         if head.include_usage:
-            yield sse(head.wrap([], usage(gen.prompt_tokens, gen.completion_tokens)))
+            yield sse(head.wrap([], gen.usage))
     except ApiError as e:  # the status has been sent: the error goes in the stream, as vLLM sends it
         yield sse(e.body())
     yield DONE
@@ -209,7 +236,7 @@ async def _chat_events(gen: Generation, head: Head) -> AsyncIterator[bytes]:
         reason = _chat_finish_reason(gen, bool(parser.result.tool_calls))
         yield sse(head.wrap([chat_choice({}, reason, stream=True)]))
         if head.include_usage:
-            yield sse(head.wrap([], usage(gen.prompt_tokens, gen.completion_tokens)))
+            yield sse(head.wrap([], gen.usage))
     except ApiError as e:
         yield sse(e.body())
     yield DONE

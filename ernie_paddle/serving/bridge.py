@@ -16,6 +16,7 @@ from ernie_paddle.errors import InputError
 from ernie_paddle.serving.engine import Engine, Finished, QueueFull, Request, ShuttingDown, Token
 from ernie_paddle.serving.metrics import ServerMetrics
 from ernie_paddle.serving.protocol import ApiError, Job
+from ernie_paddle.serving.responses import usage
 from ernie_paddle.serving.text import Piece, TextStream
 
 
@@ -36,6 +37,11 @@ class Generation:
     @property
     def prompt_tokens(self) -> int:
         return len(self.job.prompt)
+
+    @property
+    def usage(self) -> dict:
+        """The answer's `usage`: its tokens, and the prompt tokens the prefix cache gave (set at its first prefill)."""
+        return usage(self.prompt_tokens, self.completion_tokens, self.request.cached_tokens)
 
     def _emit(self, event: Token | Finished) -> None:
         """The engine thread's callback."""

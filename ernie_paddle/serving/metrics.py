@@ -1,14 +1,15 @@
 """The server's Prometheus metrics, in a registry of its own (so several servers in one process never collide).
 
 Requests by endpoint and status, prompt and generated tokens, the engine's queue depth and running batch and its
-model seconds and tokens in decode and prefill steps (read at scrape time), and histograms of the time to the first
-token and of the time between tokens.
+model seconds and tokens in decode and prefill steps and the prefix cache's prompt tokens looked up and found, its
+bytes and its bound (read at scrape time), and histograms of the time to the first token and of the time between
+tokens.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds
@@ -32,6 +33,7 @@ class ServerMetrics:
         self.itl = Histogram("ernie_inter_token_latency_seconds", "Between consecutive tokens of a request",
                              buckets=ITL_BUCKETS, registry=r)
         r.register(_EngineTotals(engine))
+        r.register(_PrefixCacheTotals(engine))
 
     def exposition(self) -> tuple[bytes, str]:
         """The metrics in Prometheus' text format, and its content type."""
@@ -51,6 +53,24 @@ class _EngineTotals:
                                       value=getattr(t, f"{kind}_seconds"))
             yield CounterMetricFamily(f"ernie_engine_{kind}_tokens", f"Tokens the model ran in {kind} steps",
                                       value=getattr(t, f"{kind}_tokens"))
+
+
+class _PrefixCacheTotals:
+    """The prefix cache's counts, read when scraped (hit rate = hits / queries, both in prompt tokens)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        pool = self.engine.prefix
+        yield CounterMetricFamily("ernie_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=pool.queried_tokens)
+        yield CounterMetricFamily("ernie_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)",
+                                  value=pool.hit_tokens)
+        yield GaugeMetricFamily("ernie_prefix_cache_bytes", "Bytes of keys and values the prefix cache holds",
+                                value=pool.nbytes)
+        yield GaugeMetricFamily("ernie_prefix_cache_max_bytes", "The prefix cache's bound in bytes "
+                                "(--prefix-cache-memory; 0: off)", value=pool.max_bytes)
 
 
 class CountRequests:

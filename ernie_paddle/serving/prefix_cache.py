@@ -27,6 +27,12 @@ BLOCK_TOKENS = 32  # tokens per block: a prompt's match ends on a multiple of it
 FILE = "prefix-cache.safetensors"  # the pool's file in `--prefix-cache-dir`
 
 
+def bytes_per_token(config, itemsize: int) -> int:
+    """Bytes of one token's keys and values over every layer at `itemsize` bytes an element: what a KV cache row or
+    the prefix pool spends per token (the planner, the server's start-up line and the blocks all count so)."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+
+
 @dataclass
 class Block:
     parent: bytes | None
