@@ -4,7 +4,7 @@ Importing the package is light (no Paddle): the model lives in `ernie_paddle.pad
 `ernie_paddle.checkpoint.folder`, generation in `ernie_paddle.generation`.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 from ernie_paddle.config import ErnieConfig, preset  # noqa: E402  (numpy-free, cheap)
 from ernie_paddle.errors import CheckpointError, ConfigDefaultWarning, ConfigError, ErnieError, InputError  # noqa: E402
