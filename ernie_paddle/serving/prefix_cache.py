@@ -107,12 +107,20 @@ class PrefixCache:
             return
         start = first * self.block
         kv = read(start, len(names) * self.block)
+        self._touch(names[:first])  # the chain's blocks stay last in LRU order: room is made from the others first
+        kept = first
         for i in range(first, len(names)):
             s = (i - first) * self.block
             part = [tuple(a[:, s:s + self.block].copy() for a in pair) for pair in kv]
+            nbytes = sum(a.nbytes for pair in part for a in pair)
+            while self.nbytes + nbytes > self.max_bytes and len(self.blocks) > i:  # never above the bound, even briefly
+                self.nbytes -= self.blocks.popitem(last=False)[1].nbytes
+            if self.nbytes + nbytes > self.max_bytes:
+                break  # the rest of the chain does not fit beside its first blocks
             self._put(names[i], Block(names[i - 1] if i else None, tokens[i * self.block:(i + 1) * self.block].copy(),
-                                      part, sum(a.nbytes for pair in part for a in pair)))
-        self._touch(names)
+                                      part, nbytes))
+            kept = i + 1
+        self._touch(names[:kept])
         self._evict()
 
     def _put(self, name: bytes, block: Block) -> None:
