@@ -40,12 +40,13 @@ setup(
         "sentencepiece>=0.2",  # tokenizer.model
         "tokenizers>=0.19",  # tokenizer.json
         "jinja2>=3.1",  # checkpoints' chat templates, rendered in its sandbox as transformers does
+        "llguidance>=1.1",  # structured output: response_format, forced tool calls, --json-schema (grammar.py)
     ] + PADDLE + ORT,
     extras_require={
         # The independent oracle for tests; never imported at run time.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.54", "safetensors>=0.4",
                  "onnxruntime-genai>=0.18", "matplotlib", "hypothesis>=6", "gguf>=0.17", "openai>=1.0",
-                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
+                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "jsonschema>=4", "pydantic>=2"],
         # `ernie-onnx serve` / `ernie-paddle serve`: the OpenAI-compatible HTTP server
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
         # benchmarks: charts, GGUF files; llama-cpp-python builds llama.cpp from source (see README)

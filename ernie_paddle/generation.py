@@ -8,7 +8,7 @@ host in numpy on float32 logits, so it is the same code whatever device computed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class GenerationConfig:
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     vocab_limit: int | None = None  # ids >= this are never chosen (embedding rows beyond the tokenizer)
     prefill_chunk: int = 512  # prompt tokens per prefill pass: bounds the [chunk x context] attention scores
+    constraint: Any = None  # grammar.Constraint: each sequence's tokens follow its grammar, ending where it ends
 
     def stops(self, config_eos: Sequence[int]) -> frozenset[int]:
         """The ids that end a sequence: `eos_token_ids` (config.json's when None) and `stop_token_ids`."""
@@ -146,9 +147,12 @@ class Decoding:
         self.history = np.asarray(prompt, np.int64)
         self.generated = 0
         self.finish: str | None = None  # "stop" or "length" once the sequence has ended
+        self.matcher = gen.constraint.matcher() if gen.constraint is not None else None  # grammar.Matcher
 
     def choose(self, logits: np.ndarray) -> int:
         """The next token from this sequence's logits [V]."""
+        if self.matcher is not None:
+            logits = self.matcher.mask(logits)
         return int(next_tokens(logits[None], [self.history], self.gen, self.rng)[0])
 
     def accept(self, token: int) -> bool:
@@ -158,6 +162,8 @@ class Decoding:
         self.generated += 1
         if token in self.stops:
             self.finish = "stop"
+        elif self.matcher is not None and (not self.matcher.consume(token) or self.matcher.done):
+            self.finish = "stop"  # the grammar is complete (or, never expected, refused a token)
         elif self.generated >= self.gen.max_new_tokens:
             self.finish = "length"
         return self.finish is not None

@@ -316,7 +316,7 @@ BAD = [  # (endpoint, body, param, message)
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs",
      "logprobs is not supported on /v1/chat/completions (use /v1/completions)"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice",
-     'tool_choice must be "auto" or "none" (forcing a tool call is not supported), got "required"'),
+     'tool_choice "required" needs at least one tool in tools'),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
      "tools[0]", 'tools[0] must be {"type": "function", "function": {...}}, got {"type": "function"}'),
 ]

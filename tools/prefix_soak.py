@@ -7,8 +7,10 @@ on the same folder with reuse off (`--prefix-cache-memory 0`), and must be the s
 Checked, each a row of the summary: the answers; `ernie_prefix_cache_bytes` never above
 `ernie_prefix_cache_max_bytes` (polled from /metrics during the run); reuse happened (hits > 0); eviction happened
 (the bytes reached the bound, and a probe prompt cached before the load is no longer cached after it); nothing
-running or waiting at the end; the server's resident memory grew by at most `--rss-margin` after warm-up. A program,
-not a test; it exits 1 when a check fails:
+running or waiting at the end; the server's resident memory grew by at most `--rss-margin` after warm-up.
+The preset's fp32 export is served by default: on the int4 one a request's tokens depend on the rows decoded beside
+it, reuse or not, so two servers' answers can differ without reuse being at fault. A program, not a test; it exits
+1 when a check fails:
 
     python -m ernie_paddle.tools.prefix_soak --preset shipped --requests 500 --json docs/prefix-soak.json
 """
@@ -520,6 +522,9 @@ def start_servers(folder: str, threads: int, max_batch: int, memory: int, logs: 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="prefix_soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="shipped", choices=["shipped", "mid"], help="the model (bench's presets)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int4"],
+                   help="the preset's export (default fp32: its batched rows give the tokens each gives alone; the "
+                        "int4 export's do not, with reuse or without)")
     p.add_argument("--model", default=None, help="an exported folder to serve instead of the preset's")
     p.add_argument("--work", default=None, help="folder for the preset's export (reused)")
     p.add_argument("--requests", type=positive_int, default=500)
@@ -557,10 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.model
     if folder is None:
         work = args.work or os.path.join(os.getcwd(), f"prefix-soak-{args.preset}")
-        paths, refused, _ = prepare(args.preset, work, ["ort-int4"], args.seed, None, tokenizer_from_shipped=True)
+        engine = f"ort-{args.precision}"
+        paths, refused, _ = prepare(args.preset, work, [engine], args.seed, None, tokenizer_from_shipped=True)
         if refused:
             raise RuntimeError(f"cannot prepare: {refused}")
-        folder = paths["ort-int4"]
+        folder = paths[engine]
     with tempfile.TemporaryDirectory(prefix="prefix-soak-") as logs:
         started = start_servers(folder, args.threads, args.max_batch, args.prefix_cache_memory, logs)
         try:
@@ -570,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for _, proc in started:
                 servers.stop(proc)
-    rep = {"model": os.path.basename(os.path.normpath(args.model)) if args.model else args.preset,
+    name = os.path.basename(os.path.normpath(args.model)) if args.model else f"{args.preset} ort-{args.precision}"
+    rep = {"model": name,
            "cpu": sysinfo.cpu_model(), "cpu_isa": sysinfo.cpu_isa(), "threads": args.threads,
            "concurrency": args.concurrency, "max_batch": args.max_batch, "max_tokens": args.max_tokens,
            "rss_margin": args.rss_margin, "sizes": "small" if args.small else "full", **rep}

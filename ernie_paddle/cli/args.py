@@ -141,18 +141,38 @@ def output_file(text: str) -> str:
 
 def tool_list(path: str) -> list[dict]:
     """A JSON file holding a list of tool definitions (OpenAI style: {"type": "function", "function": {...}})."""
-    try:
-        tools = json.loads(read_text(path, path))
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"{path}: not JSON ({e})") from None
+    tools = _json_file(path)
     if not isinstance(tools, list):
         raise argparse.ArgumentTypeError(f"{path}: expected a JSON list of tool definitions, got {_json_kind(tools)}")
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise argparse.ArgumentTypeError(f"{path}: tool {i + 1} is {_json_kind(tool)}, not an object")
     return tools
+
+
+def json_schema_file(path: str) -> dict | bool:
+    """A JSON file holding a JSON schema (an object, or true / false)."""
+    schema = _json_file(path)
+    if not isinstance(schema, (dict, bool)):
+        raise argparse.ArgumentTypeError(f"{path}: expected a JSON schema object, got {_json_kind(schema)}")
+    return schema
+
+
+def json_schema_arg(g: argparse.ArgumentParser) -> None:
+    """--json-schema FILE: the answer is JSON valid against the schema (constrained decoding, as the server's
+    response_format)."""
+    g.add_argument("--json-schema", metavar="FILE", type=json_schema_file, default=None,
+                   help="constrain the answer to JSON valid against the JSON schema in FILE")
+
+
+def _json_file(path: str):
+    """The JSON value in a file; unreadable or not JSON is an argparse error naming it."""
+    try:
+        return json.loads(read_text(path, path))
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{path}: not JSON ({e})") from None
 
 
 def _json_kind(value) -> str:
@@ -237,6 +257,7 @@ def generate_args(g: argparse.ArgumentParser) -> None:
                    f"memory at long contexts; default {d.prefill_chunk})")
     g.add_argument("--json", action="store_true", help='print one JSON object; "token_ids" holds the new tokens '
                    '(with --chat also "reasoning", "content" and "tool_calls")')
+    json_schema_arg(g)
 
 
 def prompt_cache_arg(g: argparse.ArgumentParser) -> None:

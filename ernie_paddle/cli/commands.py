@@ -133,6 +133,10 @@ def generation_config(args: argparse.Namespace, prompt: Prompt, cfg):
     max_new = args.max_new_tokens
     if max_new is None:
         max_new = MAX_NEW_TOKENS_TEXT if prompt.tokenizer else MAX_NEW_TOKENS_IDS
+    if getattr(args, "json_schema", None) is not None:  # the server's response_format json_schema, from a file
+        from ernie_paddle.grammar import folder_schema
+
+        given_values["constraint"] = folder_schema(args.model, args.json_schema, cfg.vocab_size, "--json-schema")
     return generation_settings(cfg.vocab_size, prompt.tokenizer, stops, max_new_tokens=max_new,
                                do_sample=args.do_sample, **given_values)  # flags not given: the defaults
 

@@ -18,6 +18,7 @@ import numpy as np
 from ernie_paddle.text.chat_output import ChatFormat
 from ernie_paddle.errors import ErnieError, InputError
 from ernie_paddle.generation import GenerationConfig, generation_settings
+from ernie_paddle.serving import structured
 from ernie_paddle.token_ids import check_token_ids
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions (chat's is the rest of the context)
@@ -69,6 +70,7 @@ class Job:
     logprobs: int | None = None  # completions: the chosen token's log-probability and the top k
     chat: ChatFormat | None = None  # chat: how the answer splits into reasoning, content and tool calls
     reasoning_open: bool = False  # chat: the prompt ends inside <think>
+    constraint: Any = None  # grammar.Constraint of response_format or a forced tool_choice (also in gen)
 
 
 def read_body(raw: bytes) -> dict:
@@ -90,6 +92,7 @@ def parse_completion(body: dict, model: ServedModel) -> Job:
     max_tokens = _optional(body, "max_tokens", lambda v, n: _integer(v, n, 1))
     job = _job(body, model, prompt, "prompt", max_tokens, "max_tokens", COMPLETION_MAX_TOKENS)
     job.logprobs = logprobs
+    structured.attach(job, body, model)
     return job
 
 
@@ -102,9 +105,7 @@ def parse_chat(body: dict, model: ServedModel) -> Job:
     messages = _messages(body.get("messages"))
     tools = _tools(body.get("tools"))
     choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise ApiError(400, f"tool_choice must be \"auto\" or \"none\" (forcing a tool call is not supported), got "
-                            f"{_show(choice)}", "tool_choice")
+    forced = structured.tool_constraint(choice, tools, model)
     if choice == "none":
         tools = None
     kwargs = _optional(body, "chat_template_kwargs", _template_kwargs) or {}
@@ -120,6 +121,7 @@ def parse_chat(body: dict, model: ServedModel) -> Job:
     prompt = tok.encode(text)
     job = _job(body, model, prompt, "messages", max_tokens, given, max(1, model.max_len - len(prompt)))
     job.chat, job.reasoning_open = fmt, fmt.opens_reasoning(text)
+    structured.attach(job, body, model, forced)
     return job
 
 
