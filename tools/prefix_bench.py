@@ -80,8 +80,8 @@ def document_ids(folder: str, doc_tokens: int, seed: int) -> tuple[list[int], li
 
 # ---- multi-turn through a server --------------------------------------------------------------------------------
 def complete(url: str, model: str, prompt: str, max_tokens: int, usage: bool) -> dict:
-    """One streamed greedy completion: time to the first token event, the answer, and (with `usage`) the final
-    chunk's prompt_tokens and prompt_tokens_details.cached_tokens."""
+    """One streamed greedy completion: time to the first token event (its first text, or its end if the first token
+    ends it), the answer, and (with `usage`) the final chunk's prompt_tokens and prompt_tokens_details.cached_tokens."""
     import httpx
 
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
@@ -96,10 +96,10 @@ def complete(url: str, model: str, prompt: str, max_tokens: int, usage: bool) ->
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            text = (chunk.get("choices") or [{}])[0].get("text")
-            if text:
+            choice = (chunk.get("choices") or [{}])[0]
+            if choice.get("text") or choice.get("finish_reason"):  # a first token that ends the answer has no text
                 ttft = ttft if ttft is not None else time.perf_counter() - t0
-                parts.append(text)
+                parts.append(choice.get("text") or "")
             if chunk.get("usage"):
                 counts = chunk["usage"]
     if ttft is None:
