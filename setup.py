@@ -46,7 +46,8 @@ setup(
         # The independent oracle for tests; never imported at run time.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.54", "safetensors>=0.4",
                  "onnxruntime-genai>=0.18", "matplotlib", "hypothesis>=6", "gguf>=0.17", "openai>=1.0",
-                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "jsonschema>=4", "pydantic>=2"],
+                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "jsonschema>=4", "pydantic>=2",
+                 "lm_eval[api]==0.4.13"],  # lm-evaluation-harness against the server (tests/test_eval_api.py)
         # `ernie-onnx serve` / `ernie-paddle serve`: the OpenAI-compatible HTTP server
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
         # benchmarks: charts, GGUF files; llama-cpp-python builds llama.cpp from source (see README)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP routes (FastAPI) over one model and its continuous-batching engine.
 
 `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (each whole or streamed as server-sent
-events), `GET /health` and `GET /metrics`. With an API key every route but /health needs `Authorization: Bearer
+events; several choices and echoed prompts whole: `scoring_api`), `POST /tokenize`, `POST /detokenize`,
+`GET /tokenizer_info` (`tokenize_api`), `GET /health` and `GET /metrics`. With an API key every route but /health needs `Authorization: Bearer
 KEY`. Every error is OpenAI's error object. A client that goes away, streaming or not, has its request cancelled in
 the engine at once. With a prefix cache folder the engine's pool of computed prefixes is read from it before the
 engine starts and written back (`Service.save_prefix_cache`) once it has stopped.
@@ -31,6 +32,7 @@ from ernie_paddle.serving.prefix_cache import FILE as PREFIX_CACHE_FILE
 from ernie_paddle.serving.protocol import ApiError, ServedModel, parse_chat, parse_completion, read_body
 from ernie_paddle.serving.responses import (DONE, Head, chat_choice, chat_message, completion_choice, completion_logprobs, sse,
                         tool_calls)
+from ernie_paddle.serving import scoring_api, tokenize_api
 
 CLIENT_CLOSED = 499  # the status logged for a request whose client left before the answer (nginx's)
 
@@ -117,6 +119,12 @@ def create_app(service: Service) -> FastAPI:
         parse, whole, events = (parse_chat, _chat, _chat_events) if chat else (
             parse_completion, _completion, _completion_events)
         job = parse(read_body(await request.body()), served)
+        jobs = scoring_api.choices(job)
+        if len(jobs) > 1 or job.echo:  # several choices (prompts, n), or the prompt echoed: answered whole
+            several = scoring_api.Choices([Generation(engine, j, served.tokenizer, metrics) for j in jobs], job.n)
+            several.submit()
+            head = Head.new(chat=chat, stream=False, model=served.name)
+            return await _unless_client_leaves(request, several.whole(head, whole, served.tokenizer), several)
         gen = Generation(engine, job, served.tokenizer, metrics)
         gen.submit()
         head = Head.new(chat=chat, stream=job.stream, model=served.name, include_usage=job.include_usage)
@@ -132,6 +140,7 @@ def create_app(service: Service) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await answer(request, chat=True)
 
+    tokenize_api.add_routes(app, served, auth)
     endpoints = {route.path for route in app.routes}
     app.add_middleware(CountRequests, metrics=metrics, endpoints=endpoints)
     return app

@@ -28,7 +28,8 @@ class Generation:
         self.engine, self.job, self.metrics = engine, job, metrics
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[float, Token | Finished]] = asyncio.Queue()
-        self.request = Request(job.prompt, job.gen, self._emit, logprobs=job.logprobs)
+        self.request = Request(job.prompt, job.gen, self._emit, logprobs=job.logprobs,
+                               score_prompt=job.echo and job.logprobs is not None)
         self.text = TextStream(tokenizer, job.prompt, job.stops, keep=job.chat.tags if job.chat else ())
         self.completion_tokens = 0
         self.finish_reason: str | None = None

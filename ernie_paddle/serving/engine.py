@@ -15,6 +15,8 @@ Events reach the request's `emit` callback from the engine thread.
 A new request first takes the longest prefix of its prompt that the prefix cache holds (`prefix_cache`: the keys and
 values of earlier requests' prompts and answers, copied into its row) and prefills only the rest; the last prompt
 token is always run, for its logits. What each prefill slice and each finished request computed is offered back.
+A scored prompt (`echo` with `logprobs`) takes nothing from the cache: its slices compute and score every position
+(`prompt_scoring`). A request for no new tokens (`max_tokens` 0, score only) ends once its prompt is prefilled.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ernie_paddle.errors import ErnieError
 from ernie_paddle.generation import Decoding, GenerationConfig, check_prompt
 from ernie_paddle.scoring import log_softmax
 from ernie_paddle.serving.prefix_cache import DEFAULT_PREFIX_CACHE_MEMORY, PrefixCache
+from ernie_paddle.serving.prompt_scoring import score_slice
 from ernie_paddle.serving.slots import Slots, slots_for
 
 
@@ -80,6 +83,7 @@ class Request:
     gen: GenerationConfig
     emit: Callable[[Token | Finished], None]
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
+    score_prompt: bool = False  # echo: score every prompt token (no prefix reuse; prompt_scoring)
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
@@ -88,6 +92,7 @@ class Request:
     filled: int = 0  # tokens in the cache
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
     output: list[int] = field(default_factory=list)  # the tokens generated so far
+    prompt_scores: list = field(default_factory=list)  # score_prompt: prompt_scoring.Score of tokens 1.. of the prompt
     next_token: int | None = None  # None once finished
 
     @property
@@ -228,10 +233,16 @@ class Engine:
         try:
             if req.decoding is None:
                 req.decoding = Decoding(np.asarray(req.prompt, np.int64), req.gen, self.model.config.eos_token_ids)
-                self._reuse_prefix(req)
+                if not req.score_prompt:  # a scored prompt computes every position
+                    self._reuse_prefix(req)
             chunk = req.decoding.history[req.filled:req.filled + self._prefill_size(req.gen.prefill_chunk)]
             t0 = time.perf_counter()
-            logits = self.slots.prefill(slot, chunk, req.filled)
+            if req.score_prompt:  # every position's logits [T, V]
+                logits = self.slots.prefill(slot, chunk, req.filled, every=True)
+                req.prompt_scores += score_slice(req.prompt, req.filled, logits, req.logprobs or 0)
+                logits = logits[-1]
+            else:
+                logits = self.slots.prefill(slot, chunk, req.filled)
         except Exception as e:  # noqa: BLE001 - a failure inside the model fails this request alone
             self._end_prefill(Finished("error", _describe(e)))
             return
@@ -242,6 +253,9 @@ class Engine:
         req.filled += len(chunk)
         self._offer(req, slot, req.prompt)
         if req.filled < len(req.prompt):
+            return
+        if req.gen.max_new_tokens == 0:  # score only (echo with max_tokens 0): nothing to generate
+            self._end_prefill(Finished("length"))
             return
         self.prefilling = None
         row = len(self.running)

@@ -18,7 +18,7 @@ import numpy as np
 from ernie_paddle.text.chat_output import ChatFormat
 from ernie_paddle.errors import ErnieError, InputError
 from ernie_paddle.generation import GenerationConfig, generation_settings
-from ernie_paddle.serving import structured
+from ernie_paddle.serving import scoring_api, structured
 from ernie_paddle.token_ids import check_token_ids
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions (chat's is the rest of the context)
@@ -26,7 +26,7 @@ MAX_LOGPROBS = 20  # the most alternatives per token (as vLLM's default max_logp
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt", "tokenize")  # not for kwargs
 UNSUPPORTED = {  # field: the value it may hold (its default); any other is refused
-    "echo": False, "suffix": None, "best_of": 1, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
+    "suffix": None, "best_of": 1, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
 }
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
@@ -70,6 +70,9 @@ class Job:
     logprobs: int | None = None  # completions: the chosen token's log-probability and the top k
     chat: ChatFormat | None = None  # chat: how the answer splits into reasoning, content and tool calls
     reasoning_open: bool = False  # chat: the prompt ends inside <think>
+    echo: bool = False  # completions: the prompt (and its scores) come first in the answer (scoring_api)
+    n: int = 1  # choices per prompt
+    prompts: list[list[int]] = field(default_factory=list)  # completions: every prompt (`prompt` is the first)
     constraint: Any = None  # grammar.Constraint of response_format or a forced tool_choice (also in gen)
 
 
@@ -87,12 +90,14 @@ def read_body(raw: bytes) -> dict:
 def parse_completion(body: dict, model: ServedModel) -> Job:
     """A /v1/completions body as a Job: `prompt` is text, a list of token ids, or a list holding one of them."""
     _common_checks(body, model)
-    prompt = _prompt(body.get("prompt"), model)
+    prompts = [_prompt(value, model) for value in scoring_api.prompt_values(body.get("prompt"))]
+    prompt = prompts[0]
     logprobs = _optional(body, "logprobs", lambda v, n: _integer(v, n, 0, MAX_LOGPROBS))
-    max_tokens = _optional(body, "max_tokens", lambda v, n: _integer(v, n, 1))
-    job = _job(body, model, prompt, "prompt", max_tokens, "max_tokens", COMPLETION_MAX_TOKENS)
+    max_tokens = _optional(body, "max_tokens", lambda v, n: _integer(v, n, 0))  # 0: score only (with echo)
+    job = _job(body, model, prompt, "prompt", max_tokens or None, "max_tokens", COMPLETION_MAX_TOKENS)
     job.logprobs = logprobs
     structured.attach(job, body, model)
+    scoring_api.attach_completion(job, body, prompts, max_tokens, model)
     return job
 
 
@@ -122,6 +127,7 @@ def parse_chat(body: dict, model: ServedModel) -> Job:
     job = _job(body, model, prompt, "messages", max_tokens, given, max(1, model.max_len - len(prompt)))
     job.chat, job.reasoning_open = fmt, fmt.opens_reasoning(text)
     structured.attach(job, body, model, forced)
+    scoring_api.attach_n(job, body, model)
     return job
 
 
@@ -131,9 +137,6 @@ def _common_checks(body: dict, model: ServedModel) -> None:
     if name is not None and name != model.name:
         raise ApiError(400, f"model {_show(name)} is not served here; this server serves {_show(model.name)}", "model",
                        "model_not_found")
-    n = body.get("n")
-    if n is not None and (n != 1 or isinstance(n, bool)):
-        raise ApiError(400, f"n must be 1 (one choice per request), got {_show(n)}", "n")
     for key, default in UNSUPPORTED.items():
         value = body.get(key)
         if value is not None and value != default and not (key == "logit_bias" and value == {}):

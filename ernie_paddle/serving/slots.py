@@ -26,8 +26,9 @@ class Slots(Protocol):
     capacity: int
     max_len: int
 
-    def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
-        """Run prompt tokens `ids` (1-D) at positions start.. of row `slot`; float32 logits [V] of the last."""
+    def prefill(self, slot: int, ids: np.ndarray, start: int, every: bool = False) -> np.ndarray:
+        """Run prompt tokens `ids` (1-D) at positions start.. of row `slot`; float32 logits [V] of the last
+        (`every`: [T, V] of every position, for prompt scoring)."""
 
     def decode(self, start: int, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One token per row start..start+n-1, whose sequences hold `lengths` tokens; float32 logits [n, V]."""
@@ -55,11 +56,11 @@ class SharedSlots:
     def _cache(self, start: int, n: int, length: int) -> Cache:
         return self.rows.view(start, n, length)
 
-    def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
+    def prefill(self, slot: int, ids: np.ndarray, start: int, every: bool = False) -> np.ndarray:
         end = start + len(ids)
         out = self.model(ids[None], attention_mask=np.ones((1, end), np.int64), cache=self._cache(slot, 1, start),
-                         last_only=True)
-        return out.logits[0, -1]
+                         last_only=not every)
+        return out.logits[0] if every else out.logits[0, -1]
 
     def decode(self, start: int, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         n, total = len(tokens), int(lengths.max()) + 1
@@ -89,17 +90,17 @@ class SeparateSlots:
         self.model, self.capacity, self.max_len = model, capacity, max_len
         self.caches: list = [None] * capacity
 
-    def _run(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
+    def _run(self, slot: int, ids: np.ndarray, start: int, every: bool = False) -> np.ndarray:
         end = start + ids.shape[1]
         out = self.model(ids, attention_mask=np.ones((1, end), np.int64),
                          position_ids=np.arange(start, end, dtype=np.int64)[None], cache=self.caches[slot],
-                         last_only=True)
-        return logits_numpy(out)[0, -1]
+                         last_only=not every)
+        return logits_numpy(out)[0] if every else logits_numpy(out)[0, -1]
 
-    def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
+    def prefill(self, slot: int, ids: np.ndarray, start: int, every: bool = False) -> np.ndarray:
         if start == 0:
             self.caches[slot] = self.model.allocate_cache(1, self.max_len)
-        return self._run(slot, np.asarray(ids, np.int64)[None], start)
+        return self._run(slot, np.asarray(ids, np.int64)[None], start, every)
 
     def decode(self, start: int, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         return np.stack([self._run(start + i, np.array([[t]], np.int64), int(n))
