@@ -85,19 +85,25 @@ class Matcher:
         self.vocab_size = vocab_size
         self._bits = np.zeros((vocab_size + 31) // 32, np.int32)
 
+    def bits(self) -> np.ndarray:
+        """The grammar engine's mask of the tokens allowed next: int32 words, bit i of word w for token 32 w + i."""
+        self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        return self._bits
+
     def allowed(self) -> np.ndarray:
         """A bool [vocab_size] of the tokens the grammar allows next."""
-        self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab_size].astype(bool)
+        return np.unpackbits(self.bits().view(np.uint8), bitorder="little")[:self.vocab_size].view(bool)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """`logits` [V] with every token the grammar forbids at -inf (unchanged when the matcher has failed)."""
         allowed = self.allowed()
         if self._m.is_error() or not allowed.any():
             return logits
+        if len(logits) == self.vocab_size:
+            return np.where(allowed, logits, np.float32(-np.inf))
         n = min(len(logits), self.vocab_size)
         out = np.full(logits.shape, -np.inf, np.float32)
-        out[:n] = np.where(allowed[:n], logits[:n], -np.inf)
+        out[:n] = np.where(allowed[:n], logits[:n], np.float32(-np.inf))
         return out
 
     def consume(self, token: int) -> bool:

@@ -46,7 +46,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                                 "days": {"type": "integer", "minimum": 1, "maximum": 7}},
                                                 "required": ["city", "days"], "additionalProperties": False}}}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"enum": ["utc", "local"]}}, "required": ["zone"], "additionalProperties": False}}}
+    "type": "object", "properties": {"zone": {"enum": ["utc", "local"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
 PROMPT = "KING RICHARD III:\nNow is"
 
 
@@ -247,3 +248,23 @@ def test_generate_json_schema_uses_the_same_code(onnx_dir, tmp_path):
     path.write_text('{"type": "frob"}')
     r = run_cli_onnx("generate", "--model", onnx_dir, "--prompt", PROMPT, "--json-schema", str(path))
     assert r.returncode != 0 and r.stderr.strip().endswith("error: --json-schema does not compile: Invalid type: frob")
+
+
+def test_grammar_bench_rows_and_json(tmp_path, capsys):
+    from ernie_paddle.tools import grammar_bench
+
+    out = tmp_path / "grammar.json"
+    assert grammar_bench.main(["--vocab", "shipped", "--schemas", "person", "--repeats", "1", "--no-xgrammar",
+                               "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert (row["vocabulary"], row["real_tokens"], row["schema"], row["engine"]) == ("shipped", 2048, "person",
+                                                                                    "llguidance")
+    assert row["tokens"] > 5 and 0 < row["mask_us_p50"] <= row["mask_us_p99"] and row["compile_ms"] > 0
+    assert data["meta"]["vocab_size"] == 103424 and data["meta"]["cpu"]
+    assert f"| shipped | 2048 | person | llguidance | {row['compile_ms']} |" in capsys.readouterr().out
+    base = grammar_bench.shipped_pieces()
+    pieces = grammar_bench.full_pieces(base, grammar_bench.VOCAB)
+    added = pieces[len(base):]  # the full vocabulary: the shipped tokens, then new distinct ones
+    assert pieces[:len(base)] == base and len(pieces) == 103424
+    assert len(set(added) | set(base)) == len(set(base)) + len(added)
