@@ -8,10 +8,11 @@ host in numpy on float32 logits, so it is the same code whatever device computed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from ernie_paddle import logits_processing
 from ernie_paddle.causal_lm import Cache, CausalLM
 from ernie_paddle.errors import InputError
 
@@ -31,6 +32,10 @@ class GenerationConfig:
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     vocab_limit: int | None = None  # ids >= this are never chosen (embedding rows beyond the tokenizer)
     prefill_chunk: int = 512  # prompt tokens per prefill pass: bounds the [chunk x context] attention scores
+    presence_penalty: float = 0.0  # the OpenAI API's logit rules (logits_processing): over the generated tokens
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None  # token id: value added to its logit
+    min_tokens: int = 0  # the ids that end a sequence are masked until this many tokens are generated
     constraint: Any = None  # grammar.Constraint: each sequence's tokens follow its grammar, ending where it ends
 
     def stops(self, config_eos: Sequence[int]) -> frozenset[int]:
@@ -51,6 +56,7 @@ class GenerationConfig:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
+        logits_processing.check_rules(self)
 
 
 def generation_settings(vocab_size: int, tokenizer=None, stop_token_ids: Sequence[int] = (), **values
@@ -147,10 +153,13 @@ class Decoding:
         self.history = np.asarray(prompt, np.int64)
         self.generated = 0
         self.finish: str | None = None  # "stop" or "length" once the sequence has ended
+        self.rules = logits_processing.LogitRules(gen, self.stops) if logits_processing.wanted(gen) else None
         self.matcher = gen.constraint.matcher() if gen.constraint is not None else None  # grammar.Matcher
 
     def choose(self, logits: np.ndarray) -> int:
         """The next token from this sequence's logits [V]."""
+        if self.rules is not None:
+            logits = self.rules.apply(logits, self.generated)
         if self.matcher is not None:
             logits = self.matcher.mask(logits)
         return int(next_tokens(logits[None], [self.history], self.gen, self.rng)[0])
@@ -160,6 +169,8 @@ class Decoding:
         if self.gen.repetition_penalty != 1.0:  # the only reader of the history
             self.history = np.append(self.history, token)
         self.generated += 1
+        if self.rules is not None:
+            self.rules.accept(token)
         if token in self.stops:
             self.finish = "stop"
         elif self.matcher is not None and (not self.matcher.consume(token) or self.matcher.done):

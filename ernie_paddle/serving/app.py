@@ -32,6 +32,7 @@ from ernie_paddle.serving.prefix_cache import FILE as PREFIX_CACHE_FILE
 from ernie_paddle.serving.protocol import ApiError, ServedModel, parse_chat, parse_completion, read_body
 from ernie_paddle.serving.responses import (DONE, Head, chat_choice, chat_message, completion_choice, completion_logprobs, sse,
                         tool_calls)
+from ernie_paddle.serving.responses import chat_logprobs
 from ernie_paddle.serving import scoring_api, tokenize_api
 
 CLIENT_CLOSED = 499  # the status logged for a request whose client left before the answer (nginx's)
@@ -172,12 +173,15 @@ async def _completion(gen: Generation, head: Head) -> dict:
 
 async def _chat(gen: Generation, head: Head) -> dict:
     parser = ChatOutputParser(gen.job.chat, gen.job.reasoning_open)
+    tokens = []
     async for piece in gen.pieces():
         parser.push(piece.text)
+        tokens += piece.tokens
     parser.finish()
     out = parser.result
+    logprobs = chat_logprobs(tokens) if gen.job.logprobs is not None else None
     return head.wrap([chat_choice(chat_message(out.content, out.reasoning, out.tool_calls),
-                                  _chat_finish_reason(gen, bool(out.tool_calls)))],
+                                  _chat_finish_reason(gen, bool(out.tool_calls)), logprobs=logprobs)],
                      gen.usage)
 
 
@@ -236,8 +240,9 @@ async def _chat_events(gen: Generation, head: Head) -> AsyncIterator[bytes]:
         yield sse(head.wrap([chat_choice({"role": "assistant", "content": ""}, None, stream=True)]))
         async for piece in gen.pieces():
             delta = parser.push(piece.text)
-            if delta.reasoning or delta.content or delta.tool_calls:
-                yield sse(head.wrap([chat_choice(_chat_delta(delta, calls), None, stream=True)]))
+            logprobs = chat_logprobs(piece.tokens) if gen.job.logprobs is not None and piece.tokens else None
+            if delta.reasoning or delta.content or delta.tool_calls or logprobs:
+                yield sse(head.wrap([chat_choice(_chat_delta(delta, calls), None, stream=True, logprobs=logprobs)]))
                 calls += len(delta.tool_calls)
         delta = parser.finish()
         if delta.reasoning or delta.content or delta.tool_calls:

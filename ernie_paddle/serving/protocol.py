@@ -18,7 +18,7 @@ import numpy as np
 from ernie_paddle.text.chat_output import ChatFormat
 from ernie_paddle.errors import ErnieError, InputError
 from ernie_paddle.generation import GenerationConfig, generation_settings
-from ernie_paddle.serving import scoring_api, structured
+from ernie_paddle.serving import fields, scoring_api, structured
 from ernie_paddle.token_ids import check_token_ids
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions (chat's is the rest of the context)
@@ -26,7 +26,7 @@ MAX_LOGPROBS = 20  # the most alternatives per token (as vLLM's default max_logp
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 TEMPLATE_ARGUMENTS = ("messages", "tools", "documents", "add_generation_prompt", "tokenize")  # not for kwargs
 UNSUPPORTED = {  # field: the value it may hold (its default); any other is refused
-    "suffix": None, "best_of": 1, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
+    "suffix": None, "best_of": 1,
 }
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
@@ -89,6 +89,7 @@ def read_body(raw: bytes) -> dict:
 
 def parse_completion(body: dict, model: ServedModel) -> Job:
     """A /v1/completions body as a Job: `prompt` is text, a list of token ids, or a list holding one of them."""
+    fields.check_known(body, chat=False)
     _common_checks(body, model)
     prompts = [_prompt(value, model) for value in scoring_api.prompt_values(body.get("prompt"))]
     prompt = prompts[0]
@@ -103,10 +104,9 @@ def parse_completion(body: dict, model: ServedModel) -> Job:
 
 def parse_chat(body: dict, model: ServedModel) -> Job:
     """A /v1/chat/completions body as a Job: `messages` (and `tools`) rendered by the checkpoint's chat template."""
+    fields.check_known(body, chat=True)
     _common_checks(body, model)
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-        param = "logprobs" if body.get("logprobs") not in (None, False) else "top_logprobs"
-        raise ApiError(400, f"{param} is not supported on /v1/chat/completions (use /v1/completions)", param)
+    logprobs = fields.chat_logprobs(body)
     messages = _messages(body.get("messages"))
     tools = _tools(body.get("tools"))
     choice = body.get("tool_choice")
@@ -127,6 +127,7 @@ def parse_chat(body: dict, model: ServedModel) -> Job:
     job = _job(body, model, prompt, "messages", max_tokens, given, max(1, model.max_len - len(prompt)))
     job.chat, job.reasoning_open = fmt, fmt.opens_reasoning(text)
     structured.attach(job, body, model, forced)
+    job.logprobs = logprobs
     scoring_api.attach_n(job, body, model)
     return job
 
@@ -167,7 +168,10 @@ def _job(body: dict, model: ServedModel, prompt: list[int], prompt_param: str, m
     gen = generation_settings(model.vocab_size, model.tokenizer, stop_ids,
                               max_new_tokens=max_tokens or default_max_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                              prefill_chunk=model.prefill_chunk)
+                              prefill_chunk=model.prefill_chunk,
+                              **fields.logit_rules(body, min(model.vocab_size, model.tokenizer.vocab_size),
+                                                   max_tokens or default_max_tokens,
+                                                   max_tokens_param if max_tokens else None))
     return Job(prompt, gen, prompt_param, max_tokens_param if max_tokens else None, stream, include_usage, stops)
 
 

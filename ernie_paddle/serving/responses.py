@@ -70,8 +70,19 @@ def tool_calls(calls: list[dict], first_index: int = 0, indexed: bool = False) -
     return out
 
 
-def chat_choice(message: dict, finish_reason: str | None, stream: bool = False) -> dict:
-    return {"index": 0, "delta" if stream else "message": message, "logprobs": None, "finish_reason": finish_reason}
+def chat_choice(message: dict, finish_reason: str | None, stream: bool = False, logprobs: dict | None = None) -> dict:
+    return {"index": 0, "delta" if stream else "message": message, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def chat_logprobs(tokens: list[TokenText]) -> dict:
+    """OpenAI's chat `logprobs`: per generated token its string, log-probability, UTF-8 bytes and the most likely
+    alternatives in the same shape."""
+    def entry(string: str, logprob: float) -> dict:
+        return {"token": string, "logprob": logprob, "bytes": list(string.encode("utf-8"))}
+
+    return {"content": [{**entry(t.string, t.logprob),
+                         "top_logprobs": [entry(s, p) for s, p in t.alternatives or ()]} for t in tokens]}
 
 
 def sse(obj: dict) -> bytes:

@@ -24,6 +24,7 @@ class TokenText:
     offset: int  # of its text in the answer
     logprob: float | None = None
     top: dict[str, float] | None = None  # the most likely tokens and the chosen one: {string: logprob}
+    alternatives: list[tuple[str, float]] | None = None  # the most likely tokens, most likely first (chat's shape)
 
 
 @dataclass
@@ -55,7 +56,8 @@ class TextStream:
         if token.logprob is not None:
             entry.string = self._string(token.id)
             entry.logprob = token.logprob
-            entry.top = {self._string(i): p for i, p in token.top or ()}
+            entry.alternatives = [(self._string(i), p) for i, p in token.top or ()]
+            entry.top = dict(entry.alternatives)
             entry.top.setdefault(entry.string, token.logprob)
         self.previous = token.id
         self.held += delta
