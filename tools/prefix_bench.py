@@ -175,6 +175,8 @@ def conversation(engine: str, cmd: list[str], log_file: str, texts: list[str], w
 def multi_turn(args: argparse.Namespace, paths: dict, engines: list[str], max_len: int) -> dict:
     """The conversation on each engine, one server at a time. `ours-no-reuse` replays the prompts `ours` built
     (greedy answers are the same with and without reuse: checked), on the reported turns only."""
+    import httpx
+
     texts = corpus_pieces(args.turns + 1, args.turn_words, args.seed)
     warmup, texts = texts[0], texts[1:]
     report = args.report_turns or list(range(1, args.turns + 1))
@@ -193,8 +195,8 @@ def multi_turn(args: argparse.Namespace, paths: dict, engines: list[str], max_le
         try:
             out["engines"][engine] = conversation(engine, cmd, os.path.join(args.work, f"{engine}-server.log"),
                                                   texts, warmup, args.max_tokens, turns, replay)
-        except (RuntimeError, OSError) as e:
-            out["engines"][engine] = {"error": str(e)[:300]}
+        except (RuntimeError, OSError, httpx.HTTPError) as e:  # a server that failed or was killed (out of memory)
+            out["engines"][engine] = {"error": f"{type(e).__name__}: {e}"[:300]}
             log(f"prefix_bench: {engine} failed: {e}")
     return _multi_turn_ratios(out)
 
