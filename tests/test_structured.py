@@ -268,3 +268,27 @@ def test_grammar_bench_rows_and_json(tmp_path, capsys):
     added = pieces[len(base):]  # the full vocabulary: the shipped tokens, then new distinct ones
     assert pieces[:len(base)] == base and len(pieces) == 103424
     assert len(set(added) | set(base)) == len(set(base)) + len(added)
+
+
+def test_schema_decode_compares_the_same_prompt_with_and_without_the_schema(onnx_dir, tmp_path, capsys):
+    import json
+    import jsonschema
+
+    from ernie_paddle.generation import GenerationConfig, generate
+    from ernie_paddle.tools import schema_decode
+
+    out = tmp_path / "decode.json"
+    assert schema_decode.main(["--model", onnx_dir, "--repeats", "1", "--max-new-tokens", "200", "--threads", "1",
+                               "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert set(got["median"]) == {"plain", "schema"} and all(v > 0 for v in got["median"].values())
+    assert got["tokens"]["plain"] == 200 and got["meta"]["cpu"]
+    assert "schema / plain: " in capsys.readouterr().out
+    # the schema run is a valid answer that ended where its grammar did
+    model = OnnxCausalLM(onnx_dir)
+    tok = ErnieTokenizer(onnx_dir)
+    gen = GenerationConfig(max_new_tokens=200, eos_token_ids=[],
+                           constraint=grammar.folder_schema(onnx_dir, schema_decode.SCHEMA, model.config.vocab_size))
+    new = generate(model, tok.encode(schema_decode.PROMPT), gen)
+    assert len(new) == got["tokens"]["schema"] < 200
+    jsonschema.validate(json.loads(tok.decode(new, skip_special_tokens=True)), schema_decode.SCHEMA)
