@@ -188,3 +188,19 @@ def test_a_block_is_matched_by_its_tokens_not_only_its_name():
     name = next(iter(pool.blocks))
     pool.blocks[name].tokens = pool.blocks[name].tokens + 1  # as a digest collision would look
     assert pool.lookup(a, 32)[0] == 0
+
+
+def test_a_failure_to_keep_a_prefix_turns_reuse_off_and_serving_goes_on(models, monkeypatch, capsys):
+    model, vocab = models["onnx"], models["onnx"].config.vocab_size
+    engine = Engine(model, max_batch=2)
+
+    def broken(slot, start, end):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(engine.slots, "read", broken)
+    ids = prompt(50, vocab, seed=13)
+    a = Run(ids)
+    run(engine, a)
+    assert a.finished.reason == "length" and a.tokens == alone(model, ids).tokens
+    assert (engine.prefix.enabled, engine.prefix.nbytes) == (False, 0)
+    assert capsys.readouterr().err == "prefix cache turned off: no room\n"

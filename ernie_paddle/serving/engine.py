@@ -22,6 +22,7 @@ A scored prompt (`echo` with `logprobs`) takes nothing from the cache: its slice
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections import deque
@@ -274,8 +275,14 @@ class Engine:
             req.filled = req.cached_tokens = n
 
     def _offer(self, req: Request, slot: int, tokens: list[int]) -> None:
-        """Give the prefix cache the computed part of `tokens` (the request's first `filled`) from row `slot`."""
-        self.prefix.store(tokens, min(req.filled, len(tokens)), lambda s, e: self.slots.read(slot, s, e))
+        """Give the prefix cache the computed part of `tokens` (the request's first `filled`) from row `slot`. Reuse
+        only saves work: if keeping a prefix fails, the pool is emptied and turned off, and serving goes on."""
+        try:
+            self.prefix.store(tokens, min(req.filled, len(tokens)), lambda s, e: self.slots.read(slot, s, e))
+        except Exception as e:  # noqa: BLE001 - never the engine thread's end
+            print(f"prefix cache turned off: {_describe(e)}", file=sys.stderr, flush=True)
+            self.prefix.clear()
+            self.prefix.max_bytes = 0
 
     def _prefill_size(self, chunk: int) -> int:
         """Prompt tokens for this step: the whole `chunk` when nothing decodes, else about SLICE_STEPS decode steps'
