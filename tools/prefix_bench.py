@@ -39,6 +39,9 @@ from ernie_paddle.sysinfo import peak_rss
 ENGINES = ("ours", "ours-no-reuse", "llama")  # ernie-onnx with prefix reuse, without it, llama.cpp
 PARTS = ("multi-turn", "document")
 NO_REUSE = ["--prefix-cache-memory", "0"]
+# at the full shape llama.cpp's server held the mapped GGUF (12 GB) beside its repacked Q4_0 copy (12 GB) and was
+# killed for memory on this 24 GB machine; read into memory instead, it keeps the repacked copy only
+LLAMA_NO_MMAP = {"21b-a3b": ["--use_mmap", "False"]}
 QUESTION_WORDS = 24  # the document question's length
 # llama-cpp-python's log line (verbose, its server's default) when a prompt starts with what its slot holds
 LLAMA_PREFIX_HIT = re.compile(r"Llama\.generate: (\d+) prefix-match hit, remaining (\d+) prompt tokens")
@@ -184,7 +187,7 @@ def multi_turn(args: argparse.Namespace, paths: dict, engines: list[str], max_le
     for engine in engines:
         port = free_port()
         if engine == "llama":
-            cmd = llama_cmd(paths["llama-q4_0"], port, args.threads, max_len)
+            cmd = llama_cmd(paths["llama-q4_0"], port, args.threads, max_len) + LLAMA_NO_MMAP.get(args.preset, [])
         else:
             cmd = ours_cmd(paths["ort-int4"], port, args.threads, 1, max_len) + (NO_REUSE if engine != "ours" else [])
         replay, turns = None, list(range(1, args.turns + 1))
