@@ -33,6 +33,11 @@ def bytes_per_token(config, itemsize: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
 
 
+def block_name(parent: bytes | None, tokens: np.ndarray) -> bytes:
+    """A block's name: a digest of its parent's name (none for a first block) and its own int64 tokens."""
+    return hashlib.blake2b((parent or b"") + tokens.tobytes(), digest_size=16).digest()
+
+
 @dataclass
 class Block:
     parent: bytes | None
@@ -57,10 +62,9 @@ class PrefixCache:
 
     def _names(self, tokens: np.ndarray, n: int) -> list[bytes]:
         """The names of the full blocks of tokens[:n]."""
-        names, parent = [], b""
+        names: list[bytes] = []
         for s in range(0, n - self.block + 1, self.block):
-            parent = hashlib.blake2b(parent + tokens[s:s + self.block].tobytes(), digest_size=16).digest()
-            names.append(parent)
+            names.append(block_name(names[-1] if names else None, tokens[s:s + self.block]))
         return names
 
     def _chain(self, tokens: np.ndarray, names: list[bytes]) -> list[Block]:
@@ -175,7 +179,7 @@ class PrefixCache:
         todo: list[tuple[int, bytes | None]] = [(i, None) for i in children.get(-1, [])]
         while todo:
             i, parent = todo.pop()
-            name = hashlib.blake2b((parent or b"") + tokens[i].tobytes(), digest_size=16).digest()
+            name = block_name(parent, tokens[i])
             names[i] = (parent, name)
             todo += [(c, name) for c in children.get(i, [])]
         for i in sorted(names):  # in the file's order: the least recently used first
