@@ -184,7 +184,7 @@ class PrefixCache:
             todo += [(c, name) for c in children.get(i, [])]
         for i in sorted(names):  # in the file's order: the least recently used first
             parent, name = names[i]
-            part = [tuple(a[i] for a in pair) for pair in layers]
+            part = [tuple(a[i].copy() for a in pair) for pair in layers]  # not views: an evicted block is freed
             self._put(name, Block(parent, tokens[i].copy(), part, sum(a.nbytes for pair in part for a in pair)))
         self._evict()
         return len(names)
