@@ -1,14 +1,15 @@
 """An int8 KV cache for the `ort` flavour: GroupQueryAttention's own quantised cache (`k_quant_type` /
-`v_quant_type` PER_CHANNEL, `kv_cache_bit_width` 8), a quarter of the fp32 cache's bytes.
+`v_quant_type` PER_CHANNEL, `kv_cache_bit_width` 8), a quarter of the fp32 cache's bytes. Decode reads it with the
+op's int8 path, prefill through `int8_attention`'s fp32 path.
 
 The per-channel scales are calibrated on the exported graph itself, in its fp32-cache form (same weights, so an
 int4 export is calibrated on int4 activations), over text from the shipped corpus (seeded random ids when the
 checkpoint has no tokenizer). Keys are cached after the interleaved rotary, which turns each channel pair (2i,
 2i+1) by a position-dependent angle: a pair's norm bounds both channels at every position, so key scales are
 pair norms and hold at positions far beyond the calibration text. Values take each channel's largest magnitude.
-Both get `MARGIN` for text the calibration did not see; beyond it a value saturates at +-127.
+Both get `MARGIN` for text the calibration did not see; beyond it a value saturates at -128 or 127.
 
-Only the graph file is rewritten (input/output types, attributes, the scale initialisers): the weights in
+Only the graph file is rewritten (input/output types, the attention nodes, the scale initialisers): the weights in
 model.onnx.data are untouched.
 """
 
@@ -76,24 +77,24 @@ def calibrate(model_path: str, cfg: ErnieConfig, sequences: Sequence[np.ndarray]
 
 
 def quantize_cache(model_path: str, scales: Sequence[tuple[np.ndarray, np.ndarray]], out_path: str) -> None:
-    """Write the graph at `model_path` with an int8 cache and the given per-layer scales to `out_path`."""
+    """Write the graph at `model_path` with an int8 cache and the given per-layer scales to `out_path`: each
+    attention becomes `int8_attention`'s pair, the int8 op for decode and the fp32 path for prefill."""
     import onnx
     from onnx import TensorProto, numpy_helper
+
+    from ernie_paddle.export.int8_attention import split_by_step
 
     model = onnx.load(model_path, load_external_data=False)
     graph = model.graph
     attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
     if len(attention) != len(scales):
         raise ExportError(f"{model_path}: {len(attention)} GroupQueryAttention nodes, {len(scales)} layers of scales")
-    for i, (node, (k_scale, v_scale)) in enumerate(zip(attention, scales)):
-        names = (f"layers.{i}.self_attn.k_scale", f"layers.{i}.self_attn.v_scale")
-        graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip((k_scale, v_scale), names))
-        inputs = list(node.input) + [""] * (12 - len(node.input))  # k_scale and v_scale are inputs 12 and 13
-        del node.input[:]
-        node.input.extend(inputs[:12] + list(names))
-        node.attribute.extend([onnx.helper.make_attribute("k_quant_type", "PER_CHANNEL"),
-                               onnx.helper.make_attribute("v_quant_type", "PER_CHANNEL"),
-                               onnx.helper.make_attribute("kv_cache_bit_width", 8)])
+    names = [(f"layers.{i}.self_attn.k_scale", f"layers.{i}.self_attn.v_scale") for i in range(len(scales))]
+    for (k_scale, v_scale), pair in zip(scales, names):
+        graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip((k_scale, v_scale), pair))
+    kv_heads_dim = scales[0][0].size
+    heads = next(onnx.helper.get_attribute_value(a) for a in attention[0].attribute if a.name == "kv_num_heads")
+    split_by_step(model, attention, names, heads, kv_heads_dim // heads)
     for value in list(graph.input) + list(graph.output):
         if contract.is_cache(value.name):
             value.type.tensor_type.elem_type = TensorProto.INT8

@@ -39,12 +39,20 @@ def test_the_graph_holds_an_int8_cache_and_auto_picks_it_for_int_weights(shipped
     graph = onnx.load(os.path.join(shipped["kv8"], "model.onnx"), load_external_data=False).graph
     types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)}
     assert types["past_key_values.0.key"] == types["present.3.value"] == onnx.TensorProto.INT8
-    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    # each attention is an If on the step: the int8 op decodes, prefill writes codes and attends in fp32
+    steps = [n for n in graph.node if n.op_type == "If"]
+    assert [n.name for n in steps] == [f"layers.{i}.self_attn" for i in range(4)]  # the shipped model's layers
+    branches = {a.name: a.g for a in steps[0].attribute}
+    (gqa,) = branches["else_branch"].node
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["k_quant_type"] == attrs["v_quant_type"] == b"PER_CHANNEL" and attrs["kv_cache_bit_width"] == 8
-    assert list(gqa[0].input[12:]) == ["layers.0.self_attn.k_scale", "layers.0.self_attn.v_scale"]
+    assert list(gqa.input[12:]) == ["layers.0.self_attn.k_scale", "layers.0.self_attn.v_scale"]
+    prefill = [n.op_type for n in branches["then_branch"].node]
+    assert prefill.count("TensorScatter") == 2 and prefill.count("GroupQueryAttention") == 1
+    fp32 = next(n for n in branches["then_branch"].node if n.op_type == "GroupQueryAttention")
+    assert "k_quant_type" not in {a.name for a in fp32.attribute}
     scales = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("_scale")}
-    assert len(scales) == 2 * len(gqa) and all(s.shape == (2 * 64,) and (s > 0).all() for s in scales.values())
+    assert len(scales) == 2 * len(steps) and all(s.shape == (2 * 64,) and (s > 0).all() for s in scales.values())
     assert OnnxCausalLM(shipped["kv8"]).kv_dtype == np.int8
 
 
