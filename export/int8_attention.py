@@ -19,7 +19,7 @@ QUANT_ATTRIBUTES = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL"
 CODE_RANGE = (-128.0, 127.0)  # int8 codes saturate here, as GroupQueryAttention's quantiser does
 
 # values every layer's attention reads, computed once per step
-_IS_PREFILL = "kv_cache.is_prefill"  # more than one new token per row
+_IS_PREFILL = "kv_cache.is_prefill"  # more than one new token per row, into a buffer that holds them
 _WRITE_AT = "kv_cache.write_at"  # [B] int64: the slot a row's first new token goes to
 _PAST = "kv_cache.past_len"  # [1] int64: slots before this step's tokens
 
@@ -32,8 +32,8 @@ def split_by_step(model: ModelProto, attention: list[NodeProto], scales: list[tu
     dtype = _attention_dtype(graph, attention[0])
     _constants(graph, kv_heads, head_dim)
     first = list(graph.node).index(attention[0])
-    q, _, _, _, _, seqlens, total = attention[0].input[:7]
-    shared = _step_values(q, seqlens, total)
+    q, _, _, past_k, _, seqlens, total = attention[0].input[:7]
+    shared = _step_values(q, past_k, seqlens, total)
     replaced = {id(node): _by_step(node, names, dtype) for node, names in zip(attention, scales)}
     nodes = list(graph.node)
     del graph.node[:]
@@ -63,13 +63,14 @@ def _constants(graph: GraphProto, kv_heads: int, head_dim: int) -> None:
     graph.initializer.extend(numpy_helper.from_array(a, name) for name, a in consts.items())
 
 
-def _step_values(query: str, seqlens: str, total: str) -> list[NodeProto]:
-    """Nodes computing the step's shared values from the first attention's inputs: its query [B, S, hidden], each
-    row's length - 1, the longest row's length. A first prompt's padded rows start at slot 0, as in the op."""
+def _step_values(query: str, past: str, seqlens: str, total: str) -> list[NodeProto]:
+    """Nodes computing the step's shared values from the first attention's inputs: its query [B, S, hidden], its
+    past, each row's length - 1, the longest row's length. A first prompt's padded rows start at slot 0, as in the
+    op. A past shorter than the step's total (a cache grown by concatenation, as the parity report and calibration
+    run it, not a shared buffer) leaves every step to the op, which concatenates."""
     n = helper.make_node
     return [n("Shape", [query], ["kv_cache.new"], start=1, end=2),
             n("Greater", ["kv_cache.new", "kv_cache.one"], ["kv_cache.more"]),
-            n("Squeeze", ["kv_cache.more", "kv_cache.zero"], [_IS_PREFILL]),
             n("Cast", [seqlens], ["kv_cache.lengths"], to=TensorProto.INT64),
             n("Add", ["kv_cache.lengths", "kv_cache.one"], ["kv_cache.ends"]),
             n("Sub", ["kv_cache.ends", "kv_cache.new"], ["kv_cache.starts"]),
@@ -77,7 +78,11 @@ def _step_values(query: str, seqlens: str, total: str) -> list[NodeProto]:
             n("Cast", [total], ["kv_cache.total"], to=TensorProto.INT64),
             n("Unsqueeze", ["kv_cache.total", "kv_cache.zero"], ["kv_cache.total1"]),
             n("Sub", ["kv_cache.total1", "kv_cache.new"], ["kv_cache.past0"]),
-            n("Max", ["kv_cache.past0", "kv_cache.zero"], [_PAST])]
+            n("Max", ["kv_cache.past0", "kv_cache.zero"], [_PAST]),
+            n("Shape", [past], ["kv_cache.slots"], start=2, end=3),
+            n("GreaterOrEqual", ["kv_cache.slots", "kv_cache.total1"], ["kv_cache.fits"]),
+            n("And", ["kv_cache.more", "kv_cache.fits"], ["kv_cache.in_place"]),
+            n("Squeeze", ["kv_cache.in_place", "kv_cache.zero"], [_IS_PREFILL])]
 
 
 def _by_step(node: NodeProto, scale_names: tuple[str, str], dtype: int) -> NodeProto:

@@ -153,3 +153,18 @@ def test_a_chunk_over_a_past_equals_the_reference_and_the_int8_op(graphs):
     for mine, theirs in zip(split.arrays, op.arrays):
         np.testing.assert_array_equal(mine[:, :, :total], theirs[:, :, :total])
         assert not mine[:, :, total:].any()  # nothing written past the tokens
+
+
+def test_a_cache_grown_by_concatenation_takes_the_int8_op(graphs):
+    """The parity report and calibration run with a past of 0 slots that the step's present extends: too short
+    for an in-place write, so the op itself runs, and both graphs give the same present and output."""
+    split_path, op_path, _ = graphs
+    q, k, v = _tokens(np.random.default_rng(3), 1, 6)
+    empty = np.zeros((1, KV_HEADS, 0, D), np.int8)
+    feeds = {"q": q, "k": k, "v": v, contract.past(0, "key"): empty, contract.past(0, "value"): empty,
+             "seqlens_k": np.array([5], np.int32), "total": np.array(6, np.int32)}
+    got, want = (ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, feeds)
+                 for p in (split_path, op_path))
+    assert got[1].shape == (1, KV_HEADS, 6, D)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
