@@ -60,12 +60,16 @@ def name_list(allowed: list[str] | tuple[str, ...], what: str) -> Callable[[str]
 
 def run_meta(preset: str, cfg, threads: int, **settings) -> dict:
     """What a benchmark's JSON records beside its figures: the preset and model shape, the threads, the machine (CPU
-    model, ISA flags, cores), Python, the release, the run's own `settings` and the time."""
+    model, ISA flags, cores, read bandwidth with `threads` threads), Python, the release, the run's own `settings`
+    and the time."""
+    from ernie_paddle.benchmarking.bandwidth import read_bandwidth
+
     shape = ("hidden_size", "num_hidden_layers", "moe_num_experts", "moe_k", "num_attention_heads",
              "num_key_value_heads", "vocab_size")
     return {"preset": preset, "config": {k: getattr(cfg, k) for k in shape}, "threads": threads,
             "machine": platform.machine(), "cpu": cpu_model(), "cpu_isa": cpu_isa(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "ernie_paddle": __version__, **settings,
+            "read_gb_per_s": round(read_bandwidth(threads) / 1e9, 1), "python": platform.python_version(),
+            "ernie_paddle": __version__, **settings,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
