@@ -24,13 +24,13 @@ _WRITE_AT = "kv_cache.write_at"  # [B] int64: the slot a row's first new token g
 _PAST = "kv_cache.past_len"  # [1] int64: slots before this step's tokens
 
 
-def split_by_step(model: ModelProto, attention: list[NodeProto], scales: list[tuple[str, str]], kv_heads: int,
-                  head_dim: int) -> None:
+def split_by_step(model: ModelProto, attention: list[NodeProto], scales: list[tuple[str, str]]) -> None:
     """Replace each GroupQueryAttention node in `attention` (in graph order, with its layer's (key, value) scale
     initialiser names) by an If on the step: decode runs the node with the int8 cache, prefill the fp32 path."""
     graph = model.graph
     dtype = _attention_dtype(graph, attention[0])
-    _constants(graph, kv_heads, head_dim)
+    kv_heads = next(helper.get_attribute_value(a) for a in attention[0].attribute if a.name == "kv_num_heads")
+    _constants(graph, kv_heads)
     first = list(graph.node).index(attention[0])
     q, _, _, past_k, _, seqlens, total = attention[0].input[:7]
     shared = _step_values(q, past_k, seqlens, total)
@@ -52,14 +52,14 @@ def _attention_dtype(graph: GraphProto, node: NodeProto) -> int:
     return TensorProto.FLOAT
 
 
-def _constants(graph: GraphProto, kv_heads: int, head_dim: int) -> None:
+def _constants(graph: GraphProto, kv_heads: int) -> None:
     consts = {"kv_cache.zero": np.array([0], np.int64), "kv_cache.one": np.array([1], np.int64),
               "kv_cache.seq_axis": np.array([2], np.int64),
               "kv_cache.code_min": np.array(CODE_RANGE[0], np.float32),
               "kv_cache.code_max": np.array(CODE_RANGE[1], np.float32),
-              "kv_cache.heads": np.array([0, -1, kv_heads, head_dim], np.int64),  # [B, S, kv_heads, d]
-              "kv_cache.flat": np.array([0, -1, kv_heads * head_dim], np.int64),  # [B, S, kv_heads * d]
-              "kv_cache.channels": np.array([1, kv_heads, 1, head_dim], np.int64)}  # a scale against [B, nkv, S, d]
+              "kv_cache.heads": np.array([0, 0, kv_heads, -1], np.int64),  # [B, S, kv_heads, d]
+              "kv_cache.flat": np.array([0, 0, -1], np.int64),  # [B, S, kv_heads * d]
+              "kv_cache.channels": np.array([1, kv_heads, 1, -1], np.int64)}  # a scale against [B, nkv, S, d]
     graph.initializer.extend(numpy_helper.from_array(a, name) for name, a in consts.items())
 
 

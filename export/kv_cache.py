@@ -92,9 +92,7 @@ def quantize_cache(model_path: str, scales: Sequence[tuple[np.ndarray, np.ndarra
     names = [(f"layers.{i}.self_attn.k_scale", f"layers.{i}.self_attn.v_scale") for i in range(len(scales))]
     for (k_scale, v_scale), pair in zip(scales, names):
         graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip((k_scale, v_scale), pair))
-    kv_heads_dim = scales[0][0].size
-    heads = next(onnx.helper.get_attribute_value(a) for a in attention[0].attribute if a.name == "kv_num_heads")
-    split_by_step(model, attention, names, heads, kv_heads_dim // heads)
+    split_by_step(model, attention, names)
     for value in list(graph.input) + list(graph.output):
         if contract.is_cache(value.name):
             value.type.tensor_type.elem_type = TensorProto.INT8
