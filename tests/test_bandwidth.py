@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ernie_paddle.benchmarking.bandwidth import floor_tokens_per_second, read_bandwidth
+from ernie_paddle.benchmarking.bandwidth import read_bandwidth
 
 
 def test_read_bandwidth_is_a_plausible_memory_speed():
@@ -18,6 +18,3 @@ def test_bad_thread_counts_are_refused_by_name():
     with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
         read_bandwidth(0)
 
-
-def test_the_floor_is_bandwidth_over_bytes():
-    assert floor_tokens_per_second(2.0e9, 45e9) == 22.5

@@ -1,5 +1,5 @@
 """The machine's read bandwidth, measured: decode at batch 1 is bound by the bytes it reads, so every benchmark
-records how fast this CPU reads with the threads it ran on, and a figure's share of the floor is read from it."""
+records how fast this CPU reads with the threads it ran on."""
 
 from __future__ import annotations
 
@@ -28,7 +28,3 @@ def read_bandwidth(threads: int, buffer_bytes: int = BUFFER_BYTES, repeats: int 
         raise RuntimeError("read_bandwidth: the buffer's sum is wrong")
     return data.nbytes / best
 
-
-def floor_tokens_per_second(bytes_per_token: float, bandwidth: float) -> float:
-    """The decode speed reading `bytes_per_token` at `bandwidth` bytes per second allows at most."""
-    return bandwidth / bytes_per_token
