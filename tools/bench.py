@@ -1,10 +1,12 @@
 """Benchmark ERNIE-4.5 engines on the same weights: Paddle eager, ONNX Runtime (portable / ort fp32 / int8 /
 int4), onnxruntime-genai on the int4 folder, transformers eager (torch), and llama.cpp through llama-cpp-python
-(GGUF F16 / Q8_0 / Q4_0) when installed.
+(GGUF F16 / Q8_0 / Q4_0, and Q4_K_M made by llama.cpp's own quantizer) when installed.
 
 For each engine, in its own process (so peak RSS is that engine's): prefill tokens/s at each prompt length,
 time to first token, decode tokens/s at each batch size. Prints a table with every engine's ratio to Paddle
-eager and to llama.cpp, writes JSON and (with matplotlib) a PNG chart. A program, not a test.
+eager and to llama.cpp Q4_0 and Q4_K_M, writes JSON and (with matplotlib) a PNG chart. A program, not a test.
+The ONNX folders take the export options (--block-size, --accuracy-level, --kv-cache; non-default ones are in
+the folder's name), which the JSON records with each row's folder, so any row can be reproduced.
 
     python -m ernie_paddle.tools.bench --preset mid --json bench.json --plot bench.png
     ernie-paddle bench --preset tiny
@@ -20,11 +22,12 @@ import time
 
 from ernie_paddle.atomic import write_json, write_png
 from ernie_paddle.benchmarking.charts import subplots
-from ernie_paddle.cli.args import non_negative_int, positive_int, positive_int_list
+from ernie_paddle.cli.args import block_size, non_negative_int, positive_int, positive_int_list
 from ernie_paddle.generation import logits_numpy
 from ernie_paddle.interrupts import run_command
-from ernie_paddle.benchmarking.setups import (ALL_CPU_ENGINES, SETUPS, log, measure_in_child, name_list, prepare,
-                                              run_meta)
+from ernie_paddle.benchmarking.setups import (ALL_CPU_ENGINES, SETUPS, ExportOptions, from_random_tensors,
+                                              gguf_source, log, measure_in_child, name_list, prepare, run_meta)
+from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, KV_CACHES
 from ernie_paddle.sysinfo import peak_rss
 
 GPU_ENGINES = ("paddle-gpu", "ort-cuda-fp16")  # Paddle bf16 with the fused kernels; ONNX Runtime CUDA fp16
@@ -38,7 +41,7 @@ def available(engine: str) -> str | None:
     need = {"hf": ["torch", "transformers"], "paddle": ["paddle"], "paddle-gpu": ["paddle"]}.get(engine, [])
     if engine.startswith("ort-"):
         need = ["onnxruntime"]
-    if engine.startswith("llama-"):
+    if engine.startswith("llama-"):  # gguf writes the files; llama-q4_k_m's is llama_cpp's quantizer's
         need = ["llama_cpp", "gguf"]
     if engine.startswith("genai-"):
         need = ["onnxruntime_genai"]
@@ -240,11 +243,35 @@ def measure(engine: str, path: str, prompt_lengths: list[int], batches: list[int
 
 
 # ---- the program -------------------------------------------------------------------------------------------
-def _table(rows: list[dict], prompt_lengths: list[int], batches: list[int]) -> str:
-    ref = next((r for r in rows if r["engine"] == "paddle" and "error" not in r), None)
-    lref = next((r for r in rows if r["engine"] == "llama-q4_0" and "error" not in r), None)
+RATIO_TO = ("paddle", "llama-q4_0", "llama-q4_k_m")  # the table's last columns: decode b1 over each one's
+
+
+def token_bytes(engine: str, path: str, cfg):
+    """The weight bytes the engine's file holds and reads per decoded token (`weight_bytes`), or None (Paddle,
+    transformers: every weight in the compute dtype)."""
+    from ernie_paddle.benchmarking.weight_bytes import gguf_token_bytes, onnx_token_bytes
+
+    if engine.startswith(("ort-", "genai-")) and engine != "ort-portable":
+        return onnx_token_bytes(path)
+    if engine.startswith("llama-"):
+        return gguf_token_bytes(path, cfg.moe_k)
+    return None
+
+
+def floor_share(row: dict, read_gb_per_s: float) -> float | None:
+    """Decode at batch 1 as a share of its bandwidth floor: tokens/s times the bytes a token reads (the prepacked
+    layout where the kernels repack) over the measured read bandwidth."""
+    wb, d1 = row.get("weight_bytes"), row.get("decode_tok_s", {}).get("1")
+    if not wb or not d1:
+        return None
+    return d1 * wb.get("packed_per_token_gb", wb["per_token_gb"]) / read_gb_per_s
+
+
+def _table(rows: list[dict], prompt_lengths: list[int], batches: list[int], read_gb_per_s: float) -> str:
+    refs = [next((r for r in rows if r["engine"] == e and "error" not in r), None) for e in RATIO_TO]
     head = (["engine"] + [f"prefill@{n} tok/s" for n in prompt_lengths] + ["TTFT s"] +
-            [f"decode b{b} tok/s" for b in batches] + ["peak RSS GB", "decode b1 / paddle", "decode b1 / llama q4_0"])
+            [f"decode b{b} tok/s" for b in batches] + ["peak RSS GB", "GB read / token", "% of floor"] +
+            [f"decode b1 / {e.replace('llama-', 'llama ')}" for e in RATIO_TO])
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         if "error" in r:
@@ -256,9 +283,11 @@ def _table(rows: list[dict], prompt_lengths: list[int], batches: list[int]) -> s
             b = base and base["decode_tok_s"].get(str(batches[0]))
             return f"{d1 / b:.2f}x" if d1 and b else "-"
 
+        wb, share = r.get("weight_bytes"), floor_share(r, read_gb_per_s)
         cells = ([r["engine"]] + [str(r["prefill_tok_s"].get(str(n), "-")) for n in prompt_lengths] +
                  [str(r.get("ttft_s", "-"))] + [str(r["decode_tok_s"].get(str(b)) or "n/a") for b in batches] +
-                 [str(r["peak_rss_gb"]), ratio(ref), ratio(lref)])
+                 [str(r["peak_rss_gb"]), f"{wb.get('packed_per_token_gb', wb['per_token_gb']):.3f}" if wb else "-",
+                  f"{share:.0%}" if share else "-"] + [ratio(ref) for ref in refs])
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
@@ -295,12 +324,36 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=positive_int, default=32)
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--block-size", type=block_size, default=DEFAULT_BLOCK_SIZE,
+                   help="the ONNX int8/int4 exports' quantisation block size (a power of two >= 16)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="the ONNX int8/int4 exports' MatMulNBits/QMoE accuracy_level (default 4: int8 activations)")
+    p.add_argument("--kv-cache", default="auto", choices=KV_CACHES,
+                   help="the ONNX exports' KV cache (default auto: int8 for int8/int4, else fp32)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     p.add_argument("--run-engine", default=None, help=argparse.SUPPRESS)  # internal: measure one engine
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _measure_row(engine: str, path: str, source: str | None, args: argparse.Namespace, cfg) -> dict:
+    """One engine's row, measured in a child process, with what it ran: the folder or file (`path`; with meta's
+    export options, the row's recipe), the weight bytes it reads per token, and for a GGUF llama.cpp quantized,
+    what from (`source`)."""
+    log(f"bench: measuring {engine}" + (f" (its GGUF quantized by llama.cpp from {source})" if source else ""))
+    row = measure_in_child(engine, path, prompt_lengths=args.prompt_lengths, batches=args.batches,
+                           decode_tokens=args.decode_tokens, threads=args.threads, seed=args.seed,
+                           vocab=cfg.vocab_size)
+    row["path"] = path
+    if (tb := token_bytes(engine, path, cfg)) is not None:
+        row["weight_bytes"] = tb.as_dict()
+    if source:
+        row["gguf_source"] = source
+    if "error" in row:
+        log(f"bench: {engine} failed: {row['error']}")
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,8 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     engines = args.engines or SETUPS[args.preset].engines
     work = args.work or os.path.join(os.getcwd(), f"bench-{args.preset}")
     why_not = {e: why for e in engines if (why := available(e))}
-    paths, refused, cfg = prepare(args.preset, work, [e for e in engines if e not in why_not], args.seed,
-                                  args.num_layers)
+    options = ExportOptions(args.block_size, args.accuracy_level, args.kv_cache)
+    made = [e for e in engines if e not in why_not]
+    paths, refused, cfg = prepare(args.preset, work, made, args.seed, args.num_layers, export_options=options,
+                                  threads=args.threads)
+    direct = from_random_tensors(args.preset, made)
+    meta = run_meta(args.preset, cfg, args.threads, decode_tokens=args.decode_tokens,
+                    export_options=options._asdict())  # before the engines: the bandwidth of an idle machine
     why_not.update(refused)
     rows = []
     for e in engines:
@@ -321,16 +379,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"engine": e, "error": why_not[e]})
             log(f"bench: {e}: {why_not[e]}")
             continue
-        log(f"bench: measuring {e}")
-        rows.append(measure_in_child(e, paths[e], prompt_lengths=args.prompt_lengths, batches=args.batches,
-                                     decode_tokens=args.decode_tokens, threads=args.threads, seed=args.seed,
-                                     vocab=cfg.vocab_size))
-        if "error" in rows[-1]:
-            log(f"bench: {e} failed: {rows[-1]['error']}")
-    print(_table(rows, args.prompt_lengths, args.batches))
+        rows.append(_measure_row(e, paths[e], gguf_source(e, direct), args, cfg))
+    for r in rows:
+        if (share := floor_share(r, meta["read_gb_per_s"])) is not None:
+            r["share_of_bandwidth_floor"] = round(share, 3)
+    print(_table(rows, args.prompt_lengths, args.batches, meta["read_gb_per_s"]))
     if args.json:
-        write_json(args.json, {"meta": run_meta(args.preset, cfg, args.threads, decode_tokens=args.decode_tokens),
-                               "results": rows})
+        write_json(args.json, {"meta": meta, "results": rows})
     if args.plot:
         _plot(rows, args.batches, args.plot)
     return 0

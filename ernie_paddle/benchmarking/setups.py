@@ -1,6 +1,8 @@
 """What the benchmark programs run on: the presets (a model shape and its engines), the checkpoint, ONNX exports and
 GGUF files each engine reads, made once from the same weights, and `tools/bench`'s measurement of one engine in a
-child process."""
+child process. An ONNX folder's name encodes its non-default export options and a reused folder must match them
+(its manifest.json); GGUF files are written by `export.gguf` (F16 / Q8_0 / Q4_0) or, for Q4_K_M, by llama.cpp's own
+quantizer from one of those."""
 
 from __future__ import annotations
 
@@ -13,12 +15,16 @@ import time
 from typing import Callable, NamedTuple
 
 from ernie_paddle import __version__
+from ernie_paddle import graph_contract as contract
+from ernie_paddle.atomic import atomic_path
 from ernie_paddle.benchmarking.child import ChildFailed, json_from_child
-from ernie_paddle.precisions import BITS
+from ernie_paddle.errors import ExportError, OnnxFolderError
+from ernie_paddle.files import MANIFEST
+from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, kv_cache_for
 from ernie_paddle.sysinfo import cpu_isa, cpu_model
 
 ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "genai-int4", "hf", "llama-f16",
-                   "llama-q8_0", "llama-q4_0"]
+                   "llama-q8_0", "llama-q4_0", "llama-q4_k_m"]
 
 
 class Setup(NamedTuple):
@@ -36,13 +42,40 @@ SETUPS = {
     "shipped": Setup(None, None, ["paddle", "ort-fp32", "ort-int4", "genai-int4", "llama-f16", "llama-q4_0"],
                      shipped=True),  # the trained model that ships with the package
     "mid": Setup("21b-a3b", 3, ALL_CPU_ENGINES),  # the 21B-A3B widths, 3 layers: one dense, two MoE
-    "21b-a3b": Setup("21b-a3b", None, ["ort-int8", "ort-int4", "genai-int4", "llama-q8_0", "llama-q4_0"]),  # int only
+    "21b-a3b": Setup("21b-a3b", None, ["ort-int8", "ort-int4", "genai-int4", "llama-q8_0", "llama-q4_0",
+                                       "llama-q4_k_m"]),  # int only
 }
 SAME_FOLDER = {"genai-int4": "ort-int4"}  # onnxruntime-genai runs the ort-int4 export as written
 ORT_PRECISION = {"ort-fp32": "fp32", "ort-int8": "int8", "ort-int4": "int4", "ort-cuda-fp16": "fp16"}
 GPU_ENGINES = ("paddle-gpu", "ort-cuda-fp16")  # Paddle bf16 with the fused kernels; ONNX Runtime CUDA fp16
-GGUF_TYPES = {"llama-f16": "F16", "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}
 ENGINES = ALL_CPU_ENGINES + list(GPU_ENGINES)
+
+
+# How each llama.cpp engine's GGUF file is made: written by `export.gguf.write_gguf` in one of its types, or made by
+# llama.cpp's own quantizer (`llama_model_quantize`, what `llama-quantize` runs) from another engine's file.
+GGUF_TYPES = {"llama-f16": "F16", "llama-q8_0": "Q8_0", "llama-q4_0": "Q4_0"}  # write_gguf's types
+UNQUANTIZED_GGUF = ("F32", "F16")  # quantizing from anything else is requantizing (`allow_requantize`)
+
+
+class Quantized(NamedTuple):
+    """A GGUF made by llama.cpp's quantizer: its file type (`llama_cpp.LLAMA_FTYPE_MOSTLY_<ftype>`) and the engine
+    whose file it is quantized from, normally and when the preset's artifacts come straight from random tensors."""
+
+    ftype: str
+    source: str
+    direct_source: str  # no F16 file there (the full shape's is 44 GB): requantized from this one
+
+
+LLAMA_QUANTIZED = {"llama-q4_k_m": Quantized("Q4_K_M", "llama-f16", "llama-q4_0")}
+
+
+class ExportOptions(NamedTuple):
+    """The export options of the ONNX engines' folders (`bench --block-size --accuracy-level --kv-cache`); block size
+    and accuracy level apply to the integer precisions only (the float exports get accuracy level 0)."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    accuracy_level: int = 4  # int8 activations in MatMulNBits/QMoE: the fast CPU kernels
+    kv_cache: str = "auto"  # `export(kv_cache=...)`: int8 for the integer precisions, else fp32
 
 
 def name_list(allowed: list[str] | tuple[str, ...], what: str) -> Callable[[str], list[str]]:
@@ -79,11 +112,13 @@ def log(msg: str) -> None:
 
 # ---- preparing artifacts (in the parent process) ---------------------------------------------------------------
 def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: int | None,
-            tokenizer_from_shipped: bool = False):
+            tokenizer_from_shipped: bool = False, *, export_options: ExportOptions = ExportOptions(),
+            threads: int = 0):
     """Checkpoint, ONNX exports and GGUF files for the engines, made once and reused from `work`.
 
     `tokenizer_from_shipped`: a random checkpoint gets the shipped model's tokenizer (servers take text prompts).
-    Returns (path per engine, why an engine's artifact could not be made, config)."""
+    `export_options` make the ONNX folders (a reused one must match them); `threads` run llama.cpp's quantizer (0:
+    every core). Returns (path per engine, why an engine's artifact could not be made, config)."""
     from ernie_paddle.checkpoint.folder import make_checkpoint
     from ernie_paddle.config import preset as make_preset
 
@@ -99,9 +134,7 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
     else:
         ckpt = os.path.join(work, f"{preset}-ckpt")
         cfg = make_preset(setup.config_preset, **({"num_hidden_layers": layers} if layers else {}))
-    # the full shape is benchmarked in int8/int4 only: its artifacts are made straight from random tensors,
-    # without a 44 GB bf16 checkpoint on disk
-    direct = preset == "21b-a3b" and all(e.startswith(("ort-int", "genai-", "llama-q")) for e in engines)
+    direct = from_random_tensors(preset, engines)
     if not direct and not os.path.isdir(ckpt):
         log(f"bench: writing a random {preset} checkpoint to {ckpt}")
         make_checkpoint(cfg, ckpt, layout="paddle", dtype="bfloat16", seed=seed)
@@ -120,8 +153,8 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
                 refused[e] = refused.get(SAME_FOLDER[e], f"needs the {SAME_FOLDER[e]} folder: add it to --engines")
             continue
         if e.startswith("ort-"):
-            out = os.path.join(work, f"{preset}-{e}")
-            why = _export_folder(e, out, source)
+            out = os.path.join(work, folder_name(preset, e, export_options))
+            why = _export_folder(e, out, source, export_options)
             if why:
                 refused[e] = why
                 continue
@@ -129,11 +162,16 @@ def prepare(preset: str, work: str, engines: list[str], seed: int, num_layers: i
             if vocab:
                 _copy_tokenizer(vocab, out)
         elif e.startswith("llama-"):
-            paths[e] = os.path.join(work, f"{preset}-{GGUF_TYPES[e].lower()}.gguf")
-            _gguf_file(e, paths[e], source, vocab)
+            paths[e] = _llama_file(e, work, preset, source, vocab, direct, threads)
     if "hf" in engines:
         paths["hf"] = _pt_checkpoint(ckpt, os.path.join(work, f"{preset}-ckpt-pt"))
     return paths, refused, cfg
+
+
+def from_random_tensors(preset: str, engines: list[str]) -> bool:
+    """Whether `prepare` makes the engines' artifacts straight from random tensors, without a checkpoint: the full
+    shape benchmarked in int8/int4 only (its bf16 checkpoint would be 44 GB)."""
+    return preset == "21b-a3b" and all(e.startswith(("ort-int", "genai-", "llama-q")) for e in engines)
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:
@@ -153,23 +191,126 @@ def _random_source(source):
     return (directory, None, None) if directory else (None, cfg, random_tensors(cfg, seed))
 
 
-def _export_folder(engine: str, out: str, source) -> str | None:
-    """Export the engine's ONNX folder unless it exists; returns why it cannot be made (the portable flavour past
-    2 GiB), or None."""
+def _flavor_precision(engine: str) -> tuple[str, str]:
+    return ("portable", "fp32") if engine == "ort-portable" else ("ort", ORT_PRECISION[engine])
+
+
+def export_settings(engine: str, options: ExportOptions) -> dict:
+    """What the engine's folder made with `options` records in its manifest.json (as `export.pipeline` writes it):
+    flavour, precision, block size and accuracy level (None unless int8/int4/int2), the KV cache export resolves."""
+    flavor, precision = _flavor_precision(engine)
+    quantized = precision in BITS
+    return {contract.FLAVOR: flavor, contract.PRECISION: precision,
+            contract.BLOCK_SIZE: options.block_size if quantized else None,
+            "accuracy_level": options.accuracy_level if quantized else None,
+            contract.KV_CACHE: kv_cache_for(options.kv_cache, precision) if flavor == contract.ORT.name else "fp32"}
+
+
+def folder_name(preset: str, engine: str, options: ExportOptions) -> str:
+    """`{preset}-{engine}`, plus a suffix for each export setting that `options` change (`-b128`, `-acc0`,
+    `-kvfp32`): the name with default options is the one earlier runs made, so their folders are reused."""
+    got, default = export_settings(engine, options), export_settings(engine, ExportOptions())
+    suffix = {contract.BLOCK_SIZE: "b", "accuracy_level": "acc", contract.KV_CACHE: "kv"}
+    return f"{preset}-{engine}" + "".join(f"-{tag}{got[k]}" for k, tag in suffix.items() if got[k] != default[k])
+
+
+def check_folder(out: str, expected: dict) -> None:
+    """Refuse a reused ONNX folder whose manifest.json does not record the `expected` settings (OnnxFolderError
+    naming the folder and the field)."""
+    import json
+
+    try:
+        with open(os.path.join(out, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise OnnxFolderError(f"{out}: cannot read its {MANIFEST} ({e}); remove the folder or use another --work") \
+            from None
+    for field, want in expected.items():
+        if manifest.get(field) != want:
+            raise OnnxFolderError(f"{out}: {MANIFEST} records {field} {manifest.get(field)!r}, this run asks for "
+                                  f"{want!r}; remove the folder or use another --work")
+
+
+def _export_folder(engine: str, out: str, source, options: ExportOptions = ExportOptions()) -> str | None:
+    """Export the engine's ONNX folder with `options` unless it exists (then it must match them); returns why it
+    cannot be made (options export refuses, the portable flavour past 2 GiB), or None."""
+    from ernie_paddle.export.pipeline import check_options
+
+    flavor, precision = _flavor_precision(engine)
+    try:
+        check_options(flavor, precision, options.block_size, options.kv_cache)
+    except ExportError as err:
+        return str(err)[:200]
     if os.path.isdir(out):
+        check_folder(out, export_settings(engine, options))
         return None
-    from ernie_paddle.errors import ExportError
     from ernie_paddle.export.pipeline import export
 
-    flavor, precision = ("portable", "fp32") if engine == "ort-portable" else ("ort", ORT_PRECISION[engine])
     directory, cfg, tensors = _random_source(source)
-    log(f"bench: exporting {engine}")
+    log(f"bench: exporting {engine} to {out}")
     try:
         export(directory, out, flavor=flavor, precision=precision, verify=False, config=cfg, tensors=tensors,
-               accuracy_level=4 if precision in BITS else 0, log=log)
+               block_size=options.block_size, accuracy_level=options.accuracy_level if precision in BITS else 0,
+               kv_cache=options.kv_cache, log=log)
     except ExportError as err:
         return str(err)[:200]
     return None
+
+
+def gguf_path(work: str, preset: str, engine: str) -> str:
+    """The llama.cpp engine's GGUF file in `work`, named by its type: `{preset}-q4_0.gguf`."""
+    kind = GGUF_TYPES[engine] if engine in GGUF_TYPES else LLAMA_QUANTIZED[engine].ftype
+    return os.path.join(work, f"{preset}-{kind.lower()}.gguf")
+
+
+def gguf_source(engine: str, direct: bool) -> str | None:
+    """What llama.cpp quantizes the engine's GGUF from, as a row records it ("F16", "Q4_0 (requantized)"), or None
+    for a file write_gguf writes. `direct`: the artifacts come straight from random tensors (`from_random_tensors`)."""
+    if engine not in LLAMA_QUANTIZED:
+        return None
+    kind = GGUF_TYPES[_quantize_from(engine, direct)]
+    return kind if kind in UNQUANTIZED_GGUF else f"{kind} (requantized)"
+
+
+def _quantize_from(engine: str, direct: bool) -> str:
+    q = LLAMA_QUANTIZED[engine]
+    return q.direct_source if direct else q.source
+
+
+def _llama_file(engine: str, work: str, preset: str, source, vocab: str | None, direct: bool, threads: int) -> str:
+    """The engine's GGUF file, made unless it exists: written from the weights, or quantized by llama.cpp from its
+    source engine's file (made too if missing, and kept for reuse)."""
+    out = gguf_path(work, preset, engine)
+    if engine in GGUF_TYPES:
+        _gguf_file(engine, out, source, vocab)
+    elif not os.path.isfile(out):
+        src_engine = _quantize_from(engine, direct)
+        src = _llama_file(src_engine, work, preset, source, vocab, direct, threads)
+        log(f"bench: quantizing {out} with llama.cpp ({LLAMA_QUANTIZED[engine].ftype} from "
+            f"{gguf_source(engine, direct)}: {src})")
+        llama_quantize(src, out, LLAMA_QUANTIZED[engine].ftype, threads,
+                       requantize=GGUF_TYPES[src_engine] not in UNQUANTIZED_GGUF)
+    return out
+
+
+def llama_quantize(src: str, out: str, ftype: str, threads: int = 0, requantize: bool = False) -> None:
+    """Quantize the GGUF `src` to `out` (file type `llama_cpp.LLAMA_FTYPE_MOSTLY_<ftype>`) with llama.cpp's own
+    quantizer, which picks each tensor's type from `ftype` and the tensor's name and shape; all or nothing.
+
+    `requantize`: `src` is itself quantized (llama.cpp refuses that otherwise). Raises ExportError naming `src`."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads  # <= 0: every core
+    params.allow_requantize = requantize
+    with atomic_path(out) as tmp:
+        status = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params))
+        if status != 0:
+            raise ExportError(f"{src}: llama.cpp's quantizer could not make {ftype} from it (status {status}; its log "
+                              f"above says why)")
 
 
 def _gguf_file(engine: str, out: str, source, vocab: str | None = None) -> None:
