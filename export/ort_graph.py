@@ -319,6 +319,9 @@ class ErnieOrtBuilder:
                     accuracy_level=self.accuracy_level, **self._moe_attrs(), **extra)
 
     def _moe_attrs(self) -> dict:
-        """Attributes MoE and QMoE share: top-k, and SwiGLU with fc1's gate/up rows interleaved."""
-        return dict(k=self.cfg.moe_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                    activation_beta=0.0)
+        return moe_attributes(self.cfg.moe_k)
+
+
+def moe_attributes(k: int) -> dict:
+    """Attributes MoE and QMoE share: top-k, and SwiGLU with fc1's gate/up rows interleaved."""
+    return dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
