@@ -1,7 +1,7 @@
 """Quantisation quality on the shipped trained model: held-out perplexity and greedy agreement per precision.
 
 Paddle fp32 is the reference; ONNX Runtime runs fp32, fp16, int8, int4 (blocks 32, 64 and 128) and int2, with
-round-to-nearest (RTN) and, for int4 and int2, the GPTQ-style calibrated scheme (`export/gptq.py`, calibrated on
+round-to-nearest (RTN) and, for int4 (blocks 32, 64, 128) and int2, the GPTQ-style calibrated scheme (`export/gptq.py`, calibrated on
 the training split), each with the fp32 KV cache, and fp32/int8/int4 again with the int8 KV cache. Prints a table
 and writes JSON.
 
@@ -18,6 +18,7 @@ import tempfile
 import numpy as np
 
 from ernie_paddle.atomic import write_json
+from ernie_paddle.errors import InputError
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus
 from ernie_paddle.files import onnx_data
 from ernie_paddle.interrupts import run_command
@@ -27,7 +28,8 @@ VARIANTS = [  # (label, precision, block, scheme, KV cache): the weights' rows w
     ("ort fp32", "fp32", 32, "rtn", "fp32"), ("ort fp16", "fp16", 32, "rtn", "fp32"),
     ("ort int8", "int8", 32, "rtn", "fp32"), ("ort int4 b32 RTN", "int4", 32, "rtn", "fp32"),
     ("ort int4 b64 RTN", "int4", 64, "rtn", "fp32"), ("ort int4 b128 RTN", "int4", 128, "rtn", "fp32"),
-    ("ort int4 b32 GPTQ", "int4", 32, "gptq", "fp32"), ("ort int2 b32 RTN", "int2", 32, "rtn", "fp32"),
+    ("ort int4 b32 GPTQ", "int4", 32, "gptq", "fp32"), ("ort int4 b64 GPTQ", "int4", 64, "gptq", "fp32"),
+    ("ort int4 b128 GPTQ", "int4", 128, "gptq", "fp32"), ("ort int2 b32 RTN", "int2", 32, "rtn", "fp32"),
     ("ort int2 b32 GPTQ", "int2", 32, "gptq", "fp32"),
     ("ort fp32 + int8 KV", "fp32", 32, "rtn", "int8"), ("ort int8 + int8 KV", "int8", 32, "rtn", "int8"),
     ("ort int4 b32 RTN + int8 KV", "int4", 32, "rtn", "int8"),
@@ -97,10 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=default_model_dir())
     p.add_argument("--data", default=DEFAULT_CORPUS,
                    help="UTF-8 text whose last 10%% is held out (default: the shipped Tiny Shakespeare)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated labels of the variants to run (default all: " +
+                        ", ".join(v[0] for v in VARIANTS) + ")")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    variants = VARIANTS
+    if args.variants:
+        wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in {v[0] for v in VARIANTS}]
+        if unknown or not wanted:
+            raise InputError(f"--variants: unknown variant(s) {', '.join(unknown) or repr(args.variants)}; choose from "
+                             + ", ".join(v[0] for v in VARIANTS))
+        variants = [v for v in VARIANTS if v[0] in wanted]
     with tempfile.TemporaryDirectory() as work:
-        report = run(args.model, args.data, work, log=lambda s: print(s, file=sys.stderr, flush=True))
+        report = run(args.model, args.data, work, variants=variants,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
     print("| variant | held-out perplexity | vs fp32 | greedy agreement | weights MiB |")
     print("|---|---:|---:|---:|---:|")
     for r in report["results"]:
