@@ -27,6 +27,7 @@ from ernie_paddle.checkpoint.layout import PT, Role, TensorMap, tensor_maps
 ARCH = "ernie4_5-moe"
 TYPES = ("F32", "F16", "Q8_0", "Q4_0")  # the matrices' type, as `--type` names it
 FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / ...
+QUANTIZER_FILE_TYPE = {"Q4_K_M": 15}  # made by llama.cpp's own quantizer from one of ours (benchmarking.setups)
 # llama.cpp's tensor names for each role, one per output block (qkv -> q, k, v; up_gate -> gate, up); inside a
 # layer they are prefixed `blk.{i}.`. A layer's routed experts are stacked into one tensor per name.
 NAMES = {Role.EMBEDDING: ("token_embd",), Role.INPUT_NORM: ("attn_norm",), Role.QKV: ("attn_q", "attn_k", "attn_v"),

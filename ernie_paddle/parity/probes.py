@@ -183,7 +183,7 @@ class LlamaProbe:
     def __init__(self, path: str, cfg, n_ctx: int):
         import llama_cpp
 
-        from ernie_paddle.export.gguf import FILE_TYPE
+        from ernie_paddle.export.gguf import FILE_TYPE, QUANTIZER_FILE_TYPE
 
         self.cfg = cfg
         try:
@@ -192,7 +192,8 @@ class LlamaProbe:
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise InputError(f"{path}: llama.cpp cannot load it ({e})") from None
         self._check_shape(path)
-        kind = {v: k for k, v in FILE_TYPE.items()}.get(int(self.llm.metadata.get("general.file_type", -1)), "?")
+        names = {v: k for k, v in {**FILE_TYPE, **QUANTIZER_FILE_TYPE}.items()}
+        kind = names.get(int(self.llm.metadata.get("general.file_type", -1)), "?")
         self.name = f"llama.cpp:{os.path.basename(path)} ({kind})"
 
     def _check_shape(self, path: str) -> None:

@@ -47,12 +47,17 @@ def _router_agreement(ref: list[Trace], cand: list[Trace]) -> list[float | None]
 
 
 def compare_traces(ref: list[Trace], cand: list[Trace]) -> dict:
-    """Hidden-state drift per layer, router agreement per MoE layer, logits max |diff|, KL and top-1 agreement."""
+    """Hidden-state drift per layer, router agreement per MoE layer, logits max |diff| and relative RMS error, KL and
+    top-1 agreement."""
     hmax, hmean = _hidden_drift(ref, cand)
     logits = [(r.logits, c.logits) for r, c in zip(ref, cand)]
+    ref_all = np.concatenate([a.reshape(-1) for a, _ in logits]).astype(np.float64)
+    diff_all = np.concatenate([(a - b).reshape(-1) for a, b in logits]).astype(np.float64)
     return {
         "hidden_max_abs_diff": hmax, "hidden_mean_abs_diff": hmean, "router_agreement": _router_agreement(ref, cand),
         "logits_max_abs_diff": max(float(np.abs(a - b).max()) for a, b in logits),
+        # every logit's error at once, over the reference's size: a scale-free figure that one outlier cannot set
+        "logits_relative_rms": float(np.sqrt(np.mean(diff_all ** 2) / np.mean(ref_all ** 2))),
         "kl_divergence": float(np.mean([kl_divergence(a, b) for a, b in logits])),
         "top1_agreement": float(np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in logits]))),
     }
@@ -63,14 +68,15 @@ def format_table(report: dict) -> str:
     lines = [f"Parity against Paddle ({report['prompts']} prompts, {sum(report['prompt_tokens'])} tokens; "
              f"correction bias changed the expert set for "
              + ", ".join(f"{x:.1%}" for x in report["bias_changed_choice"]) + " of tokens per MoE layer)"]
-    head = ["candidate", "logits max|d|", "KL", "top-1", "greedy same", "worst layer max|d|", "router agree (min)"]
+    head = ["candidate", "logits max|d|", "logits rel. RMS", "KL", "top-1", "greedy same", "worst layer max|d|", "router agree (min)"]
     lines.append(" | ".join(head))
     lines.append(" | ".join("---" for _ in head))
     for c in report["candidates"]:
         h = [x for x in c["hidden_max_abs_diff"] if x is not None]
         r = [x for x in c["router_agreement"] if x is not None]
         greedy = "/".join(str(x) for x in c["greedy_identical_tokens"]) + f" of {report['greedy_tokens']}"
-        lines.append(" | ".join([c["name"], f"{c['logits_max_abs_diff']:.2e}", f"{c['kl_divergence']:.2e}",
+        lines.append(" | ".join([c["name"], f"{c['logits_max_abs_diff']:.2e}", f"{c['logits_relative_rms']:.2e}",
+                                 f"{c['kl_divergence']:.2e}",
                                  f"{c['top1_agreement']:.3f}", greedy, f"{max(h):.2e}" if h else "n/a",
                                  f"{min(r):.3f}" if r else "n/a"]))
     for c in report["candidates"]:
