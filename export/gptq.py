@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ernie_paddle.errors import InputError
 from ernie_paddle.export.quantize import quantize_rows
 
 
@@ -31,26 +32,29 @@ def gptq_rows(w_nk: np.ndarray, hessian: np.ndarray, bits: int, block: int, damp
     nb = k // block
     codes = np.zeros((n, k), np.uint8)
     scales = np.zeros((n, nb), np.float32)
-    for g in range(nb):
+    for g in range(nb):  # a quantisation block at a time: its columns in turn, then the rest in one product
         lo, hi = g * block, (g + 1) * block
         blk = w[:, lo:hi]
         m = np.take_along_axis(blk, np.abs(blk).argmax(axis=1)[:, None], axis=1)[:, 0]
         s = (m / -half).astype(np.float32)
         scales[:, g] = s
         s64 = np.where(s == 0, 1.0, s).astype(np.float64)
+        errs = np.empty((n, block))
         for c in range(lo, hi):
             q = np.clip(np.rint(w[:, c] / s64), -half, half - 1)
             codes[:, c] = (q + half).astype(np.uint8)
-            err = (w[:, c] - q * s64) / u[c, c]
-            if c + 1 < k:
-                w[:, c + 1:] -= np.outer(err, u[c, c + 1:])
+            errs[:, c - lo] = err = (w[:, c] - q * s64) / u[c, c]
+            w[:, c + 1:hi] -= np.outer(err, u[c, c + 1:hi])
+        # the block's errors spread over the columns after it: the sum of its columns' outer products, as one GEMM
+        w[:, hi:] -= errs @ u[lo:hi, hi:]
     return codes.reshape(n, nb, block), scales
 
 
 class GPTQ:
-    """A quantiser for `ErnieOrtBuilder`: GPTQ where calibration saw the layer, round-to-nearest otherwise."""
+    """A quantiser for `ErnieOrtBuilder`: GPTQ where calibration saw the layer, round-to-nearest otherwise.
+    `hessians`: a dict by weight name, or anything with its `get` (`paddle.calibration.StreamedHessians`)."""
 
-    def __init__(self, hessians: dict[str, np.ndarray]):
+    def __init__(self, hessians):
         self.hessians = hessians
         self.calibrated: list[str] = []
 
@@ -60,3 +64,20 @@ class GPTQ:
             return quantize_rows(w_nk, bits, block)
         self.calibrated.append(name)
         return gptq_rows(w_nk, h, bits, block)
+
+
+def streamed_gptq(model_dir: str, cfg, text_path: str, windows: int = 32):
+    """GPTQ calibrated on `windows` 128-token windows of the UTF-8 file `text_path` (tokenised by the checkpoint's
+    tokenizer), its Hessians made one layer at a time while the export reads that layer (`StreamedHessians`).
+    Returns (the quantiser, the Hessians' source to close after the export)."""
+    from ernie_paddle.corpus import read_corpus
+    from ernie_paddle.paddle.calibration import StreamedHessians, calibration_batches
+    from ernie_paddle.text.tokenizer import ErnieTokenizer
+
+    ids = np.array(ErnieTokenizer(model_dir).encode(read_corpus(text_path)), np.int64)
+    try:
+        batches = calibration_batches(ids, windows)
+    except ValueError as e:
+        raise InputError(f"--calibration-text {text_path}: {e}") from None
+    hessians = StreamedHessians(model_dir, cfg, batches)
+    return GPTQ(hessians), hessians

@@ -51,7 +51,7 @@ def greedy_agreement(reference, candidate, prompts: list[list[int]], tokens: int
 def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: int = 32, greedy_tokens: int = 32,
         variants=VARIANTS, log=lambda s: None) -> dict:
     from ernie_paddle.export.gptq import GPTQ
-    from ernie_paddle.paddle.calibration import layer_hessians
+    from ernie_paddle.paddle.calibration import calibration_batches, layer_hessians
     from ernie_paddle.export.pipeline import export
     from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
     from ernie_paddle.ort.runtime import OnnxCausalLM
@@ -61,9 +61,7 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
     train_text, heldout_text = split_corpus(read_corpus(corpus))
     heldout = np.array(tok.encode(heldout_text), np.int64)
     train = np.array(tok.encode(train_text), np.int64)
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(train) - 129, calib_windows)
-    calib = [np.stack([train[s:s + 128] for s in starts[i:i + 8]]) for i in range(0, calib_windows, 8)]
+    calib = calibration_batches(train, calib_windows, seed=seed)
     prompts = [heldout[i:i + 16].tolist() for i in range(0, 4 * 997, 997)]
     reference = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir)
     rows = [{"variant": "paddle fp32", "perplexity": perplexity(reference.logits, heldout), "greedy_agreement": 1.0}]

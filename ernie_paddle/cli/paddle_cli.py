@@ -19,6 +19,7 @@ from ernie_paddle.cli.args import (allow_pickle_arg, block_size, dtype_arg, fold
                                    log_line, logits_args, model_arg, non_negative_int, output_file,
                                    paddle_model_args, positive_int, progress_printer, prompt_cache_arg, size,
                                    strict_config_arg, token_ids)
+from ernie_paddle.corpus import DEFAULT_CORPUS
 from ernie_paddle.errors import CheckpointError, ErnieError, InputError
 from ernie_paddle.export.pipeline import FLAVORS
 from ernie_paddle.textfile import read_text
@@ -51,13 +52,32 @@ def cmd_logits(args) -> int:
     return cli_commands.logits(_load_model, args)
 
 
+def _gptq(args):
+    """`export --gptq`: the calibrated quantiser, refused where it has nothing to quantise."""
+    from ernie_paddle.config import ErnieConfig
+    from ernie_paddle.export.gptq import streamed_gptq
+    from ernie_paddle.precisions import BITS
+
+    if args.precision not in BITS or args.flavor != "ort":
+        raise InputError(f"--gptq quantises the ort flavour's int8/int4/int2 weights; got --flavor {args.flavor} "
+                         f"--precision {args.precision}")
+    return streamed_gptq(args.model, ErnieConfig.from_file(args.model, strict=args.strict_config),
+                         args.calibration_text, args.calibration_windows)
+
+
 def cmd_export(args) -> int:
     from ernie_paddle.export.pipeline import export
 
     t0 = time.time()
-    m = export(args.model, args.out, flavor=args.flavor, precision=args.precision, verify=not args.no_verify,
-               block_size=args.block_size, accuracy_level=args.accuracy_level, strict_config=args.strict_config,
-               log=log_line, kv_cache=args.kv_cache)
+    quantizer, hessians = _gptq(args) if args.gptq else (None, None)
+    try:
+        m = export(args.model, args.out, flavor=args.flavor, precision=args.precision, verify=not args.no_verify,
+                   block_size=args.block_size, accuracy_level=args.accuracy_level, strict_config=args.strict_config,
+                   log=log_line, kv_cache=args.kv_cache, quantizer=quantizer,
+                   quantizer_name="gptq" if quantizer else "rtn")
+    finally:
+        if hessians is not None:
+            hessians.close()
     sizes = {f: os.path.getsize(os.path.join(args.out, f)) for f in sorted(os.listdir(args.out))}
     print(f"wrote {args.out} ({m['flavor']} flavour, {m['precision']}, {m['kv_cache']} KV cache) in "
           f"{time.time() - t0:.1f}s:", file=sys.stderr)
@@ -195,6 +215,14 @@ def _export_args(e: argparse.ArgumentParser) -> None:
                    help="int8: GroupQueryAttention's quantised cache, a quarter of the bytes (ort flavour); auto "
                         "(default): int8 for int8/int4/int2 weights, else the activations' float")
     e.add_argument("--no-verify", action="store_true", help="skip the parity check against the Paddle model")
+    e.add_argument("--gptq", action="store_true",
+                   help="calibrated quantisation (GPTQ) instead of round-to-nearest: each layer's input Hessians from "
+                        "the Paddle model on --calibration-text, one layer at a time (fits where the fp32 model "
+                        "does not); the tied LM head stays round-to-nearest")
+    e.add_argument("--calibration-text", default=DEFAULT_CORPUS, type=input_file,
+                   help="UTF-8 text for --gptq (default: the shipped Tiny Shakespeare)")
+    e.add_argument("--calibration-windows", type=positive_int, default=32,
+                   help="128-token windows of it that --gptq runs (default 32)")
     strict_config_arg(e)
 
 

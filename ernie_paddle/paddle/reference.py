@@ -9,7 +9,6 @@ the full 21B-A3B model where its fp32 weights do not fit.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -64,35 +63,14 @@ def _traces(model, layers: Iterable, seqs: list[list[int]]) -> tuple[list[Trace]
     return traces, changed
 
 
-def _streamed_layers(model, model_dir: str, reader) -> Iterator:
-    """Each decoder layer of `model` (built without them) in turn: built in its place, filled from the checkpoint
-    (checked as `load_weights` checks), and dropped once the next one is needed."""
-    import paddle.nn as nn
-
-    from ernie_paddle.checkpoint.layout import iter_canonical
-    from ernie_paddle.paddle.weights import fill_parameters
-
-    tensors = iter_canonical(model.config, reader, skip=lambda m: m.layer is None)
-    for i, pairs in itertools.groupby(tensors, key=lambda pair: pair[0].layer):  # the layout keeps a layer together
-        model.layers[i] = model.decoder_layer(i)
-        fill_parameters(model, pairs, model_dir, f"decoder layer {i}", part=model.layers[i])
-        yield model.layers[i]
-        model.layers[i] = nn.Layer()
-
-
 def paddle_trace_streaming(model_dir: str, cfg, seqs: list[list[int]]) -> tuple[list[Trace], list[list[float]]]:
     """The reference's traces computed one decoder layer at a time: memory holds the embedding, final norm, head
     and one decoder layer (a small share of the whole fp32 model at the 21B-A3B shape)."""
-    from ernie_paddle.checkpoint.folder import open_checkpoint
-    from ernie_paddle.checkpoint.layout import iter_canonical
-    from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
-    from ernie_paddle.paddle.weights import fill_parameters
+    from ernie_paddle.paddle.streaming import open_without_layers, streamed_layers
 
-    model = Ernie4_5_MoeForCausalLM(cfg, with_layers=False)
-    reader = open_checkpoint(model_dir)
+    model, reader = open_without_layers(model_dir, cfg)
     try:
-        fill_parameters(model, iter_canonical(cfg, reader, skip=lambda m: m.layer is not None), model_dir)
-        return _traces(model, _streamed_layers(model, model_dir, reader), seqs)
+        return _traces(model, streamed_layers(model, model_dir, reader), seqs)
     finally:
         reader.close()
 
