@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -338,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from ernie_paddle.atomic import write_json
 
-        meta = {"shape": shape._asdict(), "layers": args.layers, "threads": args.threads, "cpus": os.cpu_count(),
-                "repeats": args.repeats, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        from ernie_paddle.benchmarking.setups import machine_meta
+
+        meta = machine_meta(args.threads or os.cpu_count() or 1, shape=shape._asdict(), layers=args.layers,
+                            repeats=args.repeats)
         write_json(args.json, {"meta": meta, "decode": decode, "prefill": prefill})
     return 0
 

@@ -19,7 +19,6 @@ import numpy as np
 from ernie_paddle.atomic import write_json
 from ernie_paddle.cli.args import non_negative_int, positive_int, positive_int_list
 from ernie_paddle.interrupts import run_command
-from ernie_paddle.sysinfo import cpu_isa, cpu_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['tokens']:>6} | {s['wall_ms']:>10.1f} /{s['cpu_ms']:>9.1f} | {m['wall_ms']:>11.1f} /"
               f"{m['cpu_ms']:>11.1f} | {r['speedup_wall']:>10.2f}x | {r['max_abs_diff']:.1e}")
     if args.json:
-        meta = {"preset": args.preset, "repeats": args.repeats, "cpu": cpu_model(), "cpu_isa": cpu_isa(),
-                "nproc": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"), "paddle": paddle.__version__}
+        from ernie_paddle.benchmarking.setups import machine_meta
+
+        threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)  # what Paddle's CPU kernels use
+        meta = machine_meta(threads, preset=args.preset, repeats=args.repeats,
+                            mkl_debug_cpu_type=os.environ.get("MKL_DEBUG_CPU_TYPE"), paddle=paddle.__version__)
         write_json(args.json, {"meta": meta, "results": rows})
     return 0
 

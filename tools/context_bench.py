@@ -269,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from ernie_paddle.atomic import write_json
 
-        meta = {"model": os.path.abspath(args.model), "engine": args.engine, "threads": args.threads,
-                "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        from ernie_paddle.benchmarking.setups import machine_meta
+
+        meta = machine_meta(args.threads or os.cpu_count() or 1, model=os.path.abspath(args.model),
+                            engine=args.engine)
         write_json(args.json, {"meta": meta, "results": rows})
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import NamedTuple
 
 from ernie_paddle.atomic import write_json, write_png
@@ -154,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     text = tables(rows, runs, args.context)
     print("\n" + text)
     if args.json:
-        meta = {"threads": args.threads, "cpus": os.cpu_count(), "chunk": args.chunk, "decode": args.decode,
-                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": [r._asdict() for r in runs]}
+        from ernie_paddle.benchmarking.setups import machine_meta
+
+        meta = machine_meta(args.threads or os.cpu_count() or 1, chunk=args.chunk, decode=args.decode,
+                            runs=[r._asdict() for r in runs])
         write_json(args.json, {"meta": meta, "results": rows})
     if args.plot:
         plot(rows, runs, args.plot)

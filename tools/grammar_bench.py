@@ -23,7 +23,6 @@ import numpy as np
 
 from ernie_paddle import grammar
 from ernie_paddle.cli.args import default_model_dir, positive_int
-from ernie_paddle.sysinfo import cpu_isa, cpu_model
 
 VOCAB = 103424  # ERNIE-4.5's vocabulary
 EOS = 2
@@ -219,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 
         import llguidance
 
-        meta = {"cpu": cpu_model(), "isa": cpu_isa(), "vocab_size": VOCAB, "llguidance": llguidance.__version__,
-                "threads": 1, "python": sys.version.split()[0]}
+        from ernie_paddle.benchmarking.setups import machine_meta
+
+        meta = machine_meta(1, vocab_size=VOCAB, llguidance=llguidance.__version__)
         if not args.no_xgrammar:
             from importlib.metadata import version
 

@@ -25,7 +25,6 @@ import numpy as np
 
 from ernie_paddle.cli.args import non_negative_int, positive_int
 from ernie_paddle.interrupts import run_command
-from ernie_paddle.sysinfo import cpu_isa, cpu_model
 
 RUNTIMES = ("paddle", "ort", "ort-kv8", "hf")  # ort-kv8: the ort export with the int8 KV cache
 
@@ -169,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# peak resident memory {peak_gib:.1f} GiB; Paddle's greedy tokens {ref['greedy']}", file=sys.stderr)
     if args.json:
         meta = {"tokens": args.tokens, "chunk": args.chunk, "decode": args.decode, "model": args.model or args.preset,
-                "seed": args.seed, "paddle_greedy": ref["greedy"], "peak_rss_gib": peak_gib,
-                "cpu": cpu_model(), "cpu_isa": cpu_isa(), "nproc": os.cpu_count()}
+                "seed": args.seed, "paddle_greedy": ref["greedy"], "peak_rss_gib": peak_gib}
+        from ernie_paddle.benchmarking.setups import machine_meta
+
+        meta = machine_meta(os.cpu_count() or 1, **meta)
         from ernie_paddle.atomic import write_json
 
         write_json(args.json, {"meta": meta, "results": rows})

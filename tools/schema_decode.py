@@ -17,7 +17,6 @@ from ernie_paddle.atomic import write_json
 from ernie_paddle.cli.args import folder, output_file, positive_int
 from ernie_paddle.generation import GenerationConfig, stream
 from ernie_paddle.interrupts import run_command
-from ernie_paddle.sysinfo import cpu_isa, cpu_model
 
 SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "minItems": 8, "maxItems": 8,
                                                       "items": {"type": "string", "maxLength": 12}}},
@@ -63,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {k} | {med[k]:.2f} | {tokens[k]} |")
         print(f"schema / plain: {med['schema'] / med['plain']:.3f}")
         if args.json:
-            write_json(args.json, {"meta": {"cpu": cpu_model(), "isa": cpu_isa(), "threads": args.threads,
-                                            "model": args.model, "schema": SCHEMA, "prompt": PROMPT},
+            from ernie_paddle.benchmarking.setups import machine_meta
+
+            meta = machine_meta(args.threads, model=args.model, schema=SCHEMA, prompt=PROMPT)
+            write_json(args.json, {"meta": meta,
                                    "tokens_per_s": rates, "median": med, "tokens": tokens,
                                    "schema_over_plain": round(med["schema"] / med["plain"], 4)})
         return 0

@@ -91,19 +91,22 @@ def name_list(allowed: list[str] | tuple[str, ...], what: str) -> Callable[[str]
     return parse
 
 
-def run_meta(preset: str, cfg, threads: int, **settings) -> dict:
-    """What a benchmark's JSON records beside its figures: the preset and model shape, the threads, the machine (CPU
-    model, ISA flags, cores, read bandwidth with `threads` threads), Python, the release, the run's own `settings`
-    and the time."""
+def machine_meta(threads: int, **settings) -> dict:
+    """What every benchmark's JSON records beside its figures: the machine (CPU model, ISA flags, cores, the read
+    bandwidth `threads` threads measure), the threads, Python, the release, the run's own `settings` and the time."""
     from ernie_paddle.benchmarking.bandwidth import read_bandwidth
 
+    return {"threads": threads, "machine": platform.machine(), "cpu": cpu_model(), "cpu_isa": cpu_isa(),
+            "cpus": os.cpu_count(), "read_gb_per_s": round(read_bandwidth(threads) / 1e9, 1),
+            "python": platform.python_version(), "ernie_paddle": __version__, **settings,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def run_meta(preset: str, cfg, threads: int, **settings) -> dict:
+    """`machine_meta` with the preset and the model shape first."""
     shape = ("hidden_size", "num_hidden_layers", "moe_num_experts", "moe_k", "num_attention_heads",
              "num_key_value_heads", "vocab_size")
-    return {"preset": preset, "config": {k: getattr(cfg, k) for k in shape}, "threads": threads,
-            "machine": platform.machine(), "cpu": cpu_model(), "cpu_isa": cpu_isa(), "cpus": os.cpu_count(),
-            "read_gb_per_s": round(read_bandwidth(threads) / 1e9, 1), "python": platform.python_version(),
-            "ernie_paddle": __version__, **settings,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {"preset": preset, "config": {k: getattr(cfg, k) for k in shape}, **machine_meta(threads, **settings)}
 
 
 def log(msg: str) -> None:
