@@ -267,7 +267,7 @@ def floor_share(row: dict, read_gb_per_s: float) -> float | None:
     return d1 * wb.get("packed_per_token_gb", wb["per_token_gb"]) / read_gb_per_s
 
 
-def _table(rows: list[dict], prompt_lengths: list[int], batches: list[int], read_gb_per_s: float) -> str:
+def _table(rows: list[dict], prompt_lengths: list[int], batches: list[int]) -> str:
     refs = [next((r for r in rows if r["engine"] == e and "error" not in r), None) for e in RATIO_TO]
     head = (["engine"] + [f"prefill@{n} tok/s" for n in prompt_lengths] + ["TTFT s"] +
             [f"decode b{b} tok/s" for b in batches] + ["peak RSS GB", "GB read / token", "% of floor"] +
@@ -283,7 +283,7 @@ def _table(rows: list[dict], prompt_lengths: list[int], batches: list[int], read
             b = base and base["decode_tok_s"].get(str(batches[0]))
             return f"{d1 / b:.2f}x" if d1 and b else "-"
 
-        wb, share = r.get("weight_bytes"), floor_share(r, read_gb_per_s)
+        wb, share = r.get("weight_bytes"), r.get("share_of_bandwidth_floor")
         cells = ([r["engine"]] + [str(r["prefill_tok_s"].get(str(n), "-")) for n in prompt_lengths] +
                  [str(r.get("ttft_s", "-"))] + [str(r["decode_tok_s"].get(str(b)) or "n/a") for b in batches] +
                  [str(r["peak_rss_gb"]), f"{wb.get('packed_per_token_gb', wb['per_token_gb']):.3f}" if wb else "-",
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if (share := floor_share(r, meta["read_gb_per_s"])) is not None:
             r["share_of_bandwidth_floor"] = round(share, 3)
-    print(_table(rows, args.prompt_lengths, args.batches, meta["read_gb_per_s"]))
+    print(_table(rows, args.prompt_lengths, args.batches))
     if args.json:
         write_json(args.json, {"meta": meta, "results": rows})
     if args.plot:

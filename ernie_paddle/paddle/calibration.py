@@ -25,14 +25,15 @@ class HessianCollector:
                 self._hooks.append(layer.register_forward_pre_hook(self._hook(names[id(layer.weight)])))
         if part is None:
             self._hooks.append(model.norm.register_forward_post_hook(
-                lambda layer, inputs, output: self._add(LM_HEAD_WEIGHT, output)))
+                lambda layer, inputs, output: self.add(LM_HEAD_WEIGHT, output)))
 
     def _hook(self, name: str):
         def hook(layer, inputs):
-            self._add(name, inputs[0])
+            self.add(name, inputs[0])
         return hook
 
-    def _add(self, name: str, x) -> None:
+    def add(self, name: str, x) -> None:
+        """Add the rows of `x` [..., K] to the Hessian of the weight `name`."""
         a = x.numpy().astype(np.float64)
         a = a.reshape(-1, a.shape[-1])
         if not len(a):
@@ -122,10 +123,10 @@ class StreamedHessians:
         if LM_HEAD_WEIGHT not in self._current:
             import paddle
 
-            collector = HessianCollector(self.model, part=nn.Layer())  # no Linears: only the head's input, added here
+            collector = HessianCollector(self.model, part=nn.Layer())  # no hooks: the head's input is added here
             with paddle.no_grad():
                 for p in self._passes:
-                    collector._add(LM_HEAD_WEIGHT, self.model.norm(p.x))
+                    collector.add(LM_HEAD_WEIGHT, self.model.norm(p.x))
             self._current = collector.hessians()
         return self._current.get(LM_HEAD_WEIGHT)
 
