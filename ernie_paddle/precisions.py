@@ -16,6 +16,7 @@ DEFAULT_BLOCK_SIZE = 32
 # The exported KV cache (`export --kv-cache`): fp32/fp16 as the activations, or GroupQueryAttention's int8 cache
 # (calibrated per-channel scales, a quarter of fp32's bytes). "auto": int8 for the integer precisions.
 KV_CACHES = ("auto", "fp32", "int8")
+SCALE_RULES = ("absmax", "mse")  # how a quantisation block's scale is chosen (export/quantize.py)
 
 
 def float_bytes(precision: str) -> int:

@@ -28,6 +28,7 @@ from ernie_paddle.precisions import (BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS
                                     kv_cache_for)
 
 from ernie_paddle.export.genai import genai_config
+from ernie_paddle.export.quantize import rtn
 from ernie_paddle.export.tokenizer_json import write_tokenizer_files
 from ernie_paddle.export.verify import FP32_LOGIT_TOL, compare, verification_prompts
 
@@ -90,8 +91,7 @@ class Options:
     precision: str = "fp32"
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 0
-    quantizer: Callable | None = None  # None: round-to-nearest
-    quantizer_name: str = "rtn"
+    quantizer: Callable = rtn  # a quantiser of `export.quantize` / `export.gptq`: named in the manifest, with its rule
     kv_cache: str = "fp32"  # or "int8": GroupQueryAttention's quantised cache, calibrated scales
 
     @property
@@ -112,18 +112,19 @@ class Options:
 def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precision: str = "fp32",
            verify: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 0,
            strict_config: bool = False, log: Log = lambda s: None, config: ErnieConfig | None = None,
-           tensors=None, quantizer=None, quantizer_name: str = "rtn", kv_cache: str = "auto") -> dict:
+           tensors=None, quantizer=None, kv_cache: str = "auto") -> dict:
     """Export `model_dir` to `out_dir`; returns the manifest. Raises ExportError when fp32 parity fails.
 
     `config` + `tensors` (canonical (name, array) pairs, e.g. `checkpoint.random_tensors`) export weights that are
     not in a checkpoint folder (benchmarks of the full shape); the `ort` flavour only, without verification.
-    `quantizer` replaces round-to-nearest for int8/int4/int2 (e.g. `export.gptq.GPTQ`), named in the manifest.
+    `quantizer` replaces round-to-nearest with absmax scales for int8/int4/int2 (`export.quantize.RoundToNearest`
+    with another rule, `export.gptq.GPTQ`); the manifest records its `name` and `rule`.
     """
     check_options(flavor, precision, block_size, kv_cache)
     check_new_dir(out_dir, ExportError)  # before any work starts
     if tensors is not None and (config is None or flavor != contract.ORT.name):
         raise ExportError("exporting in-memory tensors needs their config and the ort flavour")
-    opts = Options(flavor, precision, block_size, accuracy_level, quantizer, quantizer_name,
+    opts = Options(flavor, precision, block_size, accuracy_level, quantizer or rtn,
                    kv_cache_for(kv_cache, precision) if flavor == contract.ORT.name else "fp32")
     cfg = config or ErnieConfig.from_file(model_dir, strict=strict_config)
     t0 = time.time()
@@ -205,7 +206,8 @@ def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Option
         contract.EXTERNAL_DATA: sorted(f for f in os.listdir(folder) if f.endswith(".data")),
         contract.BLOCK_SIZE: opts.block_size if quantized else None,
         "accuracy_level": opts.accuracy_level if quantized else None,
-        "quantization": opts.quantizer_name if quantized else None, contract.KV_CACHE: opts.kv_cache,
+        "quantization": opts.quantizer.name if quantized else None,
+        "block_scales": opts.quantizer.rule if quantized else None, contract.KV_CACHE: opts.kv_cache,
         "padding": "right", **contract.manifest_io(opts.graph), "execution_provider": opts.provider,
         "source": ({"path": os.path.abspath(model_dir), **source_hash(model_dir)} if model_dir
                    else {"path": None, "generated": "in-memory tensors (no checkpoint)"}),

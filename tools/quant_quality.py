@@ -1,9 +1,9 @@
 """Quantisation quality on the shipped trained model: held-out perplexity and greedy agreement per precision.
 
 Paddle fp32 is the reference; ONNX Runtime runs fp32, fp16, int8, int4 (blocks 32, 64 and 128) and int2, with
-round-to-nearest (RTN) and, for int4 (blocks 32, 64, 128) and int2, the GPTQ-style calibrated scheme (`export/gptq.py`, calibrated on
-the training split), each with the fp32 KV cache, and fp32/int8/int4 again with the int8 KV cache. Prints a table
-and writes JSON.
+round-to-nearest (RTN) and, for int4 (blocks 32, 64, 128) and int2, the GPTQ-style calibrated scheme (`export/gptq.py`,
+calibrated on the training split), int4 RTN and GPTQ again with the `mse` block scales, each with the fp32 KV cache,
+and fp32/int8/int4 again with the int8 KV cache. Prints a table and writes JSON.
 
     python -m ernie_paddle.tools.quant_quality --json quant.json
 """
@@ -24,16 +24,27 @@ from ernie_paddle.files import onnx_data
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.scoring import perplexity, shared_prefix
 
-VARIANTS = [  # (label, precision, block, scheme, KV cache): the weights' rows with the float cache, then int8 caches
-    ("ort fp32", "fp32", 32, "rtn", "fp32"), ("ort fp16", "fp16", 32, "rtn", "fp32"),
-    ("ort int8", "int8", 32, "rtn", "fp32"), ("ort int4 b32 RTN", "int4", 32, "rtn", "fp32"),
-    ("ort int4 b64 RTN", "int4", 64, "rtn", "fp32"), ("ort int4 b128 RTN", "int4", 128, "rtn", "fp32"),
-    ("ort int4 b32 GPTQ", "int4", 32, "gptq", "fp32"), ("ort int4 b64 GPTQ", "int4", 64, "gptq", "fp32"),
-    ("ort int4 b128 GPTQ", "int4", 128, "gptq", "fp32"), ("ort int2 b32 RTN", "int2", 32, "rtn", "fp32"),
-    ("ort int2 b32 GPTQ", "int2", 32, "gptq", "fp32"),
-    ("ort fp32 + int8 KV", "fp32", 32, "rtn", "int8"), ("ort int8 + int8 KV", "int8", 32, "rtn", "int8"),
-    ("ort int4 b32 RTN + int8 KV", "int4", 32, "rtn", "int8"),
-    ("ort int4 b64 RTN + int8 KV", "int4", 64, "rtn", "int8"),
+VARIANTS = [  # (label, precision, block, scheme, KV cache, block scales): the weights' rows with the float cache,
+    # then the mse rule's, then int8 caches
+    ("ort fp32", "fp32", 32, "rtn", "fp32", "absmax"), ("ort fp16", "fp16", 32, "rtn", "fp32", "absmax"),
+    ("ort int8", "int8", 32, "rtn", "fp32", "absmax"), ("ort int4 b32 RTN", "int4", 32, "rtn", "fp32", "absmax"),
+    ("ort int4 b64 RTN", "int4", 64, "rtn", "fp32", "absmax"),
+    ("ort int4 b128 RTN", "int4", 128, "rtn", "fp32", "absmax"),
+    ("ort int4 b32 GPTQ", "int4", 32, "gptq", "fp32", "absmax"),
+    ("ort int4 b64 GPTQ", "int4", 64, "gptq", "fp32", "absmax"),
+    ("ort int4 b128 GPTQ", "int4", 128, "gptq", "fp32", "absmax"),
+    ("ort int2 b32 RTN", "int2", 32, "rtn", "fp32", "absmax"),
+    ("ort int2 b32 GPTQ", "int2", 32, "gptq", "fp32", "absmax"),
+    ("ort int4 b32 RTN mse", "int4", 32, "rtn", "fp32", "mse"),
+    ("ort int4 b64 RTN mse", "int4", 64, "rtn", "fp32", "mse"),
+    ("ort int4 b128 RTN mse", "int4", 128, "rtn", "fp32", "mse"),
+    ("ort int4 b32 GPTQ mse", "int4", 32, "gptq", "fp32", "mse"),
+    ("ort int4 b64 GPTQ mse", "int4", 64, "gptq", "fp32", "mse"),
+    ("ort int4 b128 GPTQ mse", "int4", 128, "gptq", "fp32", "mse"),
+    ("ort fp32 + int8 KV", "fp32", 32, "rtn", "int8", "absmax"),
+    ("ort int8 + int8 KV", "int8", 32, "rtn", "int8", "absmax"),
+    ("ort int4 b32 RTN + int8 KV", "int4", 32, "rtn", "int8", "absmax"),
+    ("ort int4 b64 RTN + int8 KV", "int4", 64, "rtn", "int8", "absmax"),
 ]
 
 
@@ -51,6 +62,7 @@ def greedy_agreement(reference, candidate, prompts: list[list[int]], tokens: int
 def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: int = 32, greedy_tokens: int = 32,
         variants=VARIANTS, log=lambda s: None) -> dict:
     from ernie_paddle.export.gptq import GPTQ
+    from ernie_paddle.export.quantize import RoundToNearest
     from ernie_paddle.paddle.calibration import calibration_batches, layer_hessians
     from ernie_paddle.export.pipeline import export
     from ernie_paddle.paddle.modeling import Ernie4_5_MoeForCausalLM
@@ -67,20 +79,21 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
     rows = [{"variant": "paddle fp32", "perplexity": perplexity(reference.logits, heldout), "greedy_agreement": 1.0}]
     log(f"quality: paddle fp32 perplexity {rows[0]['perplexity']:.3f}")
     hessians = None
-    for label, precision, block, scheme, kv_cache in variants:
-        quantizer = None
+    for label, precision, block, scheme, kv_cache, rule in variants:
+        quantizer = RoundToNearest(rule)
         if scheme == "gptq":
             hessians = hessians or layer_hessians(reference, calib)
-            quantizer = GPTQ(hessians)
+            quantizer = GPTQ(hessians, rule)
         out = os.path.join(work, label.replace(" ", "-"))
         export(model_dir, out, precision=precision, block_size=block, verify=False, quantizer=quantizer,
-               quantizer_name=scheme, kv_cache=kv_cache)
+               kv_cache=kv_cache)
         cand = OnnxCausalLM(out)
         row = {"variant": label, "precision": precision, "block_size": block, "scheme": scheme, "kv_cache": kv_cache,
+               "block_scales": rule,
                "perplexity": perplexity(cand.logits, heldout),
                "greedy_agreement": greedy_agreement(reference, cand, prompts, greedy_tokens),
                "weights_mib": round(os.path.getsize(os.path.join(out, onnx_data())) / 2**20, 2)}
-        if quantizer is not None:
+        if scheme == "gptq":
             row["calibrated_tensors"] = len(quantizer.calibrated)
         row["perplexity_vs_fp32"] = row["perplexity"] / rows[0]["perplexity"] - 1
         rows.append(row)

@@ -70,12 +70,14 @@ LLAMA_QUANTIZED = {"llama-q4_k_m": Quantized("Q4_K_M", "llama-f16", "llama-q4_0"
 
 
 class ExportOptions(NamedTuple):
-    """The export options of the ONNX engines' folders (`bench --block-size --accuracy-level --kv-cache`); block size
-    and accuracy level apply to the integer precisions only (the float exports get accuracy level 0)."""
+    """The export options of the ONNX engines' folders (`bench --block-size --accuracy-level --kv-cache
+    --block-scales`); block size, accuracy level and block scales apply to the integer precisions only (the float
+    exports get accuracy level 0)."""
 
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4  # int8 activations in MatMulNBits/QMoE: the fast CPU kernels
     kv_cache: str = "auto"  # `export(kv_cache=...)`: int8 for the integer precisions, else fp32
+    block_scales: str = "absmax"  # `export.quantize.RoundToNearest`'s rule
 
 
 def name_list(allowed: list[str] | tuple[str, ...], what: str) -> Callable[[str], list[str]]:
@@ -200,21 +202,26 @@ def _flavor_precision(engine: str) -> tuple[str, str]:
 
 def export_settings(engine: str, options: ExportOptions) -> dict:
     """What the engine's folder made with `options` records in its manifest.json (as `export.pipeline` writes it):
-    flavour, precision, block size and accuracy level (None unless int8/int4/int2), the KV cache export resolves."""
+    flavour, precision, block size, accuracy level and block scales (None unless int8/int4/int2), the KV cache
+    export resolves."""
     flavor, precision = _flavor_precision(engine)
     quantized = precision in BITS
     return {contract.FLAVOR: flavor, contract.PRECISION: precision,
             contract.BLOCK_SIZE: options.block_size if quantized else None,
             "accuracy_level": options.accuracy_level if quantized else None,
+            "block_scales": options.block_scales if quantized else None,
             contract.KV_CACHE: kv_cache_for(options.kv_cache, precision) if flavor == contract.ORT.name else "fp32"}
 
 
 def folder_name(preset: str, engine: str, options: ExportOptions) -> str:
     """`{preset}-{engine}`, plus a suffix for each export setting that `options` change (`-b128`, `-acc0`,
-    `-kvfp32`): the name with default options is the one earlier runs made, so their folders are reused."""
+    `-kvfp32`, `-mse`): the name with default options is the one earlier runs made, so their folders are reused."""
     got, default = export_settings(engine, options), export_settings(engine, ExportOptions())
-    suffix = {contract.BLOCK_SIZE: "b", "accuracy_level": "acc", contract.KV_CACHE: "kv"}
+    suffix = {contract.BLOCK_SIZE: "b", "accuracy_level": "acc", contract.KV_CACHE: "kv", "block_scales": ""}
     return f"{preset}-{engine}" + "".join(f"-{tag}{got[k]}" for k, tag in suffix.items() if got[k] != default[k])
+
+
+_BEFORE_THE_FIELD = {"block_scales": "absmax"}  # what a folder exported before a manifest field existed had
 
 
 def check_folder(out: str, expected: dict) -> None:
@@ -229,9 +236,10 @@ def check_folder(out: str, expected: dict) -> None:
         raise OnnxFolderError(f"{out}: cannot read its {MANIFEST} ({e}); remove the folder or use another --work") \
             from None
     for field, want in expected.items():
-        if manifest.get(field) != want:
-            raise OnnxFolderError(f"{out}: {MANIFEST} records {field} {manifest.get(field)!r}, this run asks for "
-                                  f"{want!r}; remove the folder or use another --work")
+        got = manifest.get(field, _BEFORE_THE_FIELD.get(field))
+        if got != want:
+            raise OnnxFolderError(f"{out}: {MANIFEST} records {field} {got!r}, this run asks for {want!r}; remove the "
+                                  f"folder or use another --work")
 
 
 def _export_folder(engine: str, out: str, source, options: ExportOptions = ExportOptions()) -> str | None:
@@ -248,13 +256,14 @@ def _export_folder(engine: str, out: str, source, options: ExportOptions = Expor
         check_folder(out, export_settings(engine, options))
         return None
     from ernie_paddle.export.pipeline import export
+    from ernie_paddle.export.quantize import RoundToNearest
 
     directory, cfg, tensors = _random_source(source)
     log(f"bench: exporting {engine} to {out}")
     try:
         export(directory, out, flavor=flavor, precision=precision, verify=False, config=cfg, tensors=tensors,
                block_size=options.block_size, accuracy_level=options.accuracy_level if precision in BITS else 0,
-               kv_cache=options.kv_cache, log=log)
+               kv_cache=options.kv_cache, quantizer=RoundToNearest(options.block_scales), log=log)
     except ExportError as err:
         return str(err)[:200]
     return None

@@ -24,7 +24,7 @@ from ernie_paddle.errors import CheckpointError, ErnieError, InputError
 from ernie_paddle.export.pipeline import FLAVORS
 from ernie_paddle.textfile import read_text
 from ernie_paddle.checkpoint.layout import PADDLE, PT
-from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, PLAN_PRECISIONS
+from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, PLAN_PRECISIONS, SCALE_RULES
 from ernie_paddle.checkpoint.safetensors_io import MAX_SHARD_BYTES
 from ernie_paddle.cli import serve as serve_cli
 
@@ -62,19 +62,20 @@ def _gptq(args):
         raise InputError(f"--gptq quantises the ort flavour's int8/int4/int2 weights; got --flavor {args.flavor} "
                          f"--precision {args.precision}")
     return streamed_gptq(args.model, ErnieConfig.from_file(args.model, strict=args.strict_config),
-                         args.calibration_text, args.calibration_windows)
+                         args.calibration_text, args.calibration_windows, args.block_scales)
 
 
 def cmd_export(args) -> int:
     from ernie_paddle.export.pipeline import export
 
     t0 = time.time()
-    quantizer, hessians = _gptq(args) if args.gptq else (None, None)
+    from ernie_paddle.export.quantize import RoundToNearest
+
+    quantizer, hessians = _gptq(args) if args.gptq else (RoundToNearest(args.block_scales), None)
     try:
         m = export(args.model, args.out, flavor=args.flavor, precision=args.precision, verify=not args.no_verify,
                    block_size=args.block_size, accuracy_level=args.accuracy_level, strict_config=args.strict_config,
-                   log=log_line, kv_cache=args.kv_cache, quantizer=quantizer,
-                   quantizer_name="gptq" if quantizer else "rtn")
+                   log=log_line, kv_cache=args.kv_cache, quantizer=quantizer)
     finally:
         if hessians is not None:
             hessians.close()
@@ -215,6 +216,10 @@ def _export_args(e: argparse.ArgumentParser) -> None:
                    help="int8: GroupQueryAttention's quantised cache, a quarter of the bytes (ort flavour); auto "
                         "(default): int8 for int8/int4/int2 weights, else the activations' float")
     e.add_argument("--no-verify", action="store_true", help="skip the parity check against the Paddle model")
+    e.add_argument("--block-scales", default="absmax", choices=SCALE_RULES,
+                   help="how int8/int4/int2 block scales are chosen: absmax (the block's largest magnitude, "
+                        "default) or mse (the scale of least squared error in the block: the same bytes, less "
+                        "rounding error, a slower export)")
     e.add_argument("--gptq", action="store_true",
                    help="calibrated quantisation (GPTQ) instead of round-to-nearest: each layer's input Hessians from "
                         "the Paddle model on --calibration-text, one layer at a time (fits where the fp32 model "
