@@ -17,6 +17,7 @@ DEFAULT_BLOCK_SIZE = 32
 # (calibrated per-channel scales, a quarter of fp32's bytes). "auto": int8 for the integer precisions.
 KV_CACHES = ("auto", "fp32", "int8")
 SCALE_RULES = ("absmax", "mse")  # how a quantisation block's scale is chosen (export/quantize.py)
+DEFAULT_SCALE_RULE = "mse"  # what export, bench and GPTQ use unless told (absmax before 0.3.0)
 
 
 def float_bytes(precision: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ernie_paddle.errors import InputError
+from ernie_paddle.precisions import DEFAULT_SCALE_RULE
 from ernie_paddle.export.quantize import block_scales, check_rule, quantize_rows
 
 
@@ -56,7 +57,7 @@ class GPTQ:
 
     name = "gptq"
 
-    def __init__(self, hessians, rule: str = "absmax"):
+    def __init__(self, hessians, rule: str = DEFAULT_SCALE_RULE):
         self.hessians = hessians
         self.rule = check_rule(rule)
         self.calibrated: list[str] = []
@@ -69,7 +70,7 @@ class GPTQ:
         return gptq_rows(w_nk, h, bits, block, rule=self.rule)
 
 
-def streamed_gptq(model_dir: str, cfg, text_path: str, windows: int = 32, rule: str = "absmax"):
+def streamed_gptq(model_dir: str, cfg, text_path: str, windows: int = 32, rule: str = DEFAULT_SCALE_RULE):
     """GPTQ calibrated on `windows` 128-token windows of the UTF-8 file `text_path` (tokenised by the checkpoint's
     tokenizer), its Hessians made one layer at a time while the export reads that layer (`StreamedHessians`).
     Returns (the quantiser, the Hessians' source to close after the export)."""

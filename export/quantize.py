@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ernie_paddle.checkpoint.layout import TensorMap
-from ernie_paddle.precisions import SCALE_RULES, expert_block
+from ernie_paddle.precisions import DEFAULT_SCALE_RULE, SCALE_RULES, expert_block
 
 MSE_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # of the absmax scale: the candidates `mse` tries
 ROWS_AT_ONCE = 4096  # rows quantised together: bounds the temporaries of a 103,424-row LM head
@@ -94,12 +94,13 @@ def check_rule(rule: str) -> str:
 
 
 class RoundToNearest:
-    """Round-to-nearest with `rule`'s block scales: the default quantiser. A quantiser is called with (canonical
-    name, weight [N, K], bits, block) and returns (codes, scales); its `name` and `rule` go into the manifest."""
+    """Round-to-nearest with `rule`'s block scales (`DEFAULT_SCALE_RULE` unless told): the default quantiser. A
+    quantiser is called with (canonical name, weight [N, K], bits, block) and returns (codes, scales); its `name`
+    and `rule` go into the manifest."""
 
     name = "rtn"
 
-    def __init__(self, rule: str = "absmax"):
+    def __init__(self, rule: str = DEFAULT_SCALE_RULE):
         self.rule = check_rule(rule)
 
     def __call__(self, name: str, w_nk: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +132,7 @@ def qmoe_weights(w_nk: np.ndarray, bits: int, block: int | None, quantizer=rtn, 
     return codes, (scale[:, 0] if block is None else scale)
 
 
-def round_trip(m: TensorMap, w: np.ndarray, bits: int, block: int, rule: str = "absmax") -> np.ndarray:
+def round_trip(m: TensorMap, w: np.ndarray, bits: int, block: int, rule: str = DEFAULT_SCALE_RULE) -> np.ndarray:
     """What a quantised `ort` graph computes with for the canonical tensor of map `m` (Paddle layout), exported
     with round-to-nearest and `rule`'s scales.
 

@@ -63,17 +63,17 @@ def test_bench_exports_with_its_options_names_the_folder_and_refuses_a_mismatche
 
     work = tmp_path / "work"
     r, data = _bench_tiny(work, "--engines", "ort-int4", "--block-size", "16", "--accuracy-level", "0",
-                          "--kv-cache", "fp32", "--block-scales", "mse")
+                          "--kv-cache", "fp32", "--block-scales", "absmax")
     assert r.returncode == 0, r.stderr
-    folder = work / "tiny-ort-int4-b16-acc0-kvfp32-mse"  # every non-default option in the name
+    folder = work / "tiny-ort-int4-b16-acc0-kvfp32-absmax"  # every non-default option in the name
     assert data["meta"]["export_options"] == {"block_size": 16, "accuracy_level": 0, "kv_cache": "fp32",
-                                              "block_scales": "mse"}
+                                              "block_scales": "absmax"}
     (row,) = data["results"]
     assert "error" not in row and row["path"] == str(folder) and row["decode_tok_s"]["1"] > 0
     assert _node_attributes(folder) == {("MatMulNBits", 16, 0), ("QMoE", 16, 0)}
     manifest = json.load(open(folder / "manifest.json"))
     assert (manifest["block_size"], manifest["accuracy_level"], manifest["kv_cache"], manifest["block_scales"]) == (
-        16, 0, "fp32", "mse")
+        16, 0, "fp32", "absmax")
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     caches = [i for i in graph.input if i.name.startswith("past_key_values.")]
     assert caches and {i.type.tensor_type.elem_type for i in caches} == {onnx.TensorProto.FLOAT}
@@ -85,20 +85,21 @@ def test_bench_exports_with_its_options_names_the_folder_and_refuses_a_mismatche
     assert {row["path"] for row in data["results"]} == {str(second)}  # genai runs the ort-int4 folder
     assert _node_attributes(second) == {("MatMulNBits", 16, 4), ("QMoE", 16, 4)}
     second_manifest = json.load(open(second / "manifest.json"))
-    assert (second_manifest["kv_cache"], second_manifest["block_scales"]) == ("int8", "absmax")
+    assert (second_manifest["kv_cache"], second_manifest["block_scales"]) == ("int8", "mse")
     assert sorted(p.name for p in work.iterdir() if "ort" in p.name) == [second.name, folder.name]
-    # a folder exported before manifests named their block scales is reused as the absmax one it is
-    del second_manifest["block_scales"]
-    (second / "manifest.json").write_text(json.dumps(second_manifest))
-    r, data = _bench_tiny(work, "--engines", "ort-int4", "--block-size", "16")
+    # a folder exported before manifests named their block scales (all absmax then) is reused as the absmax one
+    del manifest["block_scales"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    r, data = _bench_tiny(work, "--engines", "ort-int4", "--block-size", "16", "--accuracy-level", "0", "--kv-cache",
+                          "fp32", "--block-scales", "absmax")
     assert r.returncode == 0, r.stderr
-    assert [row["path"] for row in data["results"]] == [str(second)]
+    assert [row["path"] for row in data["results"]] == [str(folder)]
 
     # a reused folder whose manifest does not match the name's options is refused, by name and field
     manifest["accuracy_level"] = 4
     (folder / "manifest.json").write_text(json.dumps(manifest))
     r, _ = _bench_tiny(work, "--engines", "ort-int4", "--block-size", "16", "--accuracy-level", "0", "--kv-cache",
-                       "fp32", "--block-scales", "mse")
+                       "fp32", "--block-scales", "absmax")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.splitlines()[-1] == (f"error: {folder}: manifest.json records accuracy_level 4, this run asks "
                                          f"for 0; remove the folder or use another --work")

@@ -75,7 +75,7 @@ def test_gptq_with_mse_scales_uses_them_on_the_updated_weights():
 
 def test_export_with_mse_scales_is_exact_against_its_round_trip(ckpt_factory, tmp_path):
     """The graph computes with exactly the weights `round_trip(..., rule='mse')` gives, and says so in its
-    manifest; absmax and mse exports write the same bytes."""
+    manifest; mse is the default, and absmax and mse exports write the same bytes."""
     from ernie_paddle.checkpoint.folder import read_canonical, write_checkpoint
     from ernie_paddle.export.pipeline import export
     from ernie_paddle.export.verify import compare
@@ -84,7 +84,7 @@ def test_export_with_mse_scales_is_exact_against_its_round_trip(ckpt_factory, tm
 
     d, cfg = ckpt_factory("mse-scales", seed=21, tie_word_embeddings=False)  # a tied head is quantised apart
     out = str(tmp_path / "mse")
-    export(d, out, precision="int4", verify=False, kv_cache="fp32", quantizer=RoundToNearest("mse"))
+    export(d, out, precision="int4", verify=False, kv_cache="fp32")
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert (manifest["quantization"], manifest["block_scales"]) == ("rtn", "mse")
     ref_dir = str(tmp_path / "dequantized")
@@ -95,7 +95,7 @@ def test_export_with_mse_scales_is_exact_against_its_round_trip(ckpt_factory, tm
                       [rng.integers(3, cfg.vocab_size, 12).tolist()], greedy_tokens=16)
     assert figures["max_abs_logit_diff"] <= 1e-4 and figures["greedy_identical_prompts"] == 1
     absmax = str(tmp_path / "absmax")
-    export(d, absmax, precision="int4", verify=False, kv_cache="fp32")
+    export(d, absmax, precision="int4", verify=False, kv_cache="fp32", quantizer=RoundToNearest("absmax"))
     assert json.load(open(os.path.join(absmax, "manifest.json")))["block_scales"] == "absmax"
     sizes = [os.path.getsize(os.path.join(f, "model.onnx.data")) for f in (out, absmax)]
     assert sizes[0] == sizes[1]
@@ -104,11 +104,11 @@ def test_export_with_mse_scales_is_exact_against_its_round_trip(ckpt_factory, tm
 def test_cli_export_block_scales(tmp_path, capsys):
     from ernie_paddle.cli.paddle_cli import main
 
-    out = str(tmp_path / "shipped-mse")
-    assert main(["export", "--out", out, "--precision", "int4", "--block-size", "128", "--block-scales", "mse",
+    out = str(tmp_path / "shipped-absmax")
+    assert main(["export", "--out", out, "--precision", "int4", "--block-size", "128", "--block-scales", "absmax",
                  "--no-verify"]) == 0
     m = json.load(open(os.path.join(out, "manifest.json")))
-    assert (m["precision"], m["block_size"], m["quantization"], m["block_scales"]) == ("int4", 128, "rtn", "mse")
+    assert (m["precision"], m["block_size"], m["quantization"], m["block_scales"]) == ("int4", 128, "rtn", "absmax")
     with pytest.raises(SystemExit) as e:
         main(["export", "--out", str(tmp_path / "bad"), "--precision", "int4", "--block-scales", "minmax"])
     assert e.value.code == 2

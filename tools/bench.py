@@ -27,7 +27,7 @@ from ernie_paddle.generation import logits_numpy
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.benchmarking.setups import (ALL_CPU_ENGINES, SETUPS, ExportOptions, from_random_tensors,
                                               gguf_source, log, measure_in_child, name_list, prepare, run_meta)
-from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, KV_CACHES, SCALE_RULES
+from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_RULE, KV_CACHES, SCALE_RULES
 from ernie_paddle.sysinfo import peak_rss
 
 GPU_ENGINES = ("paddle-gpu", "ort-cuda-fp16")  # Paddle bf16 with the fused kernels; ONNX Runtime CUDA fp16
@@ -330,8 +330,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="the ONNX int8/int4 exports' MatMulNBits/QMoE accuracy_level (default 4: int8 activations)")
     p.add_argument("--kv-cache", default="auto", choices=KV_CACHES,
                    help="the ONNX exports' KV cache (default auto: int8 for int8/int4, else fp32)")
-    p.add_argument("--block-scales", default="absmax", choices=SCALE_RULES,
-                   help="the ONNX int8/int4 exports' block scales (export --block-scales; default absmax)")
+    p.add_argument("--block-scales", default=DEFAULT_SCALE_RULE, choices=SCALE_RULES,
+                   help=f"the ONNX int8/int4 exports' block scales (export --block-scales; default "
+                        f"{DEFAULT_SCALE_RULE})")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     p.add_argument("--run-engine", default=None, help=argparse.SUPPRESS)  # internal: measure one engine

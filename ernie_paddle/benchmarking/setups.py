@@ -20,7 +20,7 @@ from ernie_paddle.atomic import atomic_path
 from ernie_paddle.benchmarking.child import ChildFailed, json_from_child
 from ernie_paddle.errors import ExportError, OnnxFolderError
 from ernie_paddle.files import MANIFEST
-from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, kv_cache_for
+from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_RULE, kv_cache_for
 from ernie_paddle.sysinfo import cpu_isa, cpu_model
 
 ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "genai-int4", "hf", "llama-f16",
@@ -77,7 +77,7 @@ class ExportOptions(NamedTuple):
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4  # int8 activations in MatMulNBits/QMoE: the fast CPU kernels
     kv_cache: str = "auto"  # `export(kv_cache=...)`: int8 for the integer precisions, else fp32
-    block_scales: str = "absmax"  # `export.quantize.RoundToNearest`'s rule
+    block_scales: str = DEFAULT_SCALE_RULE  # `export.quantize.RoundToNearest`'s rule
 
 
 def name_list(allowed: list[str] | tuple[str, ...], what: str) -> Callable[[str], list[str]]:

@@ -24,7 +24,8 @@ from ernie_paddle.errors import CheckpointError, ErnieError, InputError
 from ernie_paddle.export.pipeline import FLAVORS
 from ernie_paddle.textfile import read_text
 from ernie_paddle.checkpoint.layout import PADDLE, PT
-from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, PLAN_PRECISIONS, SCALE_RULES
+from ernie_paddle.precisions import (DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_RULE, EXPORT_PRECISIONS, KV_CACHES,
+                                    PLAN_PRECISIONS, SCALE_RULES)
 from ernie_paddle.checkpoint.safetensors_io import MAX_SHARD_BYTES
 from ernie_paddle.cli import serve as serve_cli
 
@@ -216,10 +217,10 @@ def _export_args(e: argparse.ArgumentParser) -> None:
                    help="int8: GroupQueryAttention's quantised cache, a quarter of the bytes (ort flavour); auto "
                         "(default): int8 for int8/int4/int2 weights, else the activations' float")
     e.add_argument("--no-verify", action="store_true", help="skip the parity check against the Paddle model")
-    e.add_argument("--block-scales", default="absmax", choices=SCALE_RULES,
-                   help="how int8/int4/int2 block scales are chosen: absmax (the block's largest magnitude, "
-                        "default) or mse (the scale of least squared error in the block: the same bytes, less "
-                        "rounding error, a slower export)")
+    e.add_argument("--block-scales", default=DEFAULT_SCALE_RULE, choices=SCALE_RULES,
+                   help="how int8/int4/int2 block scales are chosen: mse (the scale of least squared error in the "
+                        "block, default) or absmax (the block's largest magnitude, llama.cpp Q4_0's rule: a faster "
+                        "export, more rounding error, the same bytes)")
     e.add_argument("--gptq", action="store_true",
                    help="calibrated quantisation (GPTQ) instead of round-to-nearest: each layer's input Hessians from "
                         "the Paddle model on --calibration-text, one layer at a time (fits where the fp32 model "
