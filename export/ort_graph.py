@@ -60,7 +60,7 @@ class ErnieOrtBuilder:
     """Builds one graph; `precision` in fp32 | fp16 | int8 | int4 | int2 (int: MatMulNBits / QMoE weights)."""
 
     def __init__(self, cfg: ErnieConfig, g: GraphBuilder, precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                 accuracy_level: int = 0, quantizer=None):
+                 accuracy_level: int = 0, quantizer=None, attention_precision: str | None = None):
         if precision not in EXPORT_PRECISIONS:
             raise ValueError(f"precision must be one of {EXPORT_PRECISIONS}, got {precision!r}")
         if cfg.head_dim % 16:
@@ -71,6 +71,8 @@ class ErnieOrtBuilder:
         self.np_dtype = np.float16 if precision == "fp16" else np.float32
         self.onnx_dtype = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
         self.bits = BITS.get(precision)
+        # the self-attention projections' own bits (`export --attention-precision`), else the weights'
+        self.attention_bits = BITS[attention_precision] if attention_precision else self.bits
         self.quantizer = quantizer or rtn  # (canonical name, weight [N, K], bits, block) -> (codes, scales)
         self.maps = maps_by_role(cfg)
 
@@ -83,21 +85,24 @@ class ErnieOrtBuilder:
     def w(self, name: str, a: np.ndarray) -> str:
         return self.g.weight(name, a.astype(self.np_dtype))
 
-    def projection(self, name: str, w_in_out: np.ndarray, fp_weight: str | None = None) -> Callable[[str], str]:
-        """x @ W for a Paddle-layout weight [K, N]: MatMul, or MatMulNBits when quantised. W's initializers are added
-        now (named `fp_weight`, default `name`; or `name`.qweight/.scales); the returned function adds the node."""
+    def projection(self, name: str, w_in_out: np.ndarray, fp_weight: str | None = None,
+                   bits: int | None = None) -> Callable[[str], str]:
+        """x @ W for a Paddle-layout weight [K, N]: MatMul, or MatMulNBits when quantised (with `bits`, default the
+        weights'). W's initializers are added now (named `fp_weight`, default `name`; or `name`.qweight/.scales);
+        the returned function adds the node."""
         k, n = w_in_out.shape
-        if self.bits is None:
+        bits = bits or self.bits
+        if bits is None:
             w = self.w(fp_weight or name, w_in_out)
             return lambda x: self.g.op("MatMul", [x, w], name=name)
-        b, scales = matmul_nbits_weights(w_in_out, self.bits, self.block_size, self.quantizer, name + ".weight")
+        b, scales = matmul_nbits_weights(w_in_out, bits, self.block_size, self.quantizer, name + ".weight")
         bw, sw = self.g.weight(name + ".qweight", b), self.g.weight(name + ".scales", scales)
-        return lambda x: self.g.op("MatMulNBits", [x, bw, sw], domain=MS, name=name, K=k, N=n, bits=self.bits,
+        return lambda x: self.g.op("MatMulNBits", [x, bw, sw], domain=MS, name=name, K=k, N=n, bits=bits,
                                    block_size=self.block_size, accuracy_level=self.accuracy_level)
 
-    def linear(self, x: str, name: str, w_in_out: np.ndarray) -> str:
+    def linear(self, x: str, name: str, w_in_out: np.ndarray, bits: int | None = None) -> str:
         """x @ W for a Paddle-layout weight [K, N], applied at once."""
-        return self.projection(name, w_in_out)(x)
+        return self.projection(name, w_in_out, bits=bits)(x)
 
     def mlp(self, x: str, up_gate: Tensor, down: Tensor) -> str:
         """SwiGLU: down(silu(gate) * up) with up_gate = [gate | up] on the output axis."""
@@ -177,7 +182,7 @@ class ErnieOrtBuilder:
         nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         L = f"layers.{i}"
         qkv_name, qkv_weight = self.take(tensors, Role.QKV, i)
-        qkv = self.linear(x, _node(qkv_name), qkv_weight)
+        qkv = self.linear(x, _node(qkv_name), qkv_weight, self.attention_bits)
         q, k, v = g.op("Split", [qkv, g.const([nh * d, nkv * d, nkv * d])], n_out=3, axis=-1)
         # Rotary as its own op: GQA's fused rotary (do_rotary=1) rotates the cached keys by slot index rather
         # than by position_ids (ONNX Runtime 1.32, CPU), which breaks left padding.
@@ -192,7 +197,7 @@ class ErnieOrtBuilder:
         for kv, value in zip(contract.KV, (pk, pv)):
             g.output(value, contract.present(i, kv), self.onnx_dtype, [BATCH, nkv, TOTAL_SEQUENCE, d])
         o_name, o_weight = self.take(tensors, Role.ATTN_OUT, i)
-        return self.linear(attn, _node(o_name), o_weight)
+        return self.linear(attn, _node(o_name), o_weight, self.attention_bits)
 
     def kept_positions(self, hidden: str) -> str:
         """The last `logits_to_keep` positions of `hidden` [B, S, H] (0, the default: all of them), so a prefill

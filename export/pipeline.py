@@ -66,9 +66,15 @@ def _versions() -> dict:
     return out
 
 
-def check_options(flavor: str, precision: str, block_size: int, kv_cache: str = "fp32") -> None:
+def check_options(flavor: str, precision: str, block_size: int, kv_cache: str = "fp32",
+                  attention_precision: str | None = None) -> None:
     """Refuse an unknown flavour, precision or KV cache, or a combination that does not exist (ExportError), or a
     bad block size (InputError)."""
+    if attention_precision is not None and (attention_precision not in BITS or precision not in BITS
+                                            or flavor != contract.ORT.name):
+        raise ExportError(f"--attention-precision {attention_precision}: the attention projections of an ort "
+                          f"export with int8/int4/int2 weights take one of {', '.join(BITS)}; got --flavor "
+                          f"{flavor} --precision {precision}")
     if kv_cache not in KV_CACHES:
         raise ExportError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
     if kv_cache == "int8" and flavor != contract.ORT.name:
@@ -93,6 +99,7 @@ class Options:
     accuracy_level: int = 0
     quantizer: Callable = rtn  # a quantiser of `export.quantize` / `export.gptq`: named in the manifest, with its rule
     kv_cache: str = "fp32"  # or "int8": GroupQueryAttention's quantised cache, calibrated scales
+    attention_precision: str | None = None  # the attention projections' own precision (None: `precision`)
 
     @property
     def quantized(self) -> bool:
@@ -112,20 +119,21 @@ class Options:
 def export(model_dir: str | None, out_dir: str, *, flavor: str = "ort", precision: str = "fp32",
            verify: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = 0,
            strict_config: bool = False, log: Log = lambda s: None, config: ErnieConfig | None = None,
-           tensors=None, quantizer=None, kv_cache: str = "auto") -> dict:
+           tensors=None, quantizer=None, kv_cache: str = "auto", attention_precision: str | None = None) -> dict:
     """Export `model_dir` to `out_dir`; returns the manifest. Raises ExportError when fp32 parity fails.
 
     `config` + `tensors` (canonical (name, array) pairs, e.g. `checkpoint.random_tensors`) export weights that are
     not in a checkpoint folder (benchmarks of the full shape); the `ort` flavour only, without verification.
     `quantizer` replaces round-to-nearest with absmax scales for int8/int4/int2 (`export.quantize.RoundToNearest`
-    with another rule, `export.gptq.GPTQ`); the manifest records its `name` and `rule`.
+    with another rule, `export.gptq.GPTQ`); the manifest records its `name` and `rule`. `attention_precision`
+    (int8/int4/int2) quantises the self-attention projections apart from the other weights.
     """
-    check_options(flavor, precision, block_size, kv_cache)
+    check_options(flavor, precision, block_size, kv_cache, attention_precision)
     check_new_dir(out_dir, ExportError)  # before any work starts
     if tensors is not None and (config is None or flavor != contract.ORT.name):
         raise ExportError("exporting in-memory tensors needs their config and the ort flavour")
     opts = Options(flavor, precision, block_size, accuracy_level, quantizer or rtn,
-                   kv_cache_for(kv_cache, precision) if flavor == contract.ORT.name else "fp32")
+                   kv_cache_for(kv_cache, precision) if flavor == contract.ORT.name else "fp32", attention_precision)
     cfg = config or ErnieConfig.from_file(model_dir, strict=strict_config)
     t0 = time.time()
     with atomic_dir(out_dir, prefix=".tmp-export-", error=ExportError) as tmp:
@@ -164,7 +172,8 @@ def write_graph(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Opti
 
     g = GraphBuilder(*data_file_for(model_path))
     try:
-        ErnieOrtBuilder(cfg, g, opts.precision, opts.block_size, opts.accuracy_level, opts.quantizer).build(
+        ErnieOrtBuilder(cfg, g, opts.precision, opts.block_size, opts.accuracy_level, opts.quantizer,
+                        opts.attention_precision).build(
             TensorStream(tensors), progress=lambda s: log(f"export: {s}"))
         g.save(model_path, "ernie4_5", metadata={contract.FLAVOR: opts.flavor, contract.PRECISION: opts.precision})
     finally:
@@ -207,7 +216,9 @@ def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Option
         contract.BLOCK_SIZE: opts.block_size if quantized else None,
         "accuracy_level": opts.accuracy_level if quantized else None,
         "quantization": opts.quantizer.name if quantized else None,
-        "block_scales": opts.quantizer.rule if quantized else None, contract.KV_CACHE: opts.kv_cache,
+        "block_scales": opts.quantizer.rule if quantized else None,
+        "attention_precision": (opts.attention_precision or opts.precision) if quantized else None,
+        contract.KV_CACHE: opts.kv_cache,
         "padding": "right", **contract.manifest_io(opts.graph), "execution_provider": opts.provider,
         "source": ({"path": os.path.abspath(model_dir), **source_hash(model_dir)} if model_dir
                    else {"path": None, "generated": "in-memory tensors (no checkpoint)"}),

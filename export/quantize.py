@@ -132,9 +132,10 @@ def qmoe_weights(w_nk: np.ndarray, bits: int, block: int | None, quantizer=rtn, 
     return codes, (scale[:, 0] if block is None else scale)
 
 
-def round_trip(m: TensorMap, w: np.ndarray, bits: int, block: int, rule: str = DEFAULT_SCALE_RULE) -> np.ndarray:
+def round_trip(m: TensorMap, w: np.ndarray, bits: int, block: int, rule: str = DEFAULT_SCALE_RULE,
+               attention_bits: int | None = None) -> np.ndarray:
     """What a quantised `ort` graph computes with for the canonical tensor of map `m` (Paddle layout), exported
-    with round-to-nearest and `rule`'s scales.
+    with round-to-nearest and `rule`'s scales (and `attention_bits` for the attention projections, if given).
 
     Linear weights come back dequantised exactly as MatMulNBits / QMoE see them; the embedding, norms and the
     fp32 router are not quantised (`Role.quantised`). Used to check that a quantised graph differs from Paddle only
@@ -143,6 +144,7 @@ def round_trip(m: TensorMap, w: np.ndarray, bits: int, block: int, rule: str = D
     if not m.role.quantised:
         return w
     k = w.shape[0]
+    bits = attention_bits if attention_bits and m.role.attention else bits
     is_expert = m.role.routed_expert
     blk = expert_block(bits, block) if is_expert else block
     q, scale = quantize_rows(np.ascontiguousarray(w.T), bits, blk or k, rule)

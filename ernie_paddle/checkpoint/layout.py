@@ -69,6 +69,11 @@ class Role(str, Enum):
         return self not in (Role.EMBEDDING, Role.ROUTER, Role.ROUTER_BIAS) and not self.is_norm
 
     @property
+    def attention(self) -> bool:
+        """A self-attention projection (packed QKV, o_proj): what `export --attention-precision` sets apart."""
+        return self in (Role.QKV, Role.ATTN_OUT)
+
+    @property
     def residual_output(self) -> bool:
         """A projection writing into the residual stream (o_proj, every down_proj)."""
         return self in (Role.ATTN_OUT, Role.MLP_DOWN, Role.EXPERT_DOWN, Role.SHARED_DOWN)
