@@ -63,17 +63,17 @@ def test_bench_exports_with_its_options_names_the_folder_and_refuses_a_mismatche
 
     work = tmp_path / "work"
     r, data = _bench_tiny(work, "--engines", "ort-int4", "--block-size", "16", "--accuracy-level", "0",
-                          "--kv-cache", "fp32", "--block-scales", "absmax")
+                          "--kv-cache", "fp32", "--block-scales", "absmax", "--attention-precision", "int8")
     assert r.returncode == 0, r.stderr
-    folder = work / "tiny-ort-int4-b16-acc0-kvfp32-absmax"  # every non-default option in the name
+    folder = work / "tiny-ort-int4-b16-acc0-kvfp32-absmax-attnint8"  # every non-default option in the name
     assert data["meta"]["export_options"] == {"block_size": 16, "accuracy_level": 0, "kv_cache": "fp32",
-                                              "block_scales": "absmax"}
+                                              "block_scales": "absmax", "attention_precision": "int8"}
     (row,) = data["results"]
     assert "error" not in row and row["path"] == str(folder) and row["decode_tok_s"]["1"] > 0
     assert _node_attributes(folder) == {("MatMulNBits", 16, 0), ("QMoE", 16, 0)}
     manifest = json.load(open(folder / "manifest.json"))
-    assert (manifest["block_size"], manifest["accuracy_level"], manifest["kv_cache"], manifest["block_scales"]) == (
-        16, 0, "fp32", "absmax")
+    recorded = ("block_size", "accuracy_level", "kv_cache", "block_scales", "attention_precision")
+    assert [manifest[k] for k in recorded] == [16, 0, "fp32", "absmax", "int8"]
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     caches = [i for i in graph.input if i.name.startswith("past_key_values.")]
     assert caches and {i.type.tensor_type.elem_type for i in caches} == {onnx.TensorProto.FLOAT}
@@ -87,19 +87,21 @@ def test_bench_exports_with_its_options_names_the_folder_and_refuses_a_mismatche
     second_manifest = json.load(open(second / "manifest.json"))
     assert (second_manifest["kv_cache"], second_manifest["block_scales"]) == ("int8", "mse")
     assert sorted(p.name for p in work.iterdir() if "ort" in p.name) == [second.name, folder.name]
-    # a folder exported before manifests named their block scales (all absmax then) is reused as the absmax one
-    del manifest["block_scales"]
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    r, data = _bench_tiny(work, "--engines", "ort-int4", "--block-size", "16", "--accuracy-level", "0", "--kv-cache",
-                          "fp32", "--block-scales", "absmax")
+    # a folder exported before manifests named their block scales and attention precision (absmax, the weights')
+    # is reused as the folder it is
+    old = {k: v for k, v in second_manifest.items() if k not in ("block_scales", "attention_precision")}
+    old_folder = work / "tiny-ort-int4-b16-absmax"
+    second.rename(old_folder)
+    (old_folder / "manifest.json").write_text(json.dumps(old))
+    r, data = _bench_tiny(work, "--engines", "ort-int4", "--block-size", "16", "--block-scales", "absmax")
     assert r.returncode == 0, r.stderr
-    assert [row["path"] for row in data["results"]] == [str(folder)]
+    assert [row["path"] for row in data["results"]] == [str(old_folder)]
 
     # a reused folder whose manifest does not match the name's options is refused, by name and field
     manifest["accuracy_level"] = 4
     (folder / "manifest.json").write_text(json.dumps(manifest))
     r, _ = _bench_tiny(work, "--engines", "ort-int4", "--block-size", "16", "--accuracy-level", "0", "--kv-cache",
-                       "fp32", "--block-scales", "absmax")
+                       "fp32", "--block-scales", "absmax", "--attention-precision", "int8")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.splitlines()[-1] == (f"error: {folder}: manifest.json records accuracy_level 4, this run asks "
                                          f"for 0; remove the folder or use another --work")

@@ -5,8 +5,8 @@ int4), onnxruntime-genai on the int4 folder, transformers eager (torch), and lla
 For each engine, in its own process (so peak RSS is that engine's): prefill tokens/s at each prompt length,
 time to first token, decode tokens/s at each batch size. Prints a table with every engine's ratio to Paddle
 eager and to llama.cpp Q4_0 and Q4_K_M, writes JSON and (with matplotlib) a PNG chart. A program, not a test.
-The ONNX folders take the export options (--block-size, --accuracy-level, --kv-cache, --block-scales; non-default
-ones are in the folder's name), which the JSON records with each row's folder, so any row can be reproduced.
+The ONNX folders take the export options (--block-size, --accuracy-level, --kv-cache, --block-scales,
+--attention-precision; non-default ones are in the folder's name), which the JSON records with each row's folder, so any row can be reproduced.
 
     python -m ernie_paddle.tools.bench --preset mid --json bench.json --plot bench.png
     ernie-paddle bench --preset tiny
@@ -27,7 +27,7 @@ from ernie_paddle.generation import logits_numpy
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.benchmarking.setups import (ALL_CPU_ENGINES, SETUPS, ExportOptions, from_random_tensors,
                                               gguf_source, log, measure_in_child, name_list, prepare, run_meta)
-from ernie_paddle.precisions import DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_RULE, KV_CACHES, SCALE_RULES
+from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_RULE, KV_CACHES, SCALE_RULES
 from ernie_paddle.sysinfo import peak_rss
 
 GPU_ENGINES = ("paddle-gpu", "ort-cuda-fp16")  # Paddle bf16 with the fused kernels; ONNX Runtime CUDA fp16
@@ -330,6 +330,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="the ONNX int8/int4 exports' MatMulNBits/QMoE accuracy_level (default 4: int8 activations)")
     p.add_argument("--kv-cache", default="auto", choices=KV_CACHES,
                    help="the ONNX exports' KV cache (default auto: int8 for int8/int4, else fp32)")
+    p.add_argument("--attention-precision", default=None, choices=list(BITS),
+                   help="the ONNX int8/int4 exports' attention projections (export --attention-precision)")
     p.add_argument("--block-scales", default=DEFAULT_SCALE_RULE, choices=SCALE_RULES,
                    help=f"the ONNX int8/int4 exports' block scales (export --block-scales; default "
                         f"{DEFAULT_SCALE_RULE})")
@@ -368,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     engines = args.engines or SETUPS[args.preset].engines
     work = args.work or os.path.join(os.getcwd(), f"bench-{args.preset}")
     why_not = {e: why for e in engines if (why := available(e))}
-    options = ExportOptions(args.block_size, args.accuracy_level, args.kv_cache, args.block_scales)
+    options = ExportOptions(args.block_size, args.accuracy_level, args.kv_cache, args.block_scales,
+                            args.attention_precision)
     made = [e for e in engines if e not in why_not]
     paths, refused, cfg = prepare(args.preset, work, made, args.seed, args.num_layers, export_options=options,
                                   threads=args.threads)

@@ -71,13 +71,14 @@ LLAMA_QUANTIZED = {"llama-q4_k_m": Quantized("Q4_K_M", "llama-f16", "llama-q4_0"
 
 class ExportOptions(NamedTuple):
     """The export options of the ONNX engines' folders (`bench --block-size --accuracy-level --kv-cache
-    --block-scales`); block size, accuracy level and block scales apply to the integer precisions only (the float
+    --block-scales --attention-precision`); all but the KV cache apply to the integer precisions only (the float
     exports get accuracy level 0)."""
 
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4  # int8 activations in MatMulNBits/QMoE: the fast CPU kernels
     kv_cache: str = "auto"  # `export(kv_cache=...)`: int8 for the integer precisions, else fp32
     block_scales: str = DEFAULT_SCALE_RULE  # `export.quantize.RoundToNearest`'s rule
+    attention_precision: str | None = None  # `export(attention_precision=...)`; None: the weights' precision
 
 
 def name_list(allowed: list[str] | tuple[str, ...], what: str) -> Callable[[str], list[str]]:
@@ -202,26 +203,34 @@ def _flavor_precision(engine: str) -> tuple[str, str]:
 
 def export_settings(engine: str, options: ExportOptions) -> dict:
     """What the engine's folder made with `options` records in its manifest.json (as `export.pipeline` writes it):
-    flavour, precision, block size, accuracy level and block scales (None unless int8/int4/int2), the KV cache
-    export resolves."""
+    flavour, precision, block size, accuracy level, block scales and attention precision (None unless
+    int8/int4/int2), the KV cache export resolves."""
     flavor, precision = _flavor_precision(engine)
     quantized = precision in BITS
     return {contract.FLAVOR: flavor, contract.PRECISION: precision,
             contract.BLOCK_SIZE: options.block_size if quantized else None,
             "accuracy_level": options.accuracy_level if quantized else None,
             "block_scales": options.block_scales if quantized else None,
+            "attention_precision": (options.attention_precision or precision) if quantized else None,
             contract.KV_CACHE: kv_cache_for(options.kv_cache, precision) if flavor == contract.ORT.name else "fp32"}
 
 
 def folder_name(preset: str, engine: str, options: ExportOptions) -> str:
     """`{preset}-{engine}`, plus a suffix for each export setting that `options` change (`-b128`, `-acc0`,
-    `-kvfp32`, `-mse`): the name with default options is the one earlier runs made, so their folders are reused."""
+    `-kvfp32`, `-absmax`, `-attnint8`): the name with default options is the one earlier runs made, so their folders are reused."""
     got, default = export_settings(engine, options), export_settings(engine, ExportOptions())
-    suffix = {contract.BLOCK_SIZE: "b", "accuracy_level": "acc", contract.KV_CACHE: "kv", "block_scales": ""}
+    suffix = {contract.BLOCK_SIZE: "b", "accuracy_level": "acc", contract.KV_CACHE: "kv", "block_scales": "",
+              "attention_precision": "attn"}
     return f"{preset}-{engine}" + "".join(f"-{tag}{got[k]}" for k, tag in suffix.items() if got[k] != default[k])
 
 
-_BEFORE_THE_FIELD = {"block_scales": "absmax"}  # what a folder exported before a manifest field existed had
+def _before_the_field(field: str, manifest: dict):
+    """What a folder exported before manifests recorded `field` had: absmax block scales, and attention at the
+    weights' precision (None for float weights, as `export_settings` says)."""
+    precision = manifest.get(contract.PRECISION)
+    quantized = precision in BITS
+    return {"block_scales": "absmax" if quantized else None,
+            "attention_precision": precision if quantized else None}.get(field)
 
 
 def check_folder(out: str, expected: dict) -> None:
@@ -236,7 +245,7 @@ def check_folder(out: str, expected: dict) -> None:
         raise OnnxFolderError(f"{out}: cannot read its {MANIFEST} ({e}); remove the folder or use another --work") \
             from None
     for field, want in expected.items():
-        got = manifest.get(field, _BEFORE_THE_FIELD.get(field))
+        got = manifest[field] if field in manifest else _before_the_field(field, manifest)
         if got != want:
             raise OnnxFolderError(f"{out}: {MANIFEST} records {field} {got!r}, this run asks for {want!r}; remove the "
                                   f"folder or use another --work")
@@ -249,7 +258,8 @@ def _export_folder(engine: str, out: str, source, options: ExportOptions = Expor
 
     flavor, precision = _flavor_precision(engine)
     try:
-        check_options(flavor, precision, options.block_size, options.kv_cache)
+        check_options(flavor, precision, options.block_size, options.kv_cache,
+                      options.attention_precision if precision in BITS else None)
     except ExportError as err:
         return str(err)[:200]
     if os.path.isdir(out):
@@ -263,7 +273,8 @@ def _export_folder(engine: str, out: str, source, options: ExportOptions = Expor
     try:
         export(directory, out, flavor=flavor, precision=precision, verify=False, config=cfg, tensors=tensors,
                block_size=options.block_size, accuracy_level=options.accuracy_level if precision in BITS else 0,
-               kv_cache=options.kv_cache, quantizer=RoundToNearest(options.block_scales), log=log)
+               kv_cache=options.kv_cache, quantizer=RoundToNearest(options.block_scales),
+               attention_precision=options.attention_precision if precision in BITS else None, log=log)
     except ExportError as err:
         return str(err)[:200]
     return None
