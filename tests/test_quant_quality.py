@@ -27,6 +27,11 @@ def test_quantised_perplexity_bounds_and_calibration_beats_rtn(tmp_path):
         assert abs(r[f"ort int4 b128 {scheme} mse"]["perplexity"] / fp32 - 1) <= 0.01, scheme
     assert r["ort int4 b128 RTN mse"]["perplexity"] < 0.995 * r["ort int4 b128 RTN"]["perplexity"]
     assert r["ort int4 b128 RTN mse"]["weights_mib"] == r["ort int4 b128 RTN"]["weights_mib"]
+    # int8 attention projections (the 21B CPU recipe: at random 21B widths they keep the routers' choices closer)
+    # are no gain on this trained model: measured +0.96% against +0.24%; bounded at the 21B target plus a margin
+    attn8 = r["ort int4 b128 RTN mse attn int8"]
+    assert abs(attn8["perplexity"] / fp32 - 1) <= 0.0125 and attn8["attention_precision"] == "int8"
+    assert attn8["weights_mib"] > r["ort int4 b128 RTN mse"]["weights_mib"]
     # 2-bit is reported, and the calibrated scheme is measurably better than round-to-nearest
     assert r["ort int2 b32 GPTQ"]["perplexity"] < 0.97 * r["ort int2 b32 RTN"]["perplexity"]
     # the int8 KV cache (the int exports' default) costs at most 1% of perplexity on top of the weights' precision

@@ -1,9 +1,10 @@
 """Quantisation quality on the shipped trained model: held-out perplexity and greedy agreement per precision.
 
 Paddle fp32 is the reference; ONNX Runtime runs fp32, fp16, int8, int4 (blocks 32, 64 and 128) and int2, with
-round-to-nearest (RTN) and, for int4 (blocks 32, 64, 128) and int2, the GPTQ-style calibrated scheme (`export/gptq.py`,
-calibrated on the training split), int4 RTN and GPTQ again with the `mse` block scales, each with the fp32 KV cache,
-and fp32/int8/int4 again with the int8 KV cache. Prints a table and writes JSON.
+round-to-nearest (RTN) and, for int4 (blocks 32, 64, 128) and int2, the GPTQ-style calibrated scheme
+(`export/gptq.py`, calibrated on the training split); then again with the `mse` block scales (and int4 block 128
+with int8 attention projections), each with the fp32 KV cache; then fp32/int8/int4 with the int8 KV cache. Prints a
+table and writes JSON.
 
     python -m ernie_paddle.tools.quant_quality --json quant.json
 """
@@ -14,6 +15,7 @@ import argparse
 import os
 import sys
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,28 +26,39 @@ from ernie_paddle.files import onnx_data
 from ernie_paddle.interrupts import run_command
 from ernie_paddle.scoring import perplexity, shared_prefix
 
-VARIANTS = [  # (label, precision, block, scheme, KV cache, block scales): the weights' rows with the float cache,
-    # then the mse rule's, then int8 caches
-    ("ort fp32", "fp32", 32, "rtn", "fp32", "absmax"), ("ort fp16", "fp16", 32, "rtn", "fp32", "absmax"),
-    ("ort int8", "int8", 32, "rtn", "fp32", "absmax"), ("ort int4 b32 RTN", "int4", 32, "rtn", "fp32", "absmax"),
-    ("ort int4 b64 RTN", "int4", 64, "rtn", "fp32", "absmax"),
-    ("ort int4 b128 RTN", "int4", 128, "rtn", "fp32", "absmax"),
-    ("ort int4 b32 GPTQ", "int4", 32, "gptq", "fp32", "absmax"),
-    ("ort int4 b64 GPTQ", "int4", 64, "gptq", "fp32", "absmax"),
-    ("ort int4 b128 GPTQ", "int4", 128, "gptq", "fp32", "absmax"),
-    ("ort int2 b32 RTN", "int2", 32, "rtn", "fp32", "absmax"),
-    ("ort int2 b32 GPTQ", "int2", 32, "gptq", "fp32", "absmax"),
-    ("ort int8 mse", "int8", 32, "rtn", "fp32", "mse"), ("ort int4 b32 RTN mse", "int4", 32, "rtn", "fp32", "mse"),
-    ("ort int4 b64 RTN mse", "int4", 64, "rtn", "fp32", "mse"),
-    ("ort int4 b128 RTN mse", "int4", 128, "rtn", "fp32", "mse"),
-    ("ort int4 b32 GPTQ mse", "int4", 32, "gptq", "fp32", "mse"),
-    ("ort int4 b64 GPTQ mse", "int4", 64, "gptq", "fp32", "mse"),
-    ("ort int4 b128 GPTQ mse", "int4", 128, "gptq", "fp32", "mse"),
-    ("ort int2 b32 RTN mse", "int2", 32, "rtn", "fp32", "mse"), ("ort int2 b32 GPTQ mse", "int2", 32, "gptq", "fp32", "mse"),
-    ("ort fp32 + int8 KV", "fp32", 32, "rtn", "int8", "absmax"),
-    ("ort int8 + int8 KV", "int8", 32, "rtn", "int8", "absmax"),
-    ("ort int4 b32 RTN + int8 KV", "int4", 32, "rtn", "int8", "absmax"),
-    ("ort int4 b64 RTN + int8 KV", "int4", 64, "rtn", "int8", "absmax"),
+class Variant(NamedTuple):
+    """One exported candidate: its label, precision, block size, scheme (rtn | gptq), KV cache, block scales and the
+    attention projections' own precision (None: the weights')."""
+
+    label: str
+    precision: str
+    block: int
+    scheme: str
+    kv_cache: str
+    rule: str = "absmax"
+    attention: str | None = None
+
+
+VARIANTS = [  # the weights' rows with the float cache, then with the mse rule, then int8 caches
+    Variant("ort fp32", "fp32", 32, "rtn", "fp32"), Variant("ort fp16", "fp16", 32, "rtn", "fp32"),
+    Variant("ort int8", "int8", 32, "rtn", "fp32"), Variant("ort int4 b32 RTN", "int4", 32, "rtn", "fp32"),
+    Variant("ort int4 b64 RTN", "int4", 64, "rtn", "fp32"), Variant("ort int4 b128 RTN", "int4", 128, "rtn", "fp32"),
+    Variant("ort int4 b32 GPTQ", "int4", 32, "gptq", "fp32"), Variant("ort int4 b64 GPTQ", "int4", 64, "gptq", "fp32"),
+    Variant("ort int4 b128 GPTQ", "int4", 128, "gptq", "fp32"), Variant("ort int2 b32 RTN", "int2", 32, "rtn", "fp32"),
+    Variant("ort int2 b32 GPTQ", "int2", 32, "gptq", "fp32"),
+    Variant("ort int8 mse", "int8", 32, "rtn", "fp32", "mse"),
+    Variant("ort int4 b32 RTN mse", "int4", 32, "rtn", "fp32", "mse"),
+    Variant("ort int4 b64 RTN mse", "int4", 64, "rtn", "fp32", "mse"),
+    Variant("ort int4 b128 RTN mse", "int4", 128, "rtn", "fp32", "mse"),
+    Variant("ort int4 b128 RTN mse attn int8", "int4", 128, "rtn", "fp32", "mse", "int8"),
+    Variant("ort int4 b32 GPTQ mse", "int4", 32, "gptq", "fp32", "mse"),
+    Variant("ort int4 b64 GPTQ mse", "int4", 64, "gptq", "fp32", "mse"),
+    Variant("ort int4 b128 GPTQ mse", "int4", 128, "gptq", "fp32", "mse"),
+    Variant("ort int2 b32 RTN mse", "int2", 32, "rtn", "fp32", "mse"),
+    Variant("ort int2 b32 GPTQ mse", "int2", 32, "gptq", "fp32", "mse"),
+    Variant("ort fp32 + int8 KV", "fp32", 32, "rtn", "int8"), Variant("ort int8 + int8 KV", "int8", 32, "rtn", "int8"),
+    Variant("ort int4 b32 RTN + int8 KV", "int4", 32, "rtn", "int8"),
+    Variant("ort int4 b64 RTN + int8 KV", "int4", 64, "rtn", "int8"),
 ]
 
 
@@ -80,17 +93,17 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
     rows = [{"variant": "paddle fp32", "perplexity": perplexity(reference.logits, heldout), "greedy_agreement": 1.0}]
     log(f"quality: paddle fp32 perplexity {rows[0]['perplexity']:.3f}")
     hessians = None
-    for label, precision, block, scheme, kv_cache, rule in variants:
+    for label, precision, block, scheme, kv_cache, rule, attention in variants:
         quantizer = RoundToNearest(rule)
         if scheme == "gptq":
             hessians = hessians or layer_hessians(reference, calib)
             quantizer = GPTQ(hessians, rule)
         out = os.path.join(work, label.replace(" ", "-"))
         export(model_dir, out, precision=precision, block_size=block, verify=False, quantizer=quantizer,
-               kv_cache=kv_cache)
+               kv_cache=kv_cache, attention_precision=attention)
         cand = OnnxCausalLM(out)
         row = {"variant": label, "precision": precision, "block_size": block, "scheme": scheme, "kv_cache": kv_cache,
-               "block_scales": rule,
+               "block_scales": rule, "attention_precision": attention or precision,
                "perplexity": perplexity(cand.logits, heldout),
                "greedy_agreement": greedy_agreement(reference, cand, prompts, greedy_tokens),
                "weights_mib": round(os.path.getsize(os.path.join(out, onnx_data())) / 2**20, 2)}
