@@ -20,6 +20,12 @@ SCALE_RULES = ("absmax", "mse")  # how a quantisation block's scale is chosen (e
 DEFAULT_SCALE_RULE = "mse"  # what export, bench and GPTQ use unless told (absmax before 0.3.0)
 
 
+def attention_precision_of(precision: str, attention: str | None = None) -> str | None:
+    """The attention projections' precision an export records (`export --attention-precision`): `attention` if
+    given, else the weights' own; None for float weights, whose attention is not quantised apart."""
+    return (attention or precision) if precision in BITS else None
+
+
 def float_bytes(precision: str) -> int:
     """Bytes per float value at `precision`: 2 for bf16 and fp16, else 4 (fp32, and the integer exports' float
     tensors: activations, KV cache, norms)."""

@@ -24,8 +24,8 @@ from ernie_paddle.config import ErnieConfig
 from ernie_paddle.errors import ExportError
 from ernie_paddle.files import CONFIG, GENAI_CONFIG, MANIFEST, ONNX_MODEL, is_weight_file
 from ernie_paddle.memory import fp32_bytes, fp32_reference_fits
-from ernie_paddle.precisions import (BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, check_block_size,
-                                    kv_cache_for)
+from ernie_paddle.precisions import (BITS, DEFAULT_BLOCK_SIZE, EXPORT_PRECISIONS, KV_CACHES, attention_precision_of,
+                                    check_block_size, kv_cache_for)
 
 from ernie_paddle.export.genai import genai_config
 from ernie_paddle.export.quantize import rtn
@@ -217,7 +217,7 @@ def _manifest(folder: str, model_dir: str | None, cfg: ErnieConfig, opts: Option
         "accuracy_level": opts.accuracy_level if quantized else None,
         "quantization": opts.quantizer.name if quantized else None,
         "block_scales": opts.quantizer.rule if quantized else None,
-        "attention_precision": (opts.attention_precision or opts.precision) if quantized else None,
+        "attention_precision": attention_precision_of(opts.precision, opts.attention_precision),
         contract.KV_CACHE: opts.kv_cache,
         "padding": "right", **contract.manifest_io(opts.graph), "execution_provider": opts.provider,
         "source": ({"path": os.path.abspath(model_dir), **source_hash(model_dir)} if model_dir

@@ -6,7 +6,8 @@ For each engine, in its own process (so peak RSS is that engine's): prefill toke
 time to first token, decode tokens/s at each batch size. Prints a table with every engine's ratio to Paddle
 eager and to llama.cpp Q4_0 and Q4_K_M, writes JSON and (with matplotlib) a PNG chart. A program, not a test.
 The ONNX folders take the export options (--block-size, --accuracy-level, --kv-cache, --block-scales,
---attention-precision; non-default ones are in the folder's name), which the JSON records with each row's folder, so any row can be reproduced.
+--attention-precision; non-default ones are in the folder's name), which the JSON records with each row's folder,
+so any row can be reproduced.
 
     python -m ernie_paddle.tools.bench --preset mid --json bench.json --plot bench.png
     ernie-paddle bench --preset tiny

@@ -24,6 +24,7 @@ from ernie_paddle.errors import InputError
 from ernie_paddle.corpus import DEFAULT_CORPUS, read_corpus, split_corpus
 from ernie_paddle.files import onnx_data
 from ernie_paddle.interrupts import run_command
+from ernie_paddle.precisions import attention_precision_of
 from ernie_paddle.scoring import perplexity, shared_prefix
 
 class Variant(NamedTuple):
@@ -103,7 +104,7 @@ def run(model_dir: str, corpus: str, work: str, seed: int = 0, calib_windows: in
                kv_cache=kv_cache, attention_precision=attention)
         cand = OnnxCausalLM(out)
         row = {"variant": label, "precision": precision, "block_size": block, "scheme": scheme, "kv_cache": kv_cache,
-               "block_scales": rule, "attention_precision": attention or precision,
+               "block_scales": rule, "attention_precision": attention_precision_of(precision, attention),
                "perplexity": perplexity(cand.logits, heldout),
                "greedy_agreement": greedy_agreement(reference, cand, prompts, greedy_tokens),
                "weights_mib": round(os.path.getsize(os.path.join(out, onnx_data())) / 2**20, 2)}

@@ -20,7 +20,8 @@ from ernie_paddle.atomic import atomic_path
 from ernie_paddle.benchmarking.child import ChildFailed, json_from_child
 from ernie_paddle.errors import ExportError, OnnxFolderError
 from ernie_paddle.files import MANIFEST
-from ernie_paddle.precisions import BITS, DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_RULE, kv_cache_for
+from ernie_paddle.precisions import (BITS, DEFAULT_BLOCK_SIZE, DEFAULT_SCALE_RULE, attention_precision_of,
+                                    kv_cache_for)
 from ernie_paddle.sysinfo import cpu_isa, cpu_model
 
 ALL_CPU_ENGINES = ["paddle", "ort-portable", "ort-fp32", "ort-int8", "ort-int4", "genai-int4", "hf", "llama-f16",
@@ -211,13 +212,14 @@ def export_settings(engine: str, options: ExportOptions) -> dict:
             contract.BLOCK_SIZE: options.block_size if quantized else None,
             "accuracy_level": options.accuracy_level if quantized else None,
             "block_scales": options.block_scales if quantized else None,
-            "attention_precision": (options.attention_precision or precision) if quantized else None,
+            "attention_precision": attention_precision_of(precision, options.attention_precision),
             contract.KV_CACHE: kv_cache_for(options.kv_cache, precision) if flavor == contract.ORT.name else "fp32"}
 
 
 def folder_name(preset: str, engine: str, options: ExportOptions) -> str:
     """`{preset}-{engine}`, plus a suffix for each export setting that `options` change (`-b128`, `-acc0`,
-    `-kvfp32`, `-absmax`, `-attnint8`): the name with default options is the one earlier runs made, so their folders are reused."""
+    `-kvfp32`, `-absmax`, `-attnint8`): the name with default options is the one earlier runs made, so their
+    folders are reused."""
     got, default = export_settings(engine, options), export_settings(engine, ExportOptions())
     suffix = {contract.BLOCK_SIZE: "b", "accuracy_level": "acc", contract.KV_CACHE: "kv", "block_scales": "",
               "attention_precision": "attn"}
@@ -228,9 +230,8 @@ def _before_the_field(field: str, manifest: dict):
     """What a folder exported before manifests recorded `field` had: absmax block scales, and attention at the
     weights' precision (None for float weights, as `export_settings` says)."""
     precision = manifest.get(contract.PRECISION)
-    quantized = precision in BITS
-    return {"block_scales": "absmax" if quantized else None,
-            "attention_precision": precision if quantized else None}.get(field)
+    return {"block_scales": "absmax" if precision in BITS else None,
+            "attention_precision": attention_precision_of(precision)}.get(field)
 
 
 def check_folder(out: str, expected: dict) -> None:
@@ -257,9 +258,9 @@ def _export_folder(engine: str, out: str, source, options: ExportOptions = Expor
     from ernie_paddle.export.pipeline import check_options
 
     flavor, precision = _flavor_precision(engine)
+    attention = options.attention_precision if precision in BITS else None  # float engines of the same run: none
     try:
-        check_options(flavor, precision, options.block_size, options.kv_cache,
-                      options.attention_precision if precision in BITS else None)
+        check_options(flavor, precision, options.block_size, options.kv_cache, attention)
     except ExportError as err:
         return str(err)[:200]
     if os.path.isdir(out):
@@ -274,7 +275,7 @@ def _export_folder(engine: str, out: str, source, options: ExportOptions = Expor
         export(directory, out, flavor=flavor, precision=precision, verify=False, config=cfg, tensors=tensors,
                block_size=options.block_size, accuracy_level=options.accuracy_level if precision in BITS else 0,
                kv_cache=options.kv_cache, quantizer=RoundToNearest(options.block_scales),
-               attention_precision=options.attention_precision if precision in BITS else None, log=log)
+               attention_precision=attention, log=log)
     except ExportError as err:
         return str(err)[:200]
     return None

@@ -67,10 +67,9 @@ def _gptq(args):
 
 def cmd_export(args) -> int:
     from ernie_paddle.export.pipeline import export
-
-    t0 = time.time()
     from ernie_paddle.export.quantize import RoundToNearest
 
+    t0 = time.time()
     quantizer, hessians = _gptq(args) if args.gptq else (RoundToNearest(args.block_scales), None)
     try:
         m = export(args.model, args.out, flavor=args.flavor, precision=args.precision, verify=not args.no_verify,
